@@ -1,0 +1,3 @@
+from kinora.cli import main
+
+main()

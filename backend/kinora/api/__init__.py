@@ -1,0 +1,1 @@
+"""The HTTP API: videos, the SSE stream, operations endpoints."""

@@ -1,0 +1,89 @@
+"""Request dependencies: settings, the database session, the hub, and who is asking."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from kinora.config import Settings, get_settings
+from kinora.db import get_sessionmaker
+from kinora.hub import StreamHub
+from kinora.models import User, Video
+from kinora.tokens import hash_token, is_scoped, verify_scoped
+
+
+def get_session() -> Iterator[Session]:
+    with get_sessionmaker()() as session:
+        yield session
+
+
+def get_hub(request: Request) -> StreamHub:
+    hub: StreamHub = request.app.state.hub
+    return hub
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+HubDep = Annotated[StreamHub, Depends(get_hub)]
+
+_bearer = HTTPBearer(auto_error=False, description="Your API token")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def unauthorized(detail: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def user_by_token(session: Session, token: str) -> User:
+    user = session.scalar(select(User).where(User.token_hash == hash_token(token)))
+    if user is None:
+        raise unauthorized("invalid API token: check the token `kinora users create` printed")
+    return user
+
+
+def current_user(session: SessionDep, credentials: BearerDep) -> User:
+    if credentials is None:
+        raise unauthorized("missing API token: send the header `Authorization: Bearer <token>`")
+    return user_by_token(session, credentials.credentials)
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def not_found(video_id: int) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"video {video_id} not found")
+
+
+def owned_video(session: Session, video_id: int, user_id: int) -> Video:
+    """The video if it belongs to `user_id`; 404 otherwise (another user's video does
+    not reveal that it exists)."""
+    video = session.get(Video, video_id)
+    if video is None or video.user_id != user_id:
+        raise not_found(video_id)
+    return video
+
+
+def watcher_video(
+    session: Session, video_id: int, header_token: str | None, query_token: str | None
+) -> Video:
+    """Authorize a stream or content request: an API token (header or `?token=`) or a
+    token scoped to this one video (`?token=`)."""
+    token = header_token or query_token
+    if not token:
+        raise unauthorized("missing token: send `Authorization: Bearer <token>` or `?token=`")
+    if is_scoped(token):
+        user_id = verify_scoped(token, video_id)
+        if user_id is None:
+            raise unauthorized(
+                "invalid or expired video token: fetch the video again for a new URL"
+            )
+    else:
+        user_id = user_by_token(session, token).id
+    return owned_video(session, video_id, user_id)

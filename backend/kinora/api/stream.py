@@ -1,0 +1,108 @@
+"""The SSE stream of one video (CONTRACT §4), on sse-starlette's EventSourceResponse.
+
+The hub does the hard part (history after `Last-Event-ID`, then live events, merged
+by `seq`); this module authorizes, decides between `204` and a stream, and frames.
+Each event's SSE frame is built once by the hub and passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from kinora.api.deps import BearerDep, HubDep, SettingsDep, watcher_video
+from kinora.db import session_scope
+from kinora.hub import StreamHub, SubscribeTimeout
+from kinora.models import Video
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1/videos", tags=["stream"])
+
+
+def parse_last_event_id(value: str | None) -> int:
+    """The seq a client has seen; 0 when it has seen nothing."""
+    if value is None or value.strip() == "":
+        return 0
+    text = value.strip()
+    if not text.isdigit() or len(text) > 18:
+        raise HTTPException(
+            status.HTTP_400_BAD_REQUEST,
+            detail=f"malformed Last-Event-ID {value!r}: send the `id:` of the last event received",
+        )
+    return int(text)
+
+
+def _authorize(video_id: int, header: str | None, query: str | None) -> Video:
+    with session_scope() as session:
+        video = watcher_video(session, video_id, header, query)
+        session.expunge(video)
+        return video
+
+
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping", sep="\n")
+
+
+async def frames(
+    hub: StreamHub, video_id: int, after: int, retry_ms: int, lifetime: float
+) -> AsyncIterator[bytes]:
+    """`retry:`, then every event after `after` until `complete` or the timeout."""
+    yield b"retry: %d\n\n" % retry_ms
+    deadline = asyncio.get_running_loop().time() + lifetime
+    try:
+        async with hub.watch(video_id, after) as watcher:
+            async for item in watcher.events(deadline):
+                yield item.sse
+                if item.terminal:
+                    return
+    except SubscribeTimeout:
+        # Redis did not confirm the subscription: end the response; the client
+        # reconnects with Last-Event-ID and loses nothing.
+        log.warning("stream of video %s ended: no subscription from Redis", video_id)
+
+
+@router.get(
+    "/{video_id}/stream",
+    name="stream_video",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
+        204: {"description": "the stream has ended and the client has every event"},
+        400: {"description": "malformed Last-Event-ID"},
+        401: {"description": "missing or invalid token"},
+        404: {"description": "no such video of yours"},
+    },
+)
+async def stream_video(
+    video_id: int,
+    request: Request,
+    hub: HubDep,
+    settings: SettingsDep,
+    credentials: BearerDep,
+    token: str | None = None,
+    last_event_id: str | None = None,
+) -> Response:
+    """Server-Sent Events: history after `Last-Event-ID` (header or `?last_event_id=`),
+    then the live events, ending after `complete`."""
+    after = parse_last_event_id(request.headers.get("last-event-id", last_event_id))
+    header = credentials.credentials if credentials else None
+    video = await run_in_threadpool(_authorize, video_id, header, token)
+    last = await hub.recent(video_id, 1)
+    if last and last[0].terminal and after >= last[0].seq:
+        return Response(status_code=status.HTTP_204_NO_CONTENT)  # EventSource stops here
+    if not last and video.status.is_terminal:
+        # Its history has expired (EVENT_RETENTION_SECONDS): nothing left to replay.
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return EventSourceResponse(
+        frames(hub, video_id, after, settings.sse_retry_ms, settings.sse_timeout_seconds),
+        ping=int(settings.sse_ping_seconds) or 1,
+        ping_message_factory=_ping,
+        sep="\n",
+        headers={"Cache-Control": "no-cache"},
+        send_timeout=30,
+    )

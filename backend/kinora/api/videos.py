@@ -1,0 +1,310 @@
+"""The videos API (CONTRACT §3): submit, read, list, download."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import func, select
+
+from kinora import jobs
+from kinora.api.deps import (
+    BearerDep,
+    CurrentUser,
+    HubDep,
+    SessionDep,
+    SettingsDep,
+    owned_video,
+    watcher_video,
+)
+from kinora.db import session_scope
+from kinora.events import Event, publish_async
+from kinora.models import TERMINAL_STATUSES, Plan, User, Video, VideoStatus
+from kinora.tokens import sign_scoped
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1/videos", tags=["videos"])
+
+# Recent events returned with a video: enough to draw the page without the stream.
+RECENT_LOGS = 50
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=10, max_length=2000, description="What the video shows")
+    image_url: str | None = Field(
+        default=None, description="http(s) or data: URL of a PNG/JPEG reference image"
+    )
+    seconds: Literal[4, 8, 12] = 4
+    size: Literal["1280x720", "720x1280"] = "1280x720"
+
+    @field_validator("prompt")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if _CONTROL.search(value):
+            raise ValueError("must not contain control characters")
+        if len(value.strip()) < 10:
+            raise ValueError("needs at least 10 characters besides spaces")
+        return value
+
+    @field_validator("image_url")
+    @classmethod
+    def _image_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if value.startswith("data:"):
+            if not re.match(r"data:image/(png|jpeg);base64,", value):
+                raise ValueError("a data: URL must be data:image/png or data:image/jpeg, base64")
+        elif not re.match(r"https?://[^\s/]+", value):
+            raise ValueError("must be an http(s):// or data:image/... URL")
+        return value
+
+
+class GenerateResponse(BaseModel):
+    video_id: int
+    status: VideoStatus
+    task_id: str
+    stream_url: str
+    credits_remaining: int
+
+
+class VideoOut(BaseModel):
+    id: int
+    status: VideoStatus
+    progress: int
+    prompt: str
+    seconds: int
+    size: str
+    error_message: str | None
+    video_url: str | None
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    last_event_id: str | None
+    logs: list[dict[str, Any]]
+
+
+class VideoSummary(BaseModel):
+    id: int
+    status: VideoStatus
+    progress: int
+    prompt: str
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class VideoList(BaseModel):
+    videos: list[VideoSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+def stream_url(request: Request, video: Video) -> str:
+    url = request.url_for("stream_video", video_id=video.id)
+    return f"{url}?token={sign_scoped(video.id, video.user_id)}"
+
+
+def content_url(request: Request, video: Video) -> str | None:
+    if video.status != VideoStatus.COMPLETED:
+        return None
+    url = request.url_for("video_content", video_id=video.id)
+    return f"{url}?token={sign_scoped(video.id, video.user_id)}"
+
+
+def _create(user_id: int, body: GenerateRequest, cost: int, task_id: str) -> tuple[Video, int]:
+    with session_scope() as session:
+        user = session.get(User, user_id)
+        assert user is not None  # authenticated in this request
+        video, remaining = jobs.create_video(
+            session,
+            user,
+            prompt=body.prompt,
+            parameters=body.model_dump(exclude={"prompt"}),
+            cost=cost,
+            task_id=task_id,
+        )
+        session.expunge(video)
+        return video, remaining
+
+
+def _enqueue(video_id: int, task_id: str) -> None:
+    from kinora.tasks import generate_video
+
+    generate_video.apply_async(args=[video_id], task_id=task_id)
+
+
+def _fail(video_id: int, message: str) -> None:
+    with session_scope() as session:
+        jobs.fail(session, video_id, message)
+
+
+@router.post(
+    "/generate",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={
+        401: {"description": "missing or invalid API token"},
+        402: {"description": "too few credits"},
+        403: {"description": "the free plan cannot generate videos"},
+        503: {"description": "the job queue is unreachable; nothing was charged"},
+    },
+)
+async def generate(
+    body: GenerateRequest, request: Request, user: CurrentUser, settings: SettingsDep, hub: HubDep
+) -> GenerateResponse:
+    """Charge the user, create the video and queue its generation."""
+    if user.plan == Plan.FREE:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail="the free plan cannot generate videos: upgrade to the pro plan",
+        )
+    task_id = str(uuid.uuid4())
+    try:
+        video, remaining = await run_in_threadpool(
+            _create, user.id, body, settings.video_cost, task_id
+        )
+    except jobs.InsufficientCredits as exc:
+        raise HTTPException(status.HTTP_402_PAYMENT_REQUIRED, detail=f"{exc}: add credits") from exc
+    # Step 0 is published before the task is queued, so it is always the first event.
+    await publish_async(
+        hub.redis, video.id, "stage", "Stage: preparing", stage="preparing",
+        previous_stage=None, progress=0, status="pending",
+    )  # fmt: skip
+    await publish_async(
+        hub.redis, video.id, "progress", "Video queued", step=0, progress=0, status="pending"
+    )
+    try:
+        await run_in_threadpool(_enqueue, video.id, task_id)
+    except Exception as exc:
+        log.exception("could not queue video %s", video.id)
+        await run_in_threadpool(_fail, video.id, f"could not queue the job: {exc}")
+        await publish_async(
+            hub.redis, video.id, "complete", "Video failed: the job queue is unreachable",
+            status="failed",
+        )  # fmt: skip
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            detail="the job queue is unreachable; your credits were refunded, try again shortly",
+        ) from exc
+    return GenerateResponse(
+        video_id=video.id,
+        status=VideoStatus.PENDING,
+        task_id=task_id,
+        stream_url=stream_url(request, video),
+        credits_remaining=remaining,
+    )
+
+
+@router.get("", response_model=VideoList)
+def list_videos(
+    session: SessionDep,
+    user: CurrentUser,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> VideoList:
+    """The caller's videos, newest first."""
+    total = session.scalar(select(func.count()).where(Video.user_id == user.id)) or 0
+    rows = session.scalars(
+        select(Video)
+        .where(Video.user_id == user.id)
+        .order_by(Video.created_at.desc(), Video.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return VideoList(
+        videos=[VideoSummary.model_validate(v, from_attributes=True) for v in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.get("/{video_id}", responses={404: {"description": "no such video of yours"}})
+async def get_video(video_id: int, request: Request, user: CurrentUser, hub: HubDep) -> VideoOut:
+    """The video's state and its recent events: the polling fallback of the stream."""
+    video = await run_in_threadpool(_owned, video_id, user.id)
+    recent = await hub.recent(video_id, RECENT_LOGS)
+    logs: list[Event] = [item.event for item in recent]
+    return VideoOut(
+        id=video.id,
+        status=video.status,
+        progress=video.progress,
+        prompt=video.prompt,
+        seconds=int(video.parameters.get("seconds", 4)),
+        size=str(video.parameters.get("size", "1280x720")),
+        error_message=video.error_message,
+        video_url=content_url(request, video),
+        created_at=video.created_at,
+        updated_at=video.updated_at,
+        completed_at=video.completed_at,
+        last_event_id=str(recent[-1].seq) if recent else None,
+        logs=[dict(e) for e in logs],
+    )
+
+
+def _owned(video_id: int, user_id: int) -> Video:
+    with session_scope() as session:
+        video = owned_video(session, video_id, user_id)
+        session.expunge(video)
+        return video
+
+
+def _file(video: Video, path: str | None, what: str) -> Path:
+    if video.status != VideoStatus.COMPLETED or not path:
+        wait = "" if video.status in TERMINAL_STATUSES else "; wait for its `complete` event"
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"video {video.id} is {video.status}: it has a {what} once completed{wait}",
+        )
+    file = Path(path)
+    if not file.is_file():
+        raise HTTPException(status.HTTP_410_GONE, detail=f"the {what} of video {video.id} is gone")
+    return file
+
+
+@router.get(
+    "/{video_id}/content",
+    name="video_content",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"video/mp4": {}}, "description": "the MP4; Range requests work"},
+        404: {"description": "no such video of yours"},
+        409: {"description": "the video is not completed"},
+    },
+)
+def video_content(
+    video_id: int, session: SessionDep, credentials: BearerDep, token: str | None = None
+) -> FileResponse:
+    """The finished MP4. Takes `?token=` so that a `<video>` element can play it."""
+    header = credentials.credentials if credentials else None
+    video = watcher_video(session, video_id, header, token)
+    return FileResponse(
+        _file(video, video.file_path, "video"),
+        media_type="video/mp4",
+        filename=f"kinora-{video.id}.mp4",
+        content_disposition_type="inline",
+    )
+
+
+@router.get(
+    "/{video_id}/thumbnail",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/jpeg": {}}}, 409: {"description": "not completed"}},
+)
+def video_thumbnail(
+    video_id: int, session: SessionDep, credentials: BearerDep, token: str | None = None
+) -> FileResponse:
+    """A JPEG still of the finished video."""
+    header = credentials.credentials if credentials else None
+    video = watcher_video(session, video_id, header, token)
+    return FileResponse(_file(video, video.thumbnail_path, "thumbnail"), media_type="image/jpeg")

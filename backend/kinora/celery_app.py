@@ -1,0 +1,37 @@
+"""The Celery application, configured from Settings."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from kinora.config import get_settings
+
+
+def make_celery() -> Celery:
+    settings = get_settings()
+    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    app = Celery("kinora", broker=url, backend=url, include=["kinora.tasks"])
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=86400,
+        # A message is acknowledged only once its task has finished, and handed back
+        # if the worker dies, so a crash never loses a video (CONTRACT §7).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        # The Redis broker redelivers unacknowledged messages after this long; it must
+        # exceed the longest generation or a running job would be delivered twice.
+        broker_transport_options={"visibility_timeout": settings.video_timeout_seconds + 600},
+        result_backend_transport_options={
+            "visibility_timeout": settings.video_timeout_seconds + 600
+        },
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_default_queue="kinora",
+    )
+    return app
+
+
+app = make_celery()

@@ -1,0 +1,102 @@
+"""All settings of Kinora, from the environment or `.env` (CONTRACT §2).
+
+Nothing else in the package reads `os.environ`; everything asks `get_settings()`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    # Where `kinora up` keeps its state (database, embedded Redis, videos, secret).
+    var_dir: Path = Field(default=Path("var"), alias="KINORA_VAR_DIR")
+
+    database_url: str | None = None
+    redis_url: str | None = None
+
+    use_mock_sora: bool = True
+    openai_api_key: str | None = None
+    openai_base_url: str | None = None
+
+    mock_step_seconds: float = 2.0
+
+    sse_ping_seconds: float = 15.0
+    sse_timeout_seconds: float = 1800.0
+    sse_retry_ms: int = 3000
+    ws_ping_seconds: float = 30.0
+    ws_pong_timeout_seconds: float = 60.0
+
+    video_timeout_seconds: int = 1200
+    max_retries: int = 3
+    retry_countdown_seconds: int = 60
+    video_cost: int = 100
+    event_retention_seconds: int = 86400
+    # The history of one video is capped; a video publishes a few dozen events.
+    event_history_max: int = 10_000
+    storage_dir: Path | None = None
+
+    # A watcher whose queue holds this many undelivered events is cut off; it resumes
+    # with Last-Event-ID. Bounds the memory a client that stops reading can hold.
+    stream_queue_size: int = 256
+    # Lifetime of the scoped tokens carried by stream_url / video_url.
+    scoped_token_ttl_seconds: int = 3600
+    # HMAC key for scoped tokens. Unset: one is generated under var_dir and kept.
+    secret_key: str | None = None
+
+    demo_credits: int = 100_000
+
+    @field_validator("database_url", "redis_url", "openai_api_key", "secret_key", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'kinora.db').resolve()}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.var_dir / "videos").resolve()
+
+    @property
+    def required_redis_url(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError(
+                "REDIS_URL is not set: run `kinora up` (which embeds Redis) or set REDIS_URL"
+            )
+        return self.redis_url
+
+    @property
+    def use_mock(self) -> bool:
+        return self.use_mock_sora or not self.openai_api_key
+
+    def resolved_secret_key(self) -> bytes:
+        """The HMAC key for scoped tokens, created once under var_dir when not configured."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.var_dir / "secret.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: two processes starting at once agree on one key.
+            try:
+                with path.open("x") as fh:
+                    fh.write(secrets.token_urlsafe(48))
+                path.chmod(0o600)
+            except FileExistsError:
+                pass
+        return path.read_text().strip().encode()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,26 @@
+"""Video models: the OpenAI videos API and a mock that behaves like it."""
+
+from kinora.engines.base import (
+    EngineError,
+    ModelJob,
+    PolicyRefusal,
+    TransientEngineError,
+    VideoEngine,
+)
+
+__all__ = ["EngineError", "ModelJob", "PolicyRefusal", "TransientEngineError", "VideoEngine"]
+
+
+def get_engine() -> VideoEngine:
+    """The mock unless USE_MOCK_SORA=false and OPENAI_API_KEY is set (CONTRACT §1)."""
+    from kinora.config import get_settings
+
+    settings = get_settings()
+    if settings.use_mock:
+        from kinora.engines.mock import MockEngine
+
+        return MockEngine(step_seconds=settings.mock_step_seconds)
+    raise EngineError(
+        "the OpenAI engine is not available in this build; set USE_MOCK_SORA=true",
+        code="engine_unavailable",
+    )

@@ -1,0 +1,50 @@
+"""What the generation asks of a video model, in the shape of the OpenAI videos API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+JobStatus = Literal["queued", "in_progress", "completed", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    id: str
+    status: JobStatus
+    progress: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+    # The server's hint for when to ask again (openai-poll-after-ms), in seconds.
+    poll_after: float | None = None
+
+
+class EngineError(Exception):
+    """A failure of the model. `retryable` says whether trying again may help."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, code: str = "model_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TransientEngineError(EngineError):
+    """Network trouble, a timeout, 429 or 5xx: worth retrying."""
+
+    retryable = True
+
+
+class PolicyRefusal(EngineError):
+    """The model refused the prompt for content policy: retrying cannot help."""
+
+
+class VideoEngine(Protocol):
+    def create(
+        self, *, prompt: str, seconds: int, size: str, reference: bytes | None = None
+    ) -> ModelJob: ...
+
+    def retrieve(self, job_id: str) -> ModelJob: ...
+
+    def download(self, job_id: str, dest: Path) -> None: ...

@@ -1,0 +1,117 @@
+"""A mock of the OpenAI videos API: a job id, queued → in_progress with progress → completed.
+
+Jobs live in Redis, so any worker process (or a worker restarted after a crash) can
+retrieve a job another one created, as with the real service. A job's state is a
+function of the time since it was created: one update every `step_seconds`
+(queued, then in_progress at 0, 20, 40, 60, 80 %, then completed), about 12 s
+at the default of 2 s. The content is a real H.264 MP4 of the requested size and
+length.
+
+Prompts starting with a scenario tag drive the failure paths (CONTRACT §7):
+`[mock:transient]` (the first create of that prompt fails with a transient
+error), `[mock:policy]` (refused for content policy), `[mock:stall]` (never
+finishes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from pathlib import Path
+from typing import cast
+
+import redis
+
+from kinora.engines.base import EngineError, ModelJob, TransientEngineError
+from kinora.events import sync_client
+from kinora.media import render_test_pattern
+
+UPDATES = 5  # in_progress updates before completion
+JOB_TTL_SECONDS = 7 * 86400
+CREATES_KEY = "mock:creates"  # how many jobs were ever created: tests count paid jobs
+
+
+def job_key(job_id: str) -> str:
+    return f"mock:job:{job_id}"
+
+
+class MockEngine:
+    def __init__(self, *, step_seconds: float, client: redis.Redis | None = None) -> None:
+        self.step_seconds = step_seconds
+        self._client = client
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self._client or sync_client()
+
+    def create(
+        self, *, prompt: str, seconds: int, size: str, reference: bytes | None = None
+    ) -> ModelJob:
+        if prompt.startswith("[mock:transient]"):
+            marker = "mock:transient:" + hashlib.sha256(prompt.encode()).hexdigest()
+            if self.redis.set(marker, 1, nx=True, ex=JOB_TTL_SECONDS):
+                raise TransientEngineError(
+                    "the model service is temporarily unavailable (mock)", code="server_error"
+                )
+        job_id = f"video_mock_{uuid.uuid4().hex}"
+        scenario = prompt.split("]", 1)[0][6:] if prompt.startswith("[mock:") else ""
+        pipe = self.redis.pipeline()
+        pipe.hset(
+            job_key(job_id),
+            mapping={
+                "created": repr(time.time()),
+                "seconds": seconds,
+                "size": size,
+                "prompt": prompt,
+                "scenario": scenario,
+                "reference": int(reference is not None),
+            },
+        )
+        pipe.expire(job_key(job_id), JOB_TTL_SECONDS)
+        pipe.incr(CREATES_KEY)
+        pipe.execute()
+        return ModelJob(id=job_id, status="queued", progress=0, poll_after=self.step_seconds)
+
+    def _fields(self, job_id: str) -> dict[bytes, bytes]:
+        return cast(dict[bytes, bytes], self.redis.hgetall(job_key(job_id)))
+
+    def retrieve(self, job_id: str) -> ModelJob:
+        fields = self._fields(job_id)
+        if not fields:
+            raise EngineError(f"video job {job_id} not found", code="not_found")
+        created = float(fields[b"created"])
+        scenario = fields[b"scenario"].decode()
+        ticks = int((time.time() - created) / self.step_seconds) if self.step_seconds > 0 else 99
+        hint = self.step_seconds
+        if ticks < 1:
+            return ModelJob(id=job_id, status="queued", progress=0, poll_after=hint)
+        if scenario == "policy":
+            return ModelJob(
+                id=job_id,
+                status="failed",
+                error_code="moderation_blocked",
+                error_message="Your request was blocked by our moderation system (mock).",
+            )
+        if scenario == "stall":
+            return ModelJob(id=job_id, status="in_progress", progress=40, poll_after=hint)
+        if ticks <= UPDATES:
+            progress = (ticks - 1) * 100 // UPDATES
+            return ModelJob(id=job_id, status="in_progress", progress=progress, poll_after=hint)
+        return ModelJob(id=job_id, status="completed", progress=100)
+
+    def download(self, job_id: str, dest: Path) -> None:
+        job = self.retrieve(job_id)
+        if job.status != "completed":
+            raise EngineError(
+                f"video job {job_id} is {job.status}, not completed", code="not_ready"
+            )
+        fields = self._fields(job_id)
+        width, height = (int(v) for v in fields[b"size"].decode().split("x"))
+        render_test_pattern(
+            dest,
+            width=width,
+            height=height,
+            seconds=int(fields[b"seconds"]),
+            seed=fields[b"prompt"].decode(),
+        )

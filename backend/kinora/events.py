@@ -1,0 +1,315 @@
+"""The one event format, and `SSELogger`, which publishes a job's steps (CONTRACT §4, §6).
+
+Every event of a video gets the next `seq` of that video, is added to the video's
+history (a sorted set scored by `seq`, capped, expiring) and is published on the
+channel `video:<id>`, all in ONE round trip by a Lua script. Why a script and not
+MULTI: the `seq` must be written into the JSON that is stored and published, and a
+MULTI cannot use the result of its INCR inside the same transaction, so it would
+need a second round trip (or WATCH and retries). Redis functions would also do, but
+need Redis 7 and the embedded server is Redis 6.2; `EVALSHA` works on both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Literal, NotRequired, Self, TypedDict
+
+import orjson
+import redis
+import redis.asyncio
+
+from kinora.config import get_settings
+
+log = logging.getLogger(__name__)
+
+EventType = Literal["log", "progress", "stage", "error", "complete"]
+Stage = Literal["preparing", "generating", "finalizing"]
+
+# Step numbers of a generation (CONTRACT §4) and the stage each belongs to.
+STEP_NAMES = {
+    0: "queued",
+    1: "validating",
+    2: "reference image",
+    3: "model job submitted",
+    4: "waiting",
+    5: "processing",
+    6: "downloading",
+    7: "saving",
+    8: "thumbnail",
+    9: "done",
+}
+
+
+class Event(TypedDict):
+    """An event as it travels: JSON on the wire, this shape once parsed."""
+
+    id: str
+    seq: int
+    video_id: int
+    type: EventType
+    message: str
+    timestamp: str
+    step: NotRequired[int]
+    progress: NotRequired[int]
+    status: NotRequired[str]
+    stage: NotRequired[str]
+    previous_stage: NotRequired[str | None]
+    error_code: NotRequired[str]
+    retry_count: NotRequired[int]
+    max_retries: NotRequired[int]
+    is_retryable: NotRequired[bool]
+    video_url: NotRequired[str]
+
+
+def channel(video_id: int) -> str:
+    return f"video:{video_id}"
+
+
+def history_key(video_id: int) -> str:
+    return f"video:{video_id}:events"
+
+
+def seq_key(video_id: int) -> str:
+    return f"video:{video_id}:seq"
+
+
+def video_id_of_channel(name: bytes | str) -> int:
+    text = name.decode() if isinstance(name, bytes) else name
+    return int(text.split(":", 1)[1])
+
+
+# KEYS: seq, history. ARGV: body (the event's JSON without its opening brace),
+# channel, history cap, retention seconds. Returns the new seq.
+PUBLISH_LUA = """
+local seq = redis.call('INCR', KEYS[1])
+local data = '{"id":"' .. seq .. '","seq":' .. seq .. ',' .. ARGV[1]
+redis.call('ZADD', KEYS[2], seq, data)
+local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
+if extra > 0 then
+  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[2], data)
+return seq
+"""
+
+
+def timestamp() -> str:
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+def encode_body(
+    video_id: int, event_type: EventType, message: str, fields: dict[str, Any]
+) -> bytes:
+    """The event JSON minus `{"id":…,"seq":…,` which the script prepends."""
+    body = {
+        "video_id": video_id,
+        "type": event_type,
+        "message": message,
+        **{k: v for k, v in fields.items() if v is not None},
+        "timestamp": timestamp(),
+    }
+    return orjson.dumps(body)[1:]
+
+
+def _script_args(video_id: int, body: bytes) -> tuple[list[str], list[Any]]:
+    settings = get_settings()
+    keys = [seq_key(video_id), history_key(video_id)]
+    args: list[Any] = [
+        body,
+        channel(video_id),
+        settings.event_history_max,
+        settings.event_retention_seconds,
+    ]
+    return keys, args
+
+
+async def publish_async(
+    client: redis.asyncio.Redis,
+    video_id: int,
+    event_type: EventType,
+    message: str,
+    **fields: Any,
+) -> int:
+    """Publish one event from async code (the API). Returns its seq."""
+    keys, args = _script_args(video_id, encode_body(video_id, event_type, message, fields))
+    script = client.register_script(PUBLISH_LUA)
+    return int(await script(keys=keys, args=args))
+
+
+# One synchronous client per worker process: prefork children must not share the
+# parent's sockets, so the client is keyed by pid.
+_sync_lock = threading.Lock()
+_sync_clients: dict[int, redis.Redis] = {}
+
+
+def sync_client() -> redis.Redis:
+    pid = os.getpid()
+    client = _sync_clients.get(pid)
+    if client is None:
+        with _sync_lock:
+            client = _sync_clients.get(pid)
+            if client is None:
+                client = redis.Redis.from_url(
+                    get_settings().required_redis_url,
+                    socket_connect_timeout=2,
+                    socket_timeout=5,
+                    health_check_interval=30,
+                )
+                _sync_clients.clear()
+                _sync_clients[pid] = client
+    return client
+
+
+class PublishStats:
+    published = 0
+    failed = 0
+
+
+class SSELogger:
+    """Publishes the steps of one video's job; usable as a context manager.
+
+    `retryable(exc)` tells whether an exception will be retried; with `retry_count`
+    and `max_retries` it decides whether an exception leaving the block is final
+    (then a `complete` event with status `failed` follows the `error` event).
+    """
+
+    def __init__(
+        self,
+        video_id: int,
+        *,
+        retry_count: int = 0,
+        max_retries: int = 0,
+        retryable: Callable[[BaseException], bool] | None = None,
+        client: redis.Redis | None = None,
+    ) -> None:
+        self.video_id = video_id
+        self.retry_count = retry_count
+        self.max_retries = max_retries
+        self._retryable = retryable or (lambda _exc: False)
+        self._client = client
+        self._script: Any = None
+        self.stage_name: str | None = None
+        self.progress: int | None = None
+        self.last_seq: int | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        if exc is None or not isinstance(exc, Exception):
+            return False  # success, or a KeyboardInterrupt/SystemExit: nothing to say
+        will_retry = self._retryable(exc) and self.retry_count < self.max_retries
+        self.error(
+            describe_error(exc),
+            error_code=getattr(exc, "code", None) or type(exc).__name__,
+            is_retryable=will_retry,
+        )
+        if not will_retry:
+            self.complete(status="failed", message=f"Generation failed: {describe_error(exc)}")
+        return False
+
+    # -- the calls a job makes ------------------------------------------------------
+
+    def step(
+        self, step: int, message: str, *, progress: int | None = None, **fields: Any
+    ) -> int | None:
+        if progress is not None:
+            # progress never goes backwards, whatever the caller passes
+            progress = max(progress, self.progress or 0)
+            self.progress = progress
+        event_type: EventType = "progress" if progress is not None else "log"
+        return self.publish(event_type, message, step=step, progress=progress, **fields)
+
+    def log(self, message: str, **fields: Any) -> int | None:
+        return self.publish("log", message, **fields)
+
+    def stage(self, stage: Stage, message: str | None = None, **fields: Any) -> int | None:
+        previous, self.stage_name = self.stage_name, stage
+        return self.publish(
+            "stage",
+            message or f"Stage: {stage}",
+            stage=stage,
+            previous_stage=previous,
+            progress=self.progress,
+            **fields,
+        )
+
+    def error(
+        self, message: str, *, error_code: str, is_retryable: bool, **fields: Any
+    ) -> int | None:
+        return self.publish(
+            "error",
+            message,
+            error_code=error_code,
+            retry_count=self.retry_count,
+            max_retries=self.max_retries,
+            is_retryable=is_retryable,
+            **fields,
+        )
+
+    def complete(
+        self,
+        *,
+        status: Literal["completed", "failed", "cancelled"] = "completed",
+        video_url: str | None = None,
+        message: str | None = None,
+    ) -> int | None:
+        if status == "completed":
+            self.progress = 100
+        return self.publish(
+            "complete",
+            message or f"Video {status}",
+            status=status,
+            video_url=video_url,
+            progress=self.progress if status == "completed" else None,
+        )
+
+    # -- the one round trip -----------------------------------------------------------
+
+    def publish(self, event_type: EventType, message: str, **fields: Any) -> int | None:
+        """Publish one event; returns its seq, or None if Redis could not be reached.
+
+        Publishing never breaks the job: a failure is logged and counted, and the
+        job goes on (the database stays the truth about the video).
+        """
+        if "status" not in fields and event_type in ("progress", "stage"):
+            fields["status"] = "processing"
+        body = encode_body(self.video_id, event_type, message, fields)
+        try:
+            client = self._client or sync_client()
+            if self._script is None:
+                self._script = client.register_script(PUBLISH_LUA)
+            keys, args = _script_args(self.video_id, body)
+            seq = int(self._script(keys=keys, args=args, client=client))
+        except redis.RedisError as exc:
+            PublishStats.failed += 1
+            log.warning(
+                "event for video %s not published (%s): %s", self.video_id, exc, body.decode()
+            )
+            return None
+        PublishStats.published += 1
+        self.last_seq = seq
+        return seq
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text if text else type(exc).__name__
+
+
+def parse(raw: bytes | str) -> Event:
+    event: Event = orjson.loads(raw)
+    return event

@@ -1,0 +1,288 @@
+"""StreamHub: one Redis subscriber per API process, fanned out to every watcher.
+
+A watcher registers for a video, then (once the channel's subscription is live)
+reads the video's history after its last seen `seq`, then the live events; both
+are merged by `seq`, so an event published while the history is being read
+arrives exactly once. Each watcher has a bounded queue: a watcher that cannot
+keep up is cut off (it resumes with `Last-Event-ID`) instead of holding memory.
+
+Order of operations matters (ARCHITECTURE, known traps):
+- register first, then subscribe, so concurrent first watchers of a channel all
+  receive its events (the `broadcaster` race);
+- subscribe, then read history, so nothing published in between is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+
+from kinora.events import Event, channel, history_key, parse
+
+log = logging.getLogger(__name__)
+
+
+class Item:
+    """One event as the hub carries it: parsed once, framed once per transport."""
+
+    __slots__ = ("_sse", "raw", "seq", "type")
+
+    def __init__(self, raw: bytes, seq: int, type_: str) -> None:
+        self.raw = raw
+        self.seq = seq
+        self.type = type_
+        self._sse: bytes | None = None
+
+    @classmethod
+    def from_raw(cls, raw: bytes) -> Item:
+        data = orjson.loads(raw)
+        return cls(raw, int(data["seq"]), str(data["type"]))
+
+    @property
+    def event(self) -> Event:
+        return parse(self.raw)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type == "complete"
+
+    @property
+    def sse(self) -> bytes:
+        """The SSE frame, built once per event however many clients receive it."""
+        if self._sse is None:
+            self._sse = b"id: %d\ndata: %s\n\n" % (self.seq, self.raw)
+        return self._sse
+
+
+# Put in a watcher's queue after the subscriber reconnected: re-read history.
+RESYNC = Item(b"{}", -1, "resync")
+
+
+class SubscribeTimeout(RuntimeError):
+    pass
+
+
+class Watcher:
+    """One client's registration for one video."""
+
+    def __init__(self, hub: StreamHub, video_id: int, after: int, maxsize: int) -> None:
+        self.hub = hub
+        self.video_id = video_id
+        self.last_seq = after
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
+        self.cut = False  # set when its queue overflowed: the client is too slow
+
+    def offer(self, item: Item) -> None:
+        if self.cut:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.cut = True
+            self.hub.slow_cuts += 1
+            self.hub.detach(self)
+            log.info(
+                "watcher of video %s cut off: %d events behind", self.video_id, self.queue.qsize()
+            )
+
+    async def events(self, deadline: float | None = None) -> AsyncIterator[Item]:
+        """History after `last_seq`, then live events, in seq order, none twice.
+
+        Ends when the queue overflowed (the client resumes with Last-Event-ID) or
+        at `deadline` (loop time).
+        """
+        for item in await self.hub.history(self.video_id, self.last_seq):
+            self.last_seq = item.seq
+            yield item
+        loop = asyncio.get_running_loop()
+        while not self.cut:
+            try:
+                if deadline is None:
+                    item = await self.queue.get()
+                else:
+                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                        item = await self.queue.get()
+            except TimeoutError:
+                return
+            if self.cut:
+                return
+            if item is RESYNC or item.seq > self.last_seq + 1:
+                # A gap (the subscriber reconnected, or events raced): fill it from history.
+                for missed in await self.hub.history(self.video_id, self.last_seq):
+                    self.last_seq = missed.seq
+                    yield missed
+            if item.seq > self.last_seq:
+                self.last_seq = item.seq
+                yield item
+
+
+@dataclass
+class Topic:
+    watchers: set[Watcher] = field(default_factory=set)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class StreamHub:
+    """Owns one pub/sub connection and one small command pool for history reads."""
+
+    def __init__(
+        self, redis_url: str, *, queue_size: int = 256, subscribe_timeout: float = 10.0
+    ) -> None:
+        self.redis_url = redis_url
+        self.queue_size = queue_size
+        self.subscribe_timeout = subscribe_timeout
+        self.slow_cuts = 0
+        self._topics: dict[bytes, Topic] = {}
+        # SUBSCRIBEs sent whose confirmation has not come back, per channel.
+        self._pending: defaultdict[bytes, int] = defaultdict(int)
+        self._ops: asyncio.Queue[tuple[Literal["sub", "unsub"], bytes]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.redis: aioredis.Redis = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                redis_url, max_connections=2, timeout=None
+            )
+        )
+        self._pubsub: PubSub = self.redis.pubsub()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._pubsub.connect()  # type: ignore[no-untyped-call]
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="hub-listen"),
+            asyncio.create_task(self._control(), name="hub-control"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self.redis.aclose()
+
+    # -- watching -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def watch(self, video_id: int, after: int = 0) -> AsyncIterator[Watcher]:
+        """Register a watcher of `video_id` that has seen every event up to `after`."""
+        watcher = Watcher(self, video_id, after, self.queue_size)
+        name = channel(video_id).encode()
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = Topic()
+            self._pending[name] += 1
+            self._ops.put_nowait(("sub", name))
+        topic.watchers.add(watcher)  # registered before the subscription can go live
+        try:
+            try:
+                async with asyncio.timeout(self.subscribe_timeout):
+                    await topic.ready.wait()
+            except TimeoutError:
+                raise SubscribeTimeout(f"no subscription to {name.decode()} from Redis") from None
+            yield watcher
+        finally:
+            self.detach(watcher)
+
+    def detach(self, watcher: Watcher) -> None:
+        """Forget a watcher; the last one of a video unsubscribes. Never awaits, so it
+        is safe in a cancelled stream's cleanup."""
+        name = channel(watcher.video_id).encode()
+        topic = self._topics.get(name)
+        if topic is None or watcher not in topic.watchers:
+            return
+        topic.watchers.discard(watcher)
+        if not topic.watchers:
+            del self._topics[name]
+            self._ops.put_nowait(("unsub", name))
+
+    async def history(self, video_id: int, after: int) -> list[Item]:
+        raw = await self.redis.zrangebyscore(history_key(video_id), f"({after}", "+inf")
+        return [Item.from_raw(r) for r in cast(list[bytes], raw)]
+
+    async def recent(self, video_id: int, count: int) -> list[Item]:
+        """The last `count` events of a video's history, oldest first."""
+        raw = await self.redis.zrange(history_key(video_id), -count, -1)
+        return [Item.from_raw(r) for r in cast(list[bytes], raw)]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "videos": len(self._topics),
+            "watchers": sum(len(t.watchers) for t in self._topics.values()),
+            "slow_cuts": self.slow_cuts,
+        }
+
+    # -- the two hub tasks ------------------------------------------------------------
+
+    async def _control(self) -> None:
+        """Sends SUBSCRIBE/UNSUBSCRIBE in the order they were asked for, batching runs
+        of the same kind (many watchers joining at once cost one command)."""
+        while True:
+            ops = [await self._ops.get()]
+            while not self._ops.empty():
+                ops.append(self._ops.get_nowait())
+            for op, run in itertools.groupby(ops, key=lambda o: o[0]):
+                names = [name for _, name in run]
+                try:
+                    if op == "sub":
+                        await self._pubsub.subscribe(*names)
+                    else:
+                        await self._pubsub.unsubscribe(*names)
+                except Exception:
+                    log.exception("redis %s of %d channels failed; retrying", op, len(names))
+                    await asyncio.sleep(0.5)
+                    for name in names:
+                        self._ops.put_nowait((op, name))
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # redis-py reconnects on the next read and resubscribes every channel;
+                # `_dispatch` then tells the watchers to re-read history.
+                log.warning("redis subscriber connection lost (%s); reconnecting", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        name: bytes = message["channel"]
+        if kind == "message":
+            topic = self._topics.get(name)
+            if topic is None:
+                return
+            item = Item.from_raw(message["data"])
+            for watcher in tuple(topic.watchers):
+                watcher.offer(item)
+        elif kind == "subscribe":
+            pending = max(0, self._pending.get(name, 0) - 1)
+            if pending:
+                self._pending[name] = pending
+            else:
+                self._pending.pop(name, None)
+            topic = self._topics.get(name)
+            if topic is None or pending:
+                return
+            if topic.ready.is_set():
+                # A re-subscription after a reconnect: events may have been missed.
+                for watcher in tuple(topic.watchers):
+                    watcher.offer(RESYNC)
+            else:
+                topic.ready.set()

@@ -1,0 +1,222 @@
+"""The database rules of a job: charge, claim, lease, progress, finish, refund.
+
+Every rule is one conditional statement, so it holds whatever races it: two
+workers, a retry and a redelivery, a cancel and a completion.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Result, case, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from kinora.models import (
+    CreditEntry,
+    CreditKind,
+    User,
+    Video,
+    VideoStatus,
+    utcnow,
+)
+
+
+def _changed_one(result: Result[Any]) -> bool:
+    """Whether the UPDATE/INSERT touched exactly one row: the conditional statements
+    below say yes to exactly one caller."""
+    return cast("CursorResult[Any]", result).rowcount == 1
+
+
+class InsufficientCredits(Exception):
+    def __init__(self, needed: int, available: int) -> None:
+        super().__init__(f"this video costs {needed} credits and you have {available}")
+        self.needed = needed
+        self.available = available
+
+
+def grant(session: Session, user: User, amount: int, reason: str = "grant") -> None:
+    """Add credits to a user, with its ledger row, in the caller's transaction."""
+    session.execute(update(User).where(User.id == user.id).values(credits=User.credits + amount))
+    session.add(CreditEntry(user_id=user.id, kind=CreditKind.GRANT, amount=amount, reason=reason))
+
+
+def create_video(
+    session: Session,
+    user: User,
+    *,
+    prompt: str,
+    parameters: dict[str, Any],
+    cost: int,
+    task_id: str,
+) -> tuple[Video, int]:
+    """Charge the user and create the video in one transaction (committed here).
+
+    Returns the video and the credits left. The charge is a conditional update, so
+    two requests at once can never take the balance below zero.
+    """
+    charged = session.execute(
+        update(User)
+        .where(User.id == user.id, User.credits >= cost)
+        .values(credits=User.credits - cost)
+        .returning(User.credits)
+    ).scalar_one_or_none()
+    if charged is None:
+        session.rollback()
+        available = session.scalar(select(User.credits).where(User.id == user.id)) or 0
+        raise InsufficientCredits(cost, available)
+    video = Video(
+        user_id=user.id,
+        prompt=prompt,
+        parameters=parameters,
+        cost=cost,
+        task_id=task_id,
+        status=VideoStatus.PENDING,
+    )
+    session.add(video)
+    session.flush()
+    session.add(
+        CreditEntry(
+            user_id=user.id,
+            video_id=video.id,
+            kind=CreditKind.CHARGE,
+            amount=-cost,
+            reason="video generation",
+        )
+    )
+    session.commit()
+    return video, charged
+
+
+def claim(session: Session, video_id: int, owner: str, lease_seconds: int) -> bool:
+    """pending → processing for exactly one caller; everyone else gets False."""
+    now = utcnow()
+    result = session.execute(
+        update(Video)
+        .where(Video.id == video_id, Video.status == VideoStatus.PENDING)
+        .values(
+            status=VideoStatus.PROCESSING,
+            claimed_by=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Video.attempts + 1,
+            updated_at=now,
+        )
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def _owned(video_id: int, owner: str) -> Any:
+    return (
+        Video.id == video_id,
+        Video.status == VideoStatus.PROCESSING,
+        Video.claimed_by == owner,
+    )
+
+
+def record_progress(
+    session: Session, video_id: int, owner: str, progress: int, lease_seconds: int
+) -> bool:
+    """Store progress (never backwards) and renew the lease. False: the job is no
+    longer ours (cancelled, or taken over), so the caller should stop."""
+    now = utcnow()
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(
+            progress=case((Video.progress < progress, progress), else_=Video.progress),
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            updated_at=now,
+        )
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def set_model_job(session: Session, video_id: int, owner: str, job_id: str) -> bool:
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(model_job_id=job_id, updated_at=utcnow())
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def complete(
+    session: Session, video_id: int, owner: str, *, file_path: str, thumbnail_path: str | None
+) -> bool:
+    now = utcnow()
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(
+            status=VideoStatus.COMPLETED,
+            progress=100,
+            file_path=file_path,
+            thumbnail_path=thumbnail_path,
+            completed_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def fail(session: Session, video_id: int, message: str, *, owner: str | None = None) -> bool:
+    """Mark a live video failed and refund it, in one transaction. False if the video
+    had already ended (or, with `owner`, is no longer that worker's)."""
+    now = utcnow()
+    conditions: list[Any] = [
+        Video.id == video_id,
+        Video.status.in_([VideoStatus.PENDING, VideoStatus.PROCESSING]),
+    ]
+    if owner is not None:
+        conditions.append(Video.claimed_by == owner)
+    result = session.execute(
+        update(Video)
+        .where(*conditions)
+        .values(
+            status=VideoStatus.FAILED,
+            error_message=message[:2000],
+            completed_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+    )
+    if not _changed_one(result):
+        session.rollback()
+        return False
+    _refund_in_transaction(session, video_id)
+    session.commit()
+    return True
+
+
+def _refund_in_transaction(session: Session, video_id: int) -> bool:
+    video = session.get(Video, video_id)
+    if video is None:
+        return False
+    # One statement that inserts the refund row unless the unique (video_id, kind)
+    # says this video was refunded already: at most one refund, whatever races.
+    dialect_insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    inserted = session.execute(
+        dialect_insert(CreditEntry)
+        .values(
+            user_id=video.user_id,
+            video_id=video_id,
+            kind=CreditKind.REFUND,
+            amount=video.cost,
+            reason=f"video {video.status}",
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["video_id", "kind"])
+    )
+    if not _changed_one(inserted):
+        return False
+    session.execute(
+        update(User).where(User.id == video.user_id).values(credits=User.credits + video.cost)
+    )
+    return True

@@ -1,0 +1,74 @@
+"""The optional reference image: fetched with limits, checked, resized to the video."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from kinora.engines.base import EngineError
+
+MAX_BYTES = 10 * 1024 * 1024
+FETCH_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+class BadReference(EngineError):
+    """The reference image cannot be used; retrying will not help."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_reference_image")
+
+
+def load(url: str) -> bytes:
+    """The image's bytes, from a data: URL or an http(s) URL, at most MAX_BYTES."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise BadReference("data: URL must be base64-encoded (data:image/png;base64,...)")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadReference("data: URL is not valid base64") from None
+        if len(data) > MAX_BYTES:
+            raise BadReference(f"reference image is larger than {MAX_BYTES // 2**20} MB")
+        return data
+    try:
+        with (
+            httpx.Client(timeout=FETCH_TIMEOUT, follow_redirects=True) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.status_code != 200:
+                raise BadReference(f"fetching the reference image gave HTTP {response.status_code}")
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > MAX_BYTES:
+                    raise BadReference(f"reference image is larger than {MAX_BYTES // 2**20} MB")
+                chunks.append(chunk)
+    except httpx.HTTPError as exc:
+        raise BadReference(f"could not fetch the reference image: {exc}") from None
+    return b"".join(chunks)
+
+
+def prepare(data: bytes, size: str) -> bytes:
+    """A PNG of the image, resized and cropped to cover `size` (WIDTHxHEIGHT)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ("PNG", "JPEG"):
+            raise BadReference(f"reference image must be PNG or JPEG, not {image.format}")
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise BadReference("reference image is not a readable PNG or JPEG") from None
+    width, height = (int(v) for v in size.split("x"))
+    scale = max(width / image.width, height / image.height)
+    resized = image.convert("RGB").resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    )
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    out = io.BytesIO()
+    resized.crop((left, top, left + width, top + height)).save(out, "PNG")
+    return out.getvalue()
