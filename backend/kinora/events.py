@@ -100,6 +100,11 @@ return seq
 """
 
 
+# Fields that are sent as null rather than left out: a stage event always says what
+# the previous stage was, `null` for the first.
+KEEP_NULL = frozenset({"previous_stage"})
+
+
 def timestamp() -> str:
     now = datetime.now(UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
@@ -113,7 +118,7 @@ def encode_body(
         "video_id": video_id,
         "type": event_type,
         "message": message,
-        **{k: v for k, v in fields.items() if v is not None},
+        **{k: v for k, v in fields.items() if v is not None or k in KEEP_NULL},
         "timestamp": timestamp(),
     }
     return orjson.dumps(body)[1:]

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kinora.config import Settings, get_settings
-from kinora.db import get_sessionmaker
+from kinora.db import get_sessionmaker, session_scope
 from kinora.hub import StreamHub
 from kinora.models import User, Video
 from kinora.tokens import hash_token, is_scoped, verify_scoped
@@ -48,10 +48,16 @@ def user_by_token(session: Session, token: str) -> User:
     return user
 
 
-def current_user(session: SessionDep, credentials: BearerDep) -> User:
+def current_user(credentials: BearerDep) -> User:
+    """The caller. Its own short session: a request never holds two pooled connections
+    at once (twenty concurrent requests each waiting for a second connection from a
+    pool they had exhausted would deadlock until the pool timeout)."""
     if credentials is None:
         raise unauthorized("missing API token: send the header `Authorization: Bearer <token>`")
-    return user_by_token(session, credentials.credentials)
+    with session_scope() as session:
+        user = user_by_token(session, credentials.credentials)
+        session.expunge(user)
+        return user
 
 
 CurrentUser = Annotated[User, Depends(current_user)]

@@ -1,0 +1,78 @@
+"""Reading SSE streams in tests, bounded in time."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+
+from tests.conftest import Account, Stack
+
+
+def submit(stack: Stack, account: Account, prompt: str, **body: Any) -> dict[str, Any]:
+    with stack.client(account) as client:
+        response = client.post("/api/v1/videos/generate", json={"prompt": prompt, **body})
+    assert response.status_code == 202, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def read_stream(
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    limit: int | None = None,
+    timeout: float = 60,
+) -> tuple[int, list[str]]:
+    """GET an SSE stream; returns its status and raw lines. Stops after `limit` events
+    (dropping the connection) or when the server ends the response."""
+    lines: list[str] = []
+    seen = 0
+    deadline = time.monotonic() + timeout
+    with (
+        httpx.Client(timeout=httpx.Timeout(10, read=10)) as client,
+        client.stream("GET", url, headers=headers) as response,
+    ):
+        if response.status_code != 200:
+            return response.status_code, []
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            lines.append(line)
+            if line.startswith("data: "):
+                seen += 1
+                if limit is not None and seen >= limit:
+                    break
+            assert time.monotonic() < deadline, f"stream still open after {timeout} s"
+    return 200, lines
+
+
+def events_of(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+
+
+def ids_of(lines: list[str]) -> list[str]:
+    return [line[4:] for line in lines if line.startswith("id: ")]
+
+
+def assert_whole_generation(events: list[dict[str, Any]]) -> None:
+    """Every step 0-9 in order, seq 1..n, progress never backwards, ending complete."""
+    seqs = [e["seq"] for e in events]
+    assert seqs == list(range(1, len(events) + 1))
+    assert [e["id"] for e in events] == [str(s) for s in seqs]
+    steps = [e["step"] for e in events if "step" in e]
+    assert steps == sorted(steps)
+    assert set(steps) == set(range(10))
+    progress = [e["progress"] for e in events if "progress" in e]
+    assert progress == sorted(progress)
+    assert progress[-1] == 100
+    stages = [(e["stage"], e["previous_stage"]) for e in events if e["type"] == "stage"]
+    assert stages == [
+        ("preparing", None),
+        ("generating", "preparing"),
+        ("finalizing", "generating"),
+    ]
+    assert events[-1]["type"] == "complete"
+    assert events[-1]["status"] == "completed"
+    assert [e["type"] for e in events].count("complete") == 1

@@ -1,0 +1,218 @@
+"""The SSE stream end to end: real Redis, real Celery worker, the API under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+from typing import Any
+
+import av
+import httpx
+import psutil
+import pytest
+import redis
+from kinora import jobs
+from kinora.db import session_scope
+from kinora.models import User
+
+from tests.conftest import Account, Stack, wait_for
+from tests.helpers import assert_whole_generation, events_of, ids_of, read_stream, submit
+
+pytestmark = pytest.mark.slow
+
+
+def test_stream_carries_every_step_and_the_video_plays(stack: Stack, account: Account) -> None:
+    created = submit(stack, account, "A lighthouse in a storm, waves crashing")
+    assert created["status"] == "pending"
+    assert created["credits_remaining"] == 900
+    assert "token=kvs1." in created["stream_url"]  # a scoped token, never the API token
+    assert account.token not in created["stream_url"]
+
+    status, lines = read_stream(created["stream_url"])
+
+    assert status == 200
+    assert lines[0] == "retry: 3000"
+    assert ": ping" in lines  # the heartbeat (SSE_PING_SECONDS=0.5 in the tests)
+    events = events_of(lines)
+    assert_whole_generation(events)
+    assert ids_of(lines) == [e["id"] for e in events]
+    assert all(e["video_id"] == created["video_id"] for e in events)
+
+    with stack.client() as client:
+        response = client.get(events[-1]["video_url"])
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "video/mp4"
+        body = response.content
+        assert body[4:8] == b"ftyp"
+        with av.open(io.BytesIO(body)) as container:
+            frames = list(container.decode(video=0))
+        assert (frames[0].width, frames[0].height) == (1280, 720)
+        assert len(frames) == 4 * 24
+
+        partial = client.get(events[-1]["video_url"], headers={"Range": "bytes=0-99"})
+        assert partial.status_code == 206
+        assert partial.content == body[:100]
+
+    with stack.client(account) as client:
+        video = client.get(f"/api/v1/videos/{created['video_id']}").json()
+    assert video["status"] == "completed"
+    assert video["progress"] == 100
+    assert video["last_event_id"] == events[-1]["id"]
+    assert video["logs"] == events
+    assert video["video_url"].startswith(stack.base_url)
+
+
+def test_curl_prints_every_event_and_exits_by_itself(stack: Stack, account: Account) -> None:
+    created = submit(stack, account, "A paper boat drifting down a rainy street")
+    result = subprocess.run(
+        ["curl", "-sSN", "--max-time", "60", created["stream_url"]],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert_whole_generation(events_of(result.stdout.splitlines()))
+
+
+def test_resume_with_last_event_id_gets_exactly_the_rest(stack: Stack, account: Account) -> None:
+    created = submit(stack, account, "Time-lapse of a city skyline from dusk to night")
+    url = created["stream_url"]
+    _, first = read_stream(url, limit=5)
+    assert [e["seq"] for e in events_of(first)] == [1, 2, 3, 4, 5]
+
+    _, rest = read_stream(url, headers={"Last-Event-ID": ids_of(first)[-1]})
+
+    events = events_of(first) + events_of(rest)
+    assert_whole_generation(events)
+
+    # curl cannot set the header from a previous response: ?last_event_id= works too
+    _, tail = read_stream(f"{url}&last_event_id=3")
+    assert [e["seq"] for e in events_of(tail)] == [e["seq"] for e in events[3:]]
+
+
+def test_late_client_gets_the_history_then_the_end_then_204(stack: Stack, account: Account) -> None:
+    created = submit(stack, account, "A hummingbird hovering over a red flower")
+    _, live = read_stream(created["stream_url"])
+
+    _, late = read_stream(created["stream_url"])
+    assert events_of(late) == events_of(live)
+
+    last_id = ids_of(live)[-1]
+    status, _ = read_stream(created["stream_url"], headers={"Last-Event-ID": last_id})
+    assert status == 204  # EventSource stops reconnecting
+
+
+def test_malformed_last_event_id_is_400(stack: Stack, account: Account) -> None:
+    created = submit(stack, account, "Snow falling on a quiet mountain village")
+    for bad in ("abc", "-1", "1.5", "9" * 30):
+        response = httpx.get(created["stream_url"], headers={"Last-Event-ID": bad}, timeout=10)
+        assert response.status_code == 400, bad
+        assert "Last-Event-ID" in response.json()["detail"]
+
+
+def redis_connections(process: subprocess.Popen[bytes], redis_port: int) -> int:
+    conns = psutil.Process(process.pid).net_connections(kind="tcp")
+    return sum(1 for c in conns if c.raddr and c.raddr.port == redis_port)
+
+
+def subscribers(client: redis.Redis, video_id: int) -> int:
+    counts: list[Any] = client.pubsub_numsub(f"video:{video_id}")
+    return int(counts[0][1])
+
+
+def warm_up(stack: Stack, account: Account, video_id: int) -> None:
+    """Open the API's small Redis command pool to its full size, so that the
+    connection count before and after a test can be compared exactly."""
+
+    async def hit() -> None:
+        async with httpx.AsyncClient(base_url=stack.base_url, headers=account.headers) as client:
+            await asyncio.gather(
+                *(client.get(f"/api/v1/videos/{video_id}", timeout=10) for _ in range(20))
+            )
+
+    asyncio.run(hit())
+
+
+def test_fifty_clients_at_once_receive_identical_sequences(
+    stack: Stack, account: Account, redis_client: redis.Redis, environment: dict[str, str]
+) -> None:
+    redis_port = int(environment["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    created = submit(stack, account, "Fifty people watching one sunrise over the sea")
+    video_id = created["video_id"]
+    warm_up(stack, account, video_id)
+    before = redis_connections(stack.api, redis_port)
+
+    async def watch(client: httpx.AsyncClient, start: asyncio.Event) -> list[int]:
+        await start.wait()
+        seqs: list[int] = []
+        async with client.stream("GET", created["stream_url"]) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    seqs.append(events_of([line])[0]["seq"])
+        return seqs
+
+    async def all_at_once() -> list[list[int]]:
+        limits = httpx.Limits(max_connections=60)
+        async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30)) as client:
+            start = asyncio.Event()
+            tasks = [asyncio.create_task(watch(client, start)) for _ in range(50)]
+            await asyncio.sleep(0.1)
+            start.set()
+            async with asyncio.timeout(90):
+                return await asyncio.gather(*tasks)
+
+    results = asyncio.run(all_at_once())
+
+    assert len(results) == 50
+    assert results[0] == list(range(1, len(results[0]) + 1))
+    assert len(results[0]) >= 15
+    assert all(r == results[0] for r in results)
+    wait_for("no subscriber left", lambda: subscribers(redis_client, video_id) == 0, timeout=10)
+    wait_for(
+        "the API's Redis connections back to where they were",
+        lambda: redis_connections(stack.api, redis_port) == before,
+        timeout=10,
+    )
+
+
+def test_clients_that_disconnect_leave_no_subscription(
+    stack: Stack, account: Account, redis_client: redis.Redis, environment: dict[str, str]
+) -> None:
+    # A video that stays pending (never queued): its streams stay open and idle.
+    with session_scope() as session:
+        user = session.get(User, account.id)
+        assert user is not None
+        video, _ = jobs.create_video(
+            session, user, prompt="never queued", parameters={}, cost=0, task_id="none"
+        )
+    url = f"{stack.base_url}/api/v1/videos/{video.id}/stream?token={account.token}"
+    redis_port = int(environment["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    warm_up(stack, account, video.id)
+    before = redis_connections(stack.api, redis_port)
+
+    async def open_and_drop() -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10)) as client:
+            streams = [client.stream("GET", url) for _ in range(10)]
+            responses = [await s.__aenter__() for s in streams]
+            assert all(r.status_code == 200 for r in responses)
+            # every stream is live: the retry line and a heartbeat have arrived
+            for response in responses:
+                async with asyncio.timeout(5):
+                    async for line in response.aiter_lines():
+                        if line == ": ping":
+                            break
+            assert subscribers(redis_client, video.id) == 1  # ten watchers, one subscription
+            for s in streams:
+                await s.__aexit__(None, None, None)
+
+    asyncio.run(open_and_drop())
+
+    wait_for("no subscriber left", lambda: subscribers(redis_client, video.id) == 0, timeout=10)
+    wait_for(
+        "the API's Redis connections back to where they were",
+        lambda: redis_connections(stack.api, redis_port) == before,
+        timeout=10,
+    )
