@@ -45,7 +45,7 @@ def test_stream_carries_every_step_and_the_video_plays(stack: Stack, account: Ac
         assert response.headers["content-type"] == "video/mp4"
         body = response.content
         assert body[4:8] == b"ftyp"
-        with av.open(io.BytesIO(body)) as container:
+        with av.open(io.BytesIO(body), "r") as container:
             frames = list(container.decode(video=0))
         assert (frames[0].width, frames[0].height) == (1280, 720)
         assert len(frames) == 4 * 24

@@ -35,3 +35,6 @@ def make_celery() -> Celery:
 
 
 app = make_celery()
+# The current app is per thread; make this one the default too, so that `shared_task`
+# resolves to it in every thread (the API queues tasks from a thread pool).
+app.set_default()

@@ -147,10 +147,9 @@ class StreamHub:
         self._pending: defaultdict[bytes, int] = defaultdict(int)
         self._ops: asyncio.Queue[tuple[Literal["sub", "unsub"], bytes]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self.redis: aioredis.Redis = aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                redis_url, max_connections=2, timeout=None
-            )
+        # from_pool: the client owns the pool and closes its connections in aclose().
+        self.redis: aioredis.Redis = aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=2, timeout=None)
         )
         self._pubsub: PubSub = self.redis.pubsub()
 
@@ -229,7 +228,13 @@ class StreamHub:
     async def _control(self) -> None:
         """Sends SUBSCRIBE/UNSUBSCRIBE in the order they were asked for, batching runs
         of the same kind (many watchers joining at once cost one command)."""
+        task = asyncio.current_task()
+        assert task is not None
         while True:
+            # redis-py can swallow a cancellation that arrives while it sends a command
+            # (seen with UNSUBSCRIBE at shutdown); honour it here or stop() waits forever.
+            if task.cancelling():
+                raise asyncio.CancelledError
             ops = [await self._ops.get()]
             while not self._ops.empty():
                 ops.append(self._ops.get_nowait())
@@ -247,7 +252,11 @@ class StreamHub:
                         self._ops.put_nowait((op, name))
 
     async def _listen(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
         while True:
+            if task.cancelling():  # see _control
+                raise asyncio.CancelledError
             try:
                 message = await self._pubsub.get_message(timeout=None)
             except asyncio.CancelledError:

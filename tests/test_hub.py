@@ -1,0 +1,204 @@
+"""StreamHub driven directly against a real Redis: merging history and live events,
+concurrent joins, slow clients, reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import pytest
+import redis
+from kinora.api.stream import frames
+from kinora.events import SSELogger
+from kinora.hub import StreamHub, Watcher
+
+from tests.conftest import wait_for
+
+
+def run(
+    environment: dict[str, str], body: Callable[[StreamHub], Coroutine[Any, Any, None]]
+) -> None:
+    """Run `body(hub)` on a fresh event loop with a started hub, bounded to 60 s."""
+
+    async def main() -> None:
+        hub = StreamHub(environment["REDIS_URL"], queue_size=64)
+        await hub.start()
+        try:
+            async with asyncio.timeout(60):
+                await body(hub)
+        finally:
+            await hub.stop()
+
+    asyncio.run(main())
+
+
+async def collect(watcher: Watcher, until: int) -> list[int]:
+    seqs: list[int] = []
+    async for item in watcher.events():
+        seqs.append(item.seq)
+        if item.seq >= until:
+            break
+    return seqs
+
+
+def test_events_published_while_history_is_read_arrive_once(
+    environment: dict[str, str], video_id: int
+) -> None:
+    """Race: a publisher in another thread publishes without pause while watchers
+    join one after another (each reading the history as events keep arriving)."""
+    rounds, per_round = 20, 40
+
+    async def body(hub: StreamHub) -> None:
+        for r in range(rounds):
+            vid = video_id * 100 + r
+            started = threading.Event()
+
+            def publish(vid: int = vid, started: threading.Event = started) -> None:
+                with SSELogger(vid) as log:
+                    for i in range(per_round):
+                        log.log(f"event {i}")
+                        if i == 3:
+                            started.set()
+
+            thread = threading.Thread(target=publish)
+            thread.start()
+            await asyncio.to_thread(started.wait, 10)
+            async with hub.watch(vid) as first, hub.watch(vid, after=2) as second:
+                watchers = await asyncio.gather(
+                    collect(first, per_round), collect(second, per_round)
+                )
+            await asyncio.to_thread(thread.join, 10)
+            assert watchers[0] == list(range(1, per_round + 1)), f"round {r}"
+            assert watchers[1] == list(range(3, per_round + 1)), f"round {r}"
+
+    run(environment, body)
+
+
+def test_watchers_joining_at_the_same_instant_all_receive_every_event(
+    environment: dict[str, str], video_id: int
+) -> None:
+    """The `broadcaster` race: concurrent first subscribers must not overwrite each other."""
+
+    async def body(hub: StreamHub) -> None:
+        async def one() -> list[int]:
+            async with hub.watch(video_id) as watcher:
+                return await collect(watcher, 30)
+
+        tasks = [asyncio.create_task(one()) for _ in range(100)]
+        await asyncio.sleep(0)  # every watcher registers before anything is published
+
+        def publish() -> None:
+            with SSELogger(video_id) as log:
+                for i in range(30):
+                    log.log(f"event {i}")
+
+        await asyncio.to_thread(publish)
+        results = await asyncio.gather(*tasks)
+        assert all(r == list(range(1, 31)) for r in results)
+        assert hub.stats()["watchers"] == 0
+
+    run(environment, body)
+
+
+def test_last_watcher_leaving_unsubscribes(
+    environment: dict[str, str], video_id: int, redis_client: redis.Redis
+) -> None:
+    channel = f"video:{video_id}"
+
+    def numsub() -> int:
+        return int(redis_client.pubsub_numsub(channel)[0][1])
+
+    async def body(hub: StreamHub) -> None:
+        async with hub.watch(video_id), hub.watch(video_id):
+            assert numsub() == 1
+        await asyncio.to_thread(wait_for, "unsubscribe", lambda: numsub() == 0, 5)
+        assert hub.stats() == {"videos": 0, "watchers": 0, "slow_cuts": 0}
+        # and a new watcher subscribes again
+        async with hub.watch(video_id):
+            assert numsub() == 1
+
+    run(environment, body)
+
+
+def test_a_client_too_slow_to_keep_up_is_cut_off_and_resumes(
+    environment: dict[str, str], video_id: int
+) -> None:
+    async def body(hub: StreamHub) -> None:
+        async with hub.watch(video_id) as slow:
+            stream = slow.events()
+            await asyncio.to_thread(publish_n, video_id, 1)
+            first = await anext(stream)
+            # then it stops reading while 200 events arrive (its queue holds 64)
+            await asyncio.to_thread(publish_n, video_id, 200)
+            await asyncio.to_thread(wait_for, "the cut", lambda: slow.cut, 5)
+            rest = [item.seq async for item in stream]
+            assert slow.queue.qsize() <= 64
+        assert hub.stats() == {"videos": 0, "watchers": 0, "slow_cuts": 1}
+        assert first.seq == 1
+        assert rest == []  # ends at once: the client reconnects with Last-Event-ID
+        async with hub.watch(video_id, after=first.seq) as resumed:
+            assert await collect(resumed, 201) == list(range(2, 202))
+
+    run(environment, body)
+
+
+def test_subscriber_reconnect_fills_the_gap_from_history(
+    environment: dict[str, str], video_id: int, redis_client: redis.Redis
+) -> None:
+    async def body(hub: StreamHub) -> None:
+        async with hub.watch(video_id) as watcher:
+            await asyncio.to_thread(publish_n, video_id, 5)
+            seqs = [item.seq async for item in take(watcher.events(), 5)]
+            # Drop the hub's subscriber connection, publish while it is gone.
+            redis_client.client_kill_filter(_type="pubsub")
+            await asyncio.to_thread(publish_n, video_id, 5)
+            seqs += [item.seq async for item in take(watcher.events(), 5)]
+        assert seqs == list(range(1, 11))
+
+    run(environment, body)
+
+
+def test_stream_ends_at_its_lifetime_and_resumes_without_loss(
+    environment: dict[str, str], video_id: int
+) -> None:
+    """SSE_TIMEOUT_SECONDS: the response ends; the client resumes with Last-Event-ID."""
+
+    async def body(hub: StreamHub) -> None:
+        await asyncio.to_thread(publish_n, video_id, 3)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        chunks = [c async for c in frames(hub, video_id, 0, 3000, lifetime=0.5)]
+        assert 0.5 <= loop.time() - started < 3
+        assert chunks[0] == b"retry: 3000\n\n"
+        assert [c.split(b"\n")[0] for c in chunks[1:]] == [b"id: 1", b"id: 2", b"id: 3"]
+        await asyncio.to_thread(publish_n, video_id, 2)
+        resumed = [c async for c in frames(hub, video_id, 3, 3000, lifetime=0.5)]
+        assert [c.split(b"\n")[0] for c in resumed[1:]] == [b"id: 4", b"id: 5"]
+
+    run(environment, body)
+
+
+def publish_n(video_id: int, n: int) -> None:
+    with SSELogger(video_id) as log:
+        for i in range(n):
+            log.log(f"event {i}")
+
+
+async def take(source: AsyncIterator[Any], n: int) -> AsyncIterator[Any]:
+    if n <= 0:
+        return
+    count = 0
+    async for item in source:
+        yield item
+        count += 1
+        if count >= n:
+            return
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_threads() -> Any:
+    before = threading.active_count()
+    yield
+    assert threading.active_count() <= before + 1

@@ -1,0 +1,111 @@
+"""The database rules of a job, and a duplicate delivery through the real worker."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import redis
+from kinora import jobs
+from kinora.db import session_scope
+from kinora.engines.mock import job_key
+from kinora.models import CreditEntry, CreditKind, User, Video, VideoStatus
+from sqlalchemy import select
+
+from tests.conftest import Account, Stack, make_account
+
+
+def new_video(account: Account, prompt: str = "A quiet harbour at dawn", cost: int = 100) -> int:
+    with session_scope() as session:
+        user = session.get(User, account.id)
+        assert user is not None
+        video, _ = jobs.create_video(
+            session, user, prompt=prompt, parameters={}, cost=cost, task_id="t"
+        )
+    return video.id
+
+
+def credits_of(account: Account) -> int:
+    with session_scope() as session:
+        user = session.get(User, account.id)
+        assert user is not None
+        return user.credits
+
+
+def test_claim_succeeds_for_exactly_one_of_many(account: Account) -> None:
+    video_id = new_video(account)
+
+    def claim(i: int) -> bool:
+        with session_scope() as session:
+            return jobs.claim(session, video_id, f"worker-{i}", 60)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(claim, range(16)))
+    assert results.count(True) == 1
+
+
+def test_concurrent_charges_never_overdraw(environment: dict[str, str]) -> None:
+    account = make_account(credits=500)
+
+    def charge(_i: int) -> bool:
+        try:
+            new_video(account)
+        except jobs.InsufficientCredits:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(charge, range(12)))
+    assert results.count(True) == 5
+    assert credits_of(account) == 0
+
+
+def test_a_failed_video_is_refunded_exactly_once(account: Account) -> None:
+    video_id = new_video(account)
+    assert credits_of(account) == 900
+
+    def fail(_i: int) -> bool:
+        with session_scope() as session:
+            return jobs.fail(session, video_id, "model exploded")
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(fail, range(8)))
+    assert results.count(True) == 1
+    assert credits_of(account) == 1000
+    with session_scope() as session:
+        refunds = session.scalars(
+            select(CreditEntry).where(
+                CreditEntry.video_id == video_id, CreditEntry.kind == CreditKind.REFUND
+            )
+        ).all()
+        video = session.get(Video, video_id)
+        assert video is not None
+        assert video.status == VideoStatus.FAILED
+    assert [r.amount for r in refunds] == [100]
+
+
+@pytest.mark.slow
+def test_the_same_task_delivered_twice_generates_one_video(
+    stack: Stack, account: Account, redis_client: redis.Redis
+) -> None:
+    from kinora.tasks import generate_video
+
+    prompt = f"Duplicate delivery check {account.email}"
+    video_id = new_video(account, prompt)
+    first = generate_video.apply_async(args=[video_id])
+    second = generate_video.apply_async(args=[video_id])  # a redelivery of the same job
+    results = sorted([first.get(timeout=60)["status"], second.get(timeout=60)["status"]])
+
+    assert results == ["completed", "skipped"]
+    created = [
+        key
+        for key in redis_client.scan_iter(match=job_key("*"))
+        if redis_client.hget(key, "prompt") == prompt.encode()
+    ]
+    assert len(created) == 1  # one paid model job
+    with session_scope() as session:
+        video = session.get(Video, video_id)
+        assert video is not None
+        assert video.status == VideoStatus.COMPLETED
+        assert video.attempts == 1
+    assert credits_of(account) == 900  # charged once

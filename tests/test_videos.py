@@ -1,0 +1,178 @@
+"""The videos API over HTTP: auth, credits, input errors, reading and listing."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from kinora import jobs
+from kinora.db import session_scope
+from kinora.models import CreditEntry, CreditKind, User, Video
+from sqlalchemy import select
+
+from tests.conftest import Account, Stack, make_account
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "A red kite flying over green hills"
+
+
+def pending_video(account: Account, prompt: str = PROMPT) -> int:
+    """A video row that is never queued: it stays pending."""
+    with session_scope() as session:
+        user = session.get(User, account.id)
+        assert user is not None
+        video, _ = jobs.create_video(
+            session, user, prompt=prompt, parameters={}, cost=0, task_id="never-queued"
+        )
+    return video.id
+
+
+def generate(stack: Stack, headers: dict[str, str], body: dict[str, Any]) -> httpx.Response:
+    return httpx.post(
+        f"{stack.base_url}/api/v1/videos/generate", json=body, headers=headers, timeout=10
+    )
+
+
+def test_missing_or_bad_token_is_401(stack: Stack) -> None:
+    missing = generate(stack, {}, {"prompt": PROMPT})
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert "Authorization: Bearer" in missing.json()["detail"]
+
+    bad = generate(stack, {"Authorization": "Bearer kin_not-a-token"}, {"prompt": PROMPT})
+    assert bad.status_code == 401
+
+
+def test_free_plan_is_403_and_charged_nothing(stack: Stack, environment: object) -> None:
+    free = make_account(plan="free", credits=1000)
+    response = generate(stack, free.headers, {"prompt": PROMPT})
+    assert response.status_code == 403
+    assert "pro plan" in response.json()["detail"]
+    with session_scope() as session:
+        assert session.get(User, free.id).credits == 1000  # type: ignore[union-attr]
+
+
+def test_too_few_credits_is_402_and_creates_nothing(stack: Stack, environment: object) -> None:
+    poor = make_account(credits=150)
+    first = generate(stack, poor.headers, {"prompt": PROMPT})
+    assert first.status_code == 202
+    assert first.json()["credits_remaining"] == 50
+
+    second = generate(stack, poor.headers, {"prompt": PROMPT})
+    assert second.status_code == 402
+    assert "costs 100 credits and you have 50" in second.json()["detail"]
+
+    with session_scope() as session:
+        videos = session.scalars(select(Video).where(Video.user_id == poor.id)).all()
+        ledger = session.scalars(select(CreditEntry).where(CreditEntry.user_id == poor.id)).all()
+    assert len(videos) == 1
+    assert sorted((e.kind, e.amount) for e in ledger) == [
+        (CreditKind.CHARGE, -100),
+        (CreditKind.GRANT, 150),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"prompt": "too short"}, "prompt"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({"prompt": " " * 9 + "abcdefghi"}, "prompt"),
+        ({"prompt": PROMPT + "\x00"}, "prompt"),
+        ({"prompt": PROMPT, "seconds": 5}, "seconds"),
+        ({"prompt": PROMPT, "size": "1920x1080"}, "size"),
+        ({"prompt": PROMPT, "image_url": "ftp://example.com/a.png"}, "image_url"),
+        ({"prompt": PROMPT, "image_url": "data:text/plain;base64,aGk="}, "image_url"),
+        ({"prompt": PROMPT, "duration": 4}, "duration"),
+        ({}, "prompt"),
+    ],
+)
+def test_invalid_body_is_422_naming_the_field(
+    stack: Stack, account: Account, body: dict[str, Any], field: str
+) -> None:
+    response = generate(stack, account.headers, body)
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail.startswith(f"{field}: "), detail
+    assert response.json()["errors"][0]["field"] == field
+
+
+def test_unknown_and_foreign_videos_are_404_alike(stack: Stack, account: Account) -> None:
+    other = make_account()
+    theirs = pending_video(other)
+    with stack.client(account) as client:
+        foreign = client.get(f"/api/v1/videos/{theirs}")
+        unknown = client.get("/api/v1/videos/999999")
+        stream = client.get(f"/api/v1/videos/{theirs}/stream")
+        content = client.get(f"/api/v1/videos/{theirs}/content")
+    assert foreign.status_code == unknown.status_code == 404
+    assert foreign.json() == {"detail": f"video {theirs} not found"}
+    assert stream.status_code == content.status_code == 404
+
+
+def test_scoped_token_opens_only_its_own_video(stack: Stack, account: Account) -> None:
+    created = generate(stack, account.headers, {"prompt": PROMPT}).json()
+    token = created["stream_url"].split("token=")[1]
+    other = pending_video(account)
+    with stack.client() as client:
+        own = client.get(f"/api/v1/videos/{created['video_id']}/content?token={token}")
+        wrong = client.get(f"/api/v1/videos/{other}/content?token={token}")
+        forged = client.get(f"/api/v1/videos/{created['video_id']}/content?token={token[:-2]}xx")
+        # a scoped token is not an API token
+        api = client.get(
+            f"/api/v1/videos/{created['video_id']}", headers={"Authorization": f"Bearer {token}"}
+        )
+    assert own.status_code in (200, 409)  # authorized; 409 until completed
+    assert wrong.status_code == 401
+    assert forged.status_code == 401
+    assert api.status_code == 401
+
+
+def test_content_is_409_until_completed(stack: Stack, account: Account) -> None:
+    video_id = pending_video(account)
+    with stack.client(account) as client:
+        response = client.get(f"/api/v1/videos/{video_id}/content")
+    assert response.status_code == 409
+    assert "pending" in response.json()["detail"]
+
+
+def test_list_is_newest_first_with_paging(stack: Stack, environment: object) -> None:
+    owner = make_account()
+    ids = [pending_video(owner, f"{PROMPT} number {i}") for i in range(3)]
+    with stack.client(owner) as client:
+        page = client.get("/api/v1/videos", params={"limit": 2}).json()
+        rest = client.get("/api/v1/videos", params={"limit": 2, "offset": 2}).json()
+        bad = client.get("/api/v1/videos", params={"limit": 0})
+    assert [v["id"] for v in page["videos"]] == ids[::-1][:2]
+    assert [v["id"] for v in rest["videos"]] == ids[:1]
+    assert page["total"] == 3
+    assert bad.status_code == 422
+    assert bad.json()["detail"].startswith("limit: ")
+
+
+def test_many_concurrent_requests_do_not_exhaust_the_database_pool(
+    stack: Stack, account: Account
+) -> None:
+    """Regression: auth and handler each took a pooled connection, so 20 requests at
+    once deadlocked until the pool timed out."""
+    video_id = pending_video(account)
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=stack.base_url, headers=account.headers) as c:
+            responses = await asyncio.gather(
+                *(c.get(f"/api/v1/videos/{video_id}", timeout=10) for _ in range(40))
+            )
+        return [r.status_code for r in responses]
+
+    assert asyncio.run(burst()) == [200] * 40
+
+
+def test_health_and_readiness(stack: Stack) -> None:
+    with stack.client() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"database": "ok", "redis": "ok", "status": "ready"}
