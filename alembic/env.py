@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from logging.config import fileConfig
 
+from alembic import context
 from kinora import models  # noqa: F401  (registers the tables on Base.metadata)
 from kinora.config import get_settings
 from kinora.db import Base, make_engine
-
-from alembic import context
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):

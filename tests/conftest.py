@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+
 from kinora import db, events
 from kinora.accounts import create_user
 from kinora.config import get_settings

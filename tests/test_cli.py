@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from kinora.embedded import free_port
 
+from kinora.embedded import free_port
 from tests.helpers import assert_whole_generation, events_of, read_stream
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from kinora.db import Base, make_engine, upgrade
 from sqlalchemy import inspect
+
+from kinora.db import Base, make_engine, upgrade
 
 
 def test_migrations_match_the_models(tmp_path: Path) -> None:

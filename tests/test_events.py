@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import redis
-from kinora.events import PublishStats, SSELogger, history_key, parse, seq_key
 
+from kinora.events import PublishStats, SSELogger, history_key, parse, seq_key
 from tests.conftest import reset_caches
 
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import redis
+
 from kinora.api.stream import frames
 from kinora.events import SSELogger
 from kinora.hub import StreamHub, Watcher
-
 from tests.conftest import wait_for
 
 

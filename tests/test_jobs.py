@@ -6,12 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
+from sqlalchemy import select
+
 from kinora import jobs
 from kinora.db import session_scope
 from kinora.engines.mock import job_key
 from kinora.models import CreditEntry, CreditKind, User, Video, VideoStatus
-from sqlalchemy import select
-
 from tests.conftest import Account, Stack, make_account
 
 

@@ -12,10 +12,10 @@ import httpx
 import psutil
 import pytest
 import redis
+
 from kinora import jobs
 from kinora.db import session_scope
 from kinora.models import User
-
 from tests.conftest import Account, Stack, wait_for
 from tests.helpers import assert_whole_generation, events_of, ids_of, read_stream, submit
 

@@ -7,11 +7,11 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
+
 from kinora import jobs
 from kinora.db import session_scope
 from kinora.models import CreditEntry, CreditKind, User, Video
-from sqlalchemy import select
-
 from tests.conftest import Account, Stack, make_account
 
 pytestmark = pytest.mark.slow
