@@ -5,6 +5,8 @@ Nothing else in the package reads `os.environ`; everything asks `get_settings()`
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
@@ -87,13 +89,14 @@ class Settings(BaseSettings):
         path = self.var_dir / "secret.key"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: two processes starting at once agree on one key.
-            try:
-                with path.open("x") as fh:
-                    fh.write(secrets.token_urlsafe(48))
-                path.chmod(0o600)
-            except FileExistsError:
-                pass
+            # Written whole under a private name, then linked into place: two processes
+            # starting at once agree on one key, and neither reads a half-written file.
+            tmp = path.with_name(f".secret.key.{os.getpid()}")
+            tmp.write_text(secrets.token_urlsafe(48))
+            tmp.chmod(0o600)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+            tmp.unlink()
         return path.read_text().strip().encode()
 
 
