@@ -32,6 +32,10 @@ FAST = {
     "SSE_PING_SECONDS": "0.5",
     "SECRET_KEY": "test-secret-key",
     "VIDEO_COST": "100",
+    "LEASE_SECONDS": "3",
+    "SWEEP_INTERVAL_SECONDS": "1",
+    "RETRY_COUNTDOWN_SECONDS": "1",
+    "VIDEO_TIMEOUT_SECONDS": "12",
 }
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
+
+from celery import Celery, signals
 
 from kinora.config import get_settings
 
@@ -38,3 +40,21 @@ app = make_celery()
 # The current app is per thread; make this one the default too, so that `shared_task`
 # resolves to it in every thread (the API queues tasks from a thread pool).
 app.set_default()
+
+
+_sweeper: Any = None
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_sweeper(**_kwargs: Any) -> None:
+    global _sweeper
+    from kinora.sweeper import Sweeper
+
+    _sweeper = Sweeper()
+    _sweeper.start()
+
+
+@signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _stop_sweeper(**_kwargs: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()

@@ -214,8 +214,10 @@ class SSELogger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> Literal[False]:
-        if exc is None or not isinstance(exc, Exception):
-            return False  # success, or a KeyboardInterrupt/SystemExit: nothing to say
+        if exc is None or not isinstance(exc, Exception) or getattr(exc, "silent", False):
+            # Success; a KeyboardInterrupt/SystemExit; or an exception marked `silent`
+            # (the job was taken away, and whoever took it tells the watchers).
+            return False
         will_retry = self._retryable(exc) and self.retry_count < self.max_retries
         self.error(
             describe_error(exc),

@@ -1,9 +1,14 @@
-"""The steps of one video's generation (CONTRACT §4), talking to an engine and an SSELogger.
+"""The steps of one video's generation (CONTRACT §4, §7), talking to an engine and an
+SSELogger.
 
 Three stages: preparing (steps 0-2, progress 0-10), generating (3-5, 10-85) and
 finalizing (6-9, 85-100). Step 0 (queued) is published by the API when it queues
 the job; the worker carries on from step 1. The database decides what happens
 (`jobs`), the logger says what happened; this module only runs the steps.
+
+An attempt that fails for a reason worth retrying gives the video back (pending,
+its model job id kept) and raises `Retry`; the task schedules the next attempt,
+which resumes the model job rather than paying for another.
 """
 
 from __future__ import annotations
@@ -11,16 +16,20 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
 
 from kinora import jobs, media, reference
 from kinora.config import get_settings
 from kinora.db import session_scope
 from kinora.engines import EngineError, ModelJob, PolicyRefusal, VideoEngine, get_engine
 from kinora.events import SSELogger, describe_error
-from kinora.models import Video
+from kinora.models import Video, utcnow
 from kinora.tokens import sign_scoped
 
 log = logging.getLogger(__name__)
@@ -30,12 +39,31 @@ SECONDS = (4, 8, 12)
 
 
 class JobLost(Exception):
-    """The video is no longer this worker's (cancelled, failed elsewhere, taken over)."""
+    """The video is no longer this worker's (cancelled, timed out, taken over). Whoever
+    took it tells the watchers, so the logger publishes nothing for it."""
+
+    silent = True
+
+
+class Retry(Exception):
+    """This attempt failed in a way worth retrying; the video is pending again."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(describe_error(cause))
+        self.cause = cause
 
 
 class VideoTimeout(EngineError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"generation took longer than {limit} s", code="timeout")
+    def __init__(self, limit: float) -> None:
+        super().__init__(f"generation took longer than {limit:g} s", code="timeout")
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Transient model errors and unknown exceptions are retried; timeouts, bad input
+    and content-policy refusals are final (CONTRACT §7)."""
+    if isinstance(exc, EngineError):
+        return exc.retryable
+    return not isinstance(exc, JobLost)
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,11 @@ class Job:
     seconds: int
     size: str
     image_url: str | None
+    deadline: datetime
+    progress: int
+    model_job_id: str | None
+    model_submitted_at: datetime | None
+    attempt: int
 
 
 def worker_identity(task_id: str) -> str:
@@ -59,18 +92,15 @@ def content_url(video_id: int, user_id: int) -> str:
     return f"/api/v1/videos/{video_id}/content?token={sign_scoped(video_id, user_id)}"
 
 
-def run(video_id: int, *, task_id: str, engine: VideoEngine | None = None) -> dict[str, Any]:
-    """Generate one video unless someone else holds it. Returns the task's result."""
+def _claim(video_id: int, owner: str) -> Job | None:
     settings = get_settings()
-    owner = worker_identity(task_id)
     with session_scope() as session:
-        if not jobs.claim(session, video_id, owner, settings.video_timeout_seconds):
-            log.info("video %s is not pending: skipped (duplicate delivery)", video_id)
-            return {"status": "skipped", "video_id": video_id}
-        video = session.get(Video, video_id)
+        if not jobs.claim(session, video_id, owner, settings.lease_seconds):
+            return None
+        video = session.get(Video, video_id, populate_existing=True)
         assert video is not None  # just claimed
         params = video.parameters
-        job = Job(
+        return Job(
             video_id=video_id,
             user_id=video.user_id,
             owner=owner,
@@ -78,57 +108,138 @@ def run(video_id: int, *, task_id: str, engine: VideoEngine | None = None) -> di
             seconds=int(params.get("seconds", 4)),
             size=str(params.get("size", SIZES[0])),
             image_url=params.get("image_url"),
+            deadline=video.created_at + timedelta(seconds=settings.video_timeout_seconds),
+            progress=video.progress,
+            model_job_id=video.model_job_id,
+            model_submitted_at=video.model_submitted_at,
+            attempt=video.attempts,
         )
+
+
+def run(
+    video_id: int,
+    *,
+    task_id: str,
+    retry_count: int = 0,
+    max_retries: int = 0,
+    engine: VideoEngine | None = None,
+) -> dict[str, Any]:
+    """One attempt at a video, unless someone else holds it. Returns the task's result,
+    or raises `Retry` when the task should try again later."""
+    owner = worker_identity(task_id)
+    job = _claim(video_id, owner)
+    if job is None:
+        log.info("video %s is not pending: skipped (duplicate delivery)", video_id)
+        return {"status": "skipped", "video_id": video_id}
+    events = SSELogger(
+        video_id, retry_count=retry_count, max_retries=max_retries, retryable=is_retryable
+    )
+    events.progress = job.progress
+    events.stage_name = "preparing"  # opened by the API with step 0
     try:
-        with SSELogger(video_id) as events:
-            events.stage_name = "preparing"  # opened by the API with step 0
+        with Lease(job) as lease, events:
             try:
-                Generation(job, engine or get_engine(), events).run()
+                Generation(job, engine or get_engine(), events, lease).run()
             except JobLost:
-                log.info("video %s was taken from this worker; stopped", video_id)
-                return {"status": "abandoned", "video_id": video_id}
-            except Exception as exc:
-                # The database first, so a client that reads `complete` (published
-                # by the logger as the exception leaves the block) sees `failed`.
-                with session_scope() as session:
-                    jobs.fail(session, video_id, describe_error(exc), owner=owner)
                 raise
+            except Exception as exc:
+                # The database first, so a client that reads the events (published by
+                # the logger as the exception leaves the block) finds the same story.
+                with session_scope() as session:
+                    if is_retryable(exc) and retry_count < max_retries:
+                        jobs.release(session, video_id, owner)
+                    else:
+                        jobs.fail(session, video_id, describe_error(exc), owner=owner)
+                raise
+    except JobLost:
+        status = _status(video_id)
+        log.info("video %s was taken from this worker (now %s); stopped", video_id, status)
+        return {"status": "abandoned", "video_id": video_id, "video_status": status}
     except Exception as exc:
+        if is_retryable(exc) and retry_count < max_retries:
+            raise Retry(exc) from exc
         log.warning("video %s failed: %s", video_id, describe_error(exc))
         return {"status": "failed", "video_id": video_id, "error": describe_error(exc)}
     return {"status": "completed", "video_id": video_id}
 
 
+def _status(video_id: int) -> str | None:
+    with session_scope() as session:
+        video = session.get(Video, video_id)
+        return str(video.status) if video else None
+
+
+class Lease:
+    """Renews the worker's claim in a background thread while the job runs, so that
+    only a dead worker's claim expires. `lost` turns true when the video is no longer
+    ours (cancelled, timed out and failed by a sweeper)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.seconds = get_settings().lease_seconds
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, daemon=True, name="lease")
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                with session_scope() as session:
+                    if not jobs.renew(session, self.job.video_id, self.job.owner, self.seconds):
+                        self.lost.set()
+                        return
+            except Exception:
+                log.exception("could not renew the claim on video %s", self.job.video_id)
+
+
 class Generation:
-    def __init__(self, job: Job, engine: VideoEngine, events: SSELogger) -> None:
+    def __init__(self, job: Job, engine: VideoEngine, events: SSELogger, lease: Lease) -> None:
         self.job = job
         self.engine = engine
         self.events = events
+        self.lease = lease
         self.settings = get_settings()
-        self.started = time.monotonic()
 
     def run(self) -> None:
-        ref = self.prepare()
-        model_job = self.generate(ref)
+        if self.job.model_job_id:
+            # A retry or a redelivery: the model already has the job; resume it.
+            self.events.stage("generating", f"Resuming model job {self.job.model_job_id}")
+            model_job = self.poll(self.engine.retrieve(self.job.model_job_id))
+        else:
+            ref = self.prepare()
+            model_job = self.poll(self.submit(ref))
         self.finalize(model_job)
 
     # -- helpers -------------------------------------------------------------------
 
     def step(self, step: int, message: str, progress: int) -> None:
         """Record progress (renewing the lease), then tell the watchers."""
+        self.check()
         with session_scope() as session:
             if not jobs.record_progress(
-                session,
-                self.job.video_id,
-                self.job.owner,
-                progress,
-                self.settings.video_timeout_seconds,
+                session, self.job.video_id, self.job.owner, progress, self.settings.lease_seconds
             ):
                 raise JobLost(self.job.video_id)
         self.events.step(step, message, progress=progress)
 
-    def check_deadline(self) -> None:
-        if time.monotonic() - self.started > self.settings.video_timeout_seconds:
+    def check(self) -> None:
+        """Between steps: stop if the video is no longer ours or past its deadline."""
+        if self.lease.lost.is_set():
+            raise JobLost(self.job.video_id)
+        if utcnow() > self.job.deadline:
             raise VideoTimeout(self.settings.video_timeout_seconds)
 
     # -- the three stages ---------------------------------------------------------------
@@ -148,27 +259,40 @@ class Generation:
         self.step(2, f"Reference image ready ({job.size})", 10)
         return ref
 
-    def generate(self, ref: bytes | None) -> ModelJob:
+    def submit(self, ref: bytes | None) -> ModelJob:
         job = self.job
         self.events.stage("generating", "Generating video")
-        model_job = self.engine.create(
-            prompt=job.prompt, seconds=job.seconds, size=job.size, reference=ref
-        )
+        model_job = None
+        if job.model_submitted_at is not None:
+            # An earlier attempt called create but never learned the outcome.
+            model_job = self.engine.find(
+                prompt=job.prompt, since=job.model_submitted_at.timestamp() - 1
+            )
+            if model_job is not None:
+                self.events.log(f"Found model job {model_job.id} from an earlier attempt")
+        if model_job is None:
+            with session_scope() as session:
+                if not jobs.mark_submitting(session, job.video_id, job.owner):
+                    raise JobLost(job.video_id)
+            model_job = self.engine.create(
+                prompt=job.prompt, seconds=job.seconds, size=job.size, reference=ref
+            )
         with session_scope() as session:
             if not jobs.set_model_job(session, job.video_id, job.owner, model_job.id):
                 raise JobLost(job.video_id)
         self.step(3, f"Model job {model_job.id} submitted", 12)
         self.step(4, "Waiting for the model to start...", 15)
+        return model_job
+
+    def poll(self, model_job: ModelJob) -> ModelJob:
         reported = -1
         while model_job.status not in ("completed", "failed"):
-            self.check_deadline()
+            self.check()
             time.sleep(model_job.poll_after or self.settings.mock_step_seconds)
             model_job = self.engine.retrieve(model_job.id)
             if model_job.status == "in_progress" and model_job.progress != reported:
                 reported = model_job.progress
-                self.step(
-                    5, self.processing_message(model_job.progress), self.scaled(model_job.progress)
-                )
+                self.step(5, self.processing_message(reported), self.scaled(reported))
         if model_job.status == "failed":
             message = model_job.error_message or "the model could not generate this video"
             raise PolicyRefusal(message, code=model_job.error_code or "model_failed")
@@ -194,10 +318,12 @@ class Generation:
         self.step(8, "Creating thumbnail...", 96)
         media.write_thumbnail(final, thumb)
         with session_scope() as session:
-            if not jobs.complete(
+            done = jobs.complete(
                 session, job.video_id, job.owner, file_path=str(final), thumbnail_path=str(thumb)
-            ):
-                raise JobLost(job.video_id)
+            )
+        if not done:  # cancelled (or timed out) at the last moment: keep nothing
+            _remove(final, thumb)
+            raise JobLost(job.video_id)
         self.events.step(
             9,
             f"Done: {width}x{height}, {duration:.1f} s, {codec}",
@@ -212,3 +338,8 @@ class Generation:
     def processing_message(self, model_progress: int) -> str:
         done = self.job.seconds * model_progress // 100
         return f"Processing video... ({done}/{self.job.seconds}s elapsed)"
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ workers, a retry and a redelivery, a cancel and a completion.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
@@ -90,12 +91,17 @@ def create_video(
     return video, charged
 
 
-def claim(session: Session, video_id: int, owner: str, lease_seconds: int) -> bool:
-    """pending → processing for exactly one caller; everyone else gets False."""
+def claim(session: Session, video_id: int, owner: str, lease_seconds: float) -> bool:
+    """pending → processing for exactly one caller; everyone else gets False. A video
+    whose claim has expired (its worker died) can be claimed again."""
     now = utcnow()
     result = session.execute(
         update(Video)
-        .where(Video.id == video_id, Video.status == VideoStatus.PENDING)
+        .where(
+            Video.id == video_id,
+            (Video.status == VideoStatus.PENDING)
+            | ((Video.status == VideoStatus.PROCESSING) & (Video.lease_expires_at < now)),
+        )
         .values(
             status=VideoStatus.PROCESSING,
             claimed_by=owner,
@@ -117,7 +123,7 @@ def _owned(video_id: int, owner: str) -> Any:
 
 
 def record_progress(
-    session: Session, video_id: int, owner: str, progress: int, lease_seconds: int
+    session: Session, video_id: int, owner: str, progress: int, lease_seconds: float
 ) -> bool:
     """Store progress (never backwards) and renew the lease. False: the job is no
     longer ours (cancelled, or taken over), so the caller should stop."""
@@ -130,6 +136,42 @@ def record_progress(
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             updated_at=now,
         )
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def renew(session: Session, video_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend the claim; False if the video is no longer this owner's."""
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def release(session: Session, video_id: int, owner: str) -> bool:
+    """processing → pending, for a retry: the model job id stays, so the next attempt
+    resumes that job."""
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(
+            status=VideoStatus.PENDING, claimed_by=None, lease_expires_at=None, updated_at=utcnow()
+        )
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def mark_submitting(session: Session, video_id: int, owner: str) -> bool:
+    """Note the time just before the model's create call (see Video.model_submitted_at)."""
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner), Video.model_job_id.is_(None))
+        .values(model_submitted_at=utcnow())
     )
     session.commit()
     return _changed_one(result)
@@ -166,9 +208,26 @@ def complete(
     return _changed_one(result)
 
 
+def cancel(session: Session, video_id: int) -> bool:
+    """pending/processing → cancelled and refunded, in one transaction. False if the
+    video had already ended (completed, failed or cancelled before)."""
+    return _end(session, video_id, VideoStatus.CANCELLED, "cancelled by its owner")
+
+
 def fail(session: Session, video_id: int, message: str, *, owner: str | None = None) -> bool:
     """Mark a live video failed and refund it, in one transaction. False if the video
     had already ended (or, with `owner`, is no longer that worker's)."""
+    return _end(session, video_id, VideoStatus.FAILED, message, owner=owner)
+
+
+def _end(
+    session: Session,
+    video_id: int,
+    status: VideoStatus,
+    message: str,
+    *,
+    owner: str | None = None,
+) -> bool:
     now = utcnow()
     conditions: list[Any] = [
         Video.id == video_id,
@@ -180,7 +239,7 @@ def fail(session: Session, video_id: int, message: str, *, owner: str | None = N
         update(Video)
         .where(*conditions)
         .values(
-            status=VideoStatus.FAILED,
+            status=status,
             error_message=message[:2000],
             completed_at=now,
             updated_at=now,
@@ -196,7 +255,7 @@ def fail(session: Session, video_id: int, message: str, *, owner: str | None = N
 
 
 def _refund_in_transaction(session: Session, video_id: int) -> bool:
-    video = session.get(Video, video_id)
+    video = session.get(Video, video_id, populate_existing=True)
     if video is None:
         return False
     # One statement that inserts the refund row unless the unique (video_id, kind)
@@ -220,3 +279,45 @@ def _refund_in_transaction(session: Session, video_id: int) -> bool:
         update(User).where(User.id == video.user_id).values(credits=User.credits + video.cost)
     )
     return True
+
+
+@dataclass(frozen=True)
+class Sweep:
+    timed_out: list[int]  # failed and refunded: past VIDEO_TIMEOUT_SECONDS
+    requeue: list[int]  # pending again (expired claim) or pending too long: queue again
+
+
+def sweep(session: Session, *, video_timeout: float, stale_pending: float) -> Sweep:
+    """What a periodic sweep finds: videos past their deadline, claims whose worker
+    died, and pending videos whose message may be lost. Each change is conditional, so
+    any number of sweepers can run at once."""
+    now = utcnow()
+    live = [VideoStatus.PENDING, VideoStatus.PROCESSING]
+    overdue = session.scalars(
+        select(Video.id).where(
+            Video.status.in_(live), Video.created_at < now - timedelta(seconds=video_timeout)
+        )
+    ).all()
+    session.rollback()
+    timed_out = [
+        video_id
+        for video_id in overdue
+        if fail(session, video_id, f"generation took longer than {video_timeout:g} s")
+    ]
+    expired = session.scalars(
+        update(Video)
+        .where(Video.status == VideoStatus.PROCESSING, Video.lease_expires_at < now)
+        .values(status=VideoStatus.PENDING, claimed_by=None, lease_expires_at=None, updated_at=now)
+        .returning(Video.id)
+    ).all()
+    stale = session.scalars(
+        update(Video)
+        .where(
+            Video.status == VideoStatus.PENDING,
+            Video.updated_at < now - timedelta(seconds=stale_pending),
+        )
+        .values(updated_at=now)
+        .returning(Video.id)
+    ).all()
+    session.commit()
+    return Sweep(timed_out=timed_out, requeue=sorted({*expired, *stale}))

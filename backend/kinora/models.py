@@ -114,6 +114,10 @@ class Video(Base):
     cost: Mapped[int] = mapped_column(Integer)
     task_id: Mapped[str] = mapped_column(String(64))
     model_job_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    # Set just before the model's create call: if the worker dies before the job id is
+    # stored, the next attempt looks for a job created since then instead of paying
+    # for a second one.
+    model_submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     # The claim: which worker holds the job, and until when (renewed while it works).
     claimed_by: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
@@ -141,4 +145,20 @@ class CreditEntry(Base):
     kind: Mapped[CreditKind] = mapped_column(_enum(CreditKind))
     amount: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """A submit's `Idempotency-Key`: the same key and body return the same video."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("user_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    # sha256 of the canonical request body: same key with another body is a 422.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    video_id: Mapped[int | None] = mapped_column(ForeignKey("videos.id"), default=None)
+    credits_remaining: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -10,8 +10,20 @@ from celery import shared_task
 # every process that queues tasks (the API), not only in the worker.
 from kinora import celery_app as _celery_app  # noqa: F401
 from kinora import generation
+from kinora.config import get_settings
 
 
-@shared_task(name="kinora.generate_video", bind=True)  # type: ignore[untyped-decorator]
+@shared_task(name="kinora.generate_video", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def generate_video(self: Any, video_id: int) -> dict[str, Any]:
-    return generation.run(video_id, task_id=self.request.id or "eager")
+    """One attempt at a video; transient failures come back after
+    RETRY_COUNTDOWN_SECONDS, at most MAX_RETRIES times (CONTRACT §7)."""
+    settings = get_settings()
+    try:
+        return generation.run(
+            video_id,
+            task_id=self.request.id or "eager",
+            retry_count=self.request.retries,
+            max_retries=settings.max_retries,
+        )
+    except generation.Retry as exc:
+        raise self.retry(exc=exc.cause, countdown=settings.retry_countdown_seconds) from exc

@@ -27,6 +27,7 @@ from kinora.api.deps import (
 )
 from kinora.db import session_scope
 from kinora.events import Event, publish_async
+from kinora.hub import StreamHub
 from kinora.models import TERMINAL_STATUSES, Plan, User, Video, VideoStatus
 from kinora.tokens import sign_scoped
 
@@ -233,6 +234,53 @@ def list_videos(
 async def get_video(video_id: int, request: Request, user: CurrentUser, hub: HubDep) -> VideoOut:
     """The video's state and its recent events: the polling fallback of the stream."""
     video = await run_in_threadpool(_owned, video_id, user.id)
+    return await video_out(request, hub, video)
+
+
+def _cancel(video_id: int) -> bool:
+    with session_scope() as session:
+        return jobs.cancel(session, video_id)
+
+
+def _revoke(task_id: str) -> None:
+    """Best effort: a queued message is dropped; a running attempt notices the
+    cancellation itself between steps (its claim is gone)."""
+    from kinora.celery_app import app
+
+    try:
+        app.control.revoke(task_id)
+    except Exception as exc:
+        log.warning("could not revoke task %s: %s", task_id, exc)
+
+
+@router.post(
+    "/{video_id}/cancel",
+    responses={
+        404: {"description": "no such video of yours"},
+        409: {"description": "the video has already completed or failed"},
+    },
+)
+async def cancel_video(video_id: int, request: Request, user: CurrentUser, hub: HubDep) -> VideoOut:
+    """Stop a pending or processing video and give its credits back. Cancelling a
+    cancelled video again changes nothing."""
+    video = await run_in_threadpool(_owned, video_id, user.id)
+    if await run_in_threadpool(_cancel, video_id):
+        await publish_async(
+            hub.redis, video_id, "complete", "Video cancelled; its credits were refunded",
+            status="cancelled",
+        )  # fmt: skip
+        await run_in_threadpool(_revoke, video.task_id)
+    video = await run_in_threadpool(_owned, video_id, user.id)
+    if video.status != VideoStatus.CANCELLED:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            detail=f"video {video_id} has already {video.status}: there is nothing to cancel",
+        )
+    return await video_out(request, hub, video)
+
+
+async def video_out(request: Request, hub: StreamHub, video: Video) -> VideoOut:
+    video_id = video.id
     recent = await hub.recent(video_id, RECENT_LOGS)
     logs: list[Event] = [item.event for item in recent]
     return VideoOut(

@@ -36,6 +36,10 @@ def job_key(job_id: str) -> str:
     return f"mock:job:{job_id}"
 
 
+def prompt_key(prompt: str) -> str:
+    return "mock:prompt:" + hashlib.sha256(prompt.encode()).hexdigest()
+
+
 class MockEngine:
     def __init__(self, *, step_seconds: float, client: redis.Redis | None = None) -> None:
         self.step_seconds = step_seconds
@@ -69,9 +73,15 @@ class MockEngine:
             },
         )
         pipe.expire(job_key(job_id), JOB_TTL_SECONDS)
+        pipe.zadd(prompt_key(prompt), {job_id: time.time()})
+        pipe.expire(prompt_key(prompt), JOB_TTL_SECONDS)
         pipe.incr(CREATES_KEY)
         pipe.execute()
         return ModelJob(id=job_id, status="queued", progress=0, poll_after=self.step_seconds)
+
+    def find(self, *, prompt: str, since: float) -> ModelJob | None:
+        found = cast(list[bytes], self.redis.zrangebyscore(prompt_key(prompt), since, "+inf"))
+        return self.retrieve(found[0].decode()) if found else None
 
     def _fields(self, job_id: str) -> dict[bytes, bytes]:
         return cast(dict[bytes, bytes], self.redis.hgetall(job_key(job_id)))

@@ -1,0 +1,68 @@
+"""The sweeper: a thread in every worker's main process that keeps videos from
+getting stuck (CONTRACT §7).
+
+Every SWEEP_INTERVAL_SECONDS it fails and refunds videos past VIDEO_TIMEOUT_SECONDS,
+and queues again the videos whose claim expired (their worker died and the broker
+did not hand the message to another) or that stayed pending too long (a lost
+message). A worker-side loop rather than Celery beat: no extra process to run and
+keep single, since every change the sweep makes is a conditional update that any
+number of sweepers can race safely; a duplicate message is skipped at the claim.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from kinora import jobs
+from kinora.config import get_settings
+from kinora.db import session_scope
+from kinora.events import SSELogger
+
+log = logging.getLogger(__name__)
+
+
+def sweep_once() -> jobs.Sweep:
+    settings = get_settings()
+    with session_scope() as session:
+        found = jobs.sweep(
+            session,
+            video_timeout=settings.video_timeout_seconds,
+            stale_pending=settings.stale_pending_seconds,
+        )
+    for video_id in found.timed_out:
+        with SSELogger(video_id) as events:
+            message = f"generation took longer than {settings.video_timeout_seconds:g} s"
+            events.error(message, error_code="timeout", is_retryable=False)
+            events.complete(status="failed", message=f"Generation failed: {message}")
+    if found.requeue:
+        from kinora.tasks import generate_video
+
+        for video_id in found.requeue:
+            with SSELogger(video_id) as events:
+                events.log("Its worker stopped answering: queued again")
+            generate_video.apply_async(args=[video_id])
+    if found.timed_out or found.requeue:
+        log.info("sweep: timed out %s, queued again %s", found.timed_out, found.requeue)
+    return found
+
+
+class Sweeper:
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="kinora-sweeper")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        interval = get_settings().sweep_interval_seconds
+        while not self._stop.wait(interval):
+            try:
+                sweep_once()
+            except Exception:
+                log.exception("sweep failed; trying again in %s s", interval)
