@@ -176,3 +176,61 @@ def test_health_and_readiness(stack: Stack) -> None:
         ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"database": "ok", "redis": "ok", "status": "ready"}
+
+
+def test_twenty_concurrent_submits_with_one_idempotency_key_make_one_video(
+    stack: Stack, environment: object
+) -> None:
+    owner = make_account(credits=1000)
+    body = {"prompt": f"Idempotent lighthouse {owner.email}", "seconds": 4}
+    headers = {**owner.headers, "Idempotency-Key": "retry-me-7"}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.post("/api/v1/videos/generate", json=body, headers=headers)
+                    for _ in range(20)
+                )
+            )
+
+    responses = asyncio.run(burst())
+
+    assert [r.status_code for r in responses] == [202] * 20
+    ids = {r.json()["video_id"] for r in responses}
+    assert len(ids) == 1
+    assert {r.json()["task_id"] for r in responses} == {responses[0].json()["task_id"]}
+    assert {r.json()["credits_remaining"] for r in responses} == {900}
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 19
+    with session_scope() as session:
+        videos = session.scalars(select(Video).where(Video.user_id == owner.id)).all()
+        charges = session.scalars(
+            select(CreditEntry).where(
+                CreditEntry.user_id == owner.id, CreditEntry.kind == CreditKind.CHARGE
+            )
+        ).all()
+        assert session.get(User, owner.id).credits == 900  # type: ignore[union-attr]
+    assert len(videos) == 1
+    assert len(charges) == 1
+
+    later = generate(stack, headers, body)
+    assert later.status_code == 202
+    assert later.json()["video_id"] in ids
+
+    other_body = generate(stack, headers, {**body, "seconds": 8})
+    assert other_body.status_code == 422
+    assert "different request body" in other_body.json()["detail"]
+
+    # keys belong to their user: another user's same key is another request
+    stranger = make_account()
+    theirs = generate(stack, {**stranger.headers, "Idempotency-Key": "retry-me-7"}, body)
+    assert theirs.status_code == 202
+    assert theirs.json()["video_id"] not in ids
+
+
+def test_an_oversized_idempotency_key_is_422(stack: Stack, account: Account) -> None:
+    response = generate(
+        stack, {**account.headers, "Idempotency-Key": "k" * 300}, {"prompt": PROMPT}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("Idempotency-Key: ")

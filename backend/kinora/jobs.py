@@ -15,6 +15,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from kinora import idempotency
 from kinora.models import (
     CreditEntry,
     CreditKind,
@@ -52,12 +53,19 @@ def create_video(
     parameters: dict[str, Any],
     cost: int,
     task_id: str,
+    idempotency_key: str | None = None,
+    request_hash: str = "",
 ) -> tuple[Video, int]:
     """Charge the user and create the video in one transaction (committed here).
 
     Returns the video and the credits left. The charge is a conditional update, so
-    two requests at once can never take the balance below zero.
+    two requests at once can never take the balance below zero. With an
+    `idempotency_key`, the key is reserved first in the same transaction
+    (idempotency.KeyTaken if another request has it).
     """
+    key_row = None
+    if idempotency_key is not None:
+        key_row = idempotency.reserve(session, user.id, idempotency_key, request_hash)
     charged = session.execute(
         update(User)
         .where(User.id == user.id, User.credits >= cost)
@@ -87,6 +95,9 @@ def create_video(
             reason="video generation",
         )
     )
+    if key_row is not None:
+        key_row.video_id = video.id
+        key_row.credits_remaining = charged
     session.commit()
     return video, charged
 

@@ -9,13 +9,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select
 
-from kinora import jobs
+from kinora import idempotency, jobs
 from kinora.api.deps import (
     BearerDep,
     CurrentUser,
@@ -111,9 +111,9 @@ class VideoList(BaseModel):
     offset: int
 
 
-def stream_url(request: Request, video: Video) -> str:
-    url = request.url_for("stream_video", video_id=video.id)
-    return f"{url}?token={sign_scoped(video.id, video.user_id)}"
+def stream_url(request: Request, video_id: int, user_id: int) -> str:
+    url = request.url_for("stream_video", video_id=video_id)
+    return f"{url}?token={sign_scoped(video_id, user_id)}"
 
 
 def content_url(request: Request, video: Video) -> str | None:
@@ -123,7 +123,9 @@ def content_url(request: Request, video: Video) -> str | None:
     return f"{url}?token={sign_scoped(video.id, video.user_id)}"
 
 
-def _create(user_id: int, body: GenerateRequest, cost: int, task_id: str) -> tuple[Video, int]:
+def _create(
+    user_id: int, body: GenerateRequest, cost: int, task_id: str, key: str | None, digest: str
+) -> tuple[Video, int]:
     with session_scope() as session:
         user = session.get(User, user_id)
         assert user is not None  # authenticated in this request
@@ -134,9 +136,16 @@ def _create(user_id: int, body: GenerateRequest, cost: int, task_id: str) -> tup
             parameters=body.model_dump(exclude={"prompt"}),
             cost=cost,
             task_id=task_id,
+            idempotency_key=key,
+            request_hash=digest,
         )
         session.expunge(video)
         return video, remaining
+
+
+def _replay(user_id: int, key: str, digest: str) -> idempotency.Replay:
+    with session_scope() as session:
+        return idempotency.replay(session, user_id, key, digest)
 
 
 def _enqueue(video_id: int, task_id: str) -> None:
@@ -161,7 +170,21 @@ def _fail(video_id: int, message: str) -> None:
     },
 )
 async def generate(
-    body: GenerateRequest, request: Request, user: CurrentUser, settings: SettingsDep, hub: HubDep
+    body: GenerateRequest,
+    request: Request,
+    response: Response,
+    user: CurrentUser,
+    settings: SettingsDep,
+    hub: HubDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=idempotency.MAX_KEY_LENGTH,
+            description="Repeat the request with the same key: one video, one charge",
+        ),
+    ] = None,
 ) -> GenerateResponse:
     """Charge the user, create the video and queue its generation."""
     if user.plan == Plan.FREE:
@@ -170,12 +193,27 @@ async def generate(
             detail="the free plan cannot generate videos: upgrade to the pro plan",
         )
     task_id = str(uuid.uuid4())
+    digest = idempotency.request_hash(body.model_dump(mode="json"))
     try:
         video, remaining = await run_in_threadpool(
-            _create, user.id, body, settings.video_cost, task_id
+            _create, user.id, body, settings.video_cost, task_id, idempotency_key, digest
         )
     except jobs.InsufficientCredits as exc:
         raise HTTPException(status.HTTP_402_PAYMENT_REQUIRED, detail=f"{exc}: add credits") from exc
+    except idempotency.KeyTaken:
+        assert idempotency_key is not None
+        try:
+            replay = await run_in_threadpool(_replay, user.id, idempotency_key, digest)
+        except idempotency.KeyReused as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+        response.headers["Idempotent-Replayed"] = "true"
+        return GenerateResponse(
+            video_id=replay.video_id,
+            status=VideoStatus.PENDING,
+            task_id=replay.task_id,
+            stream_url=stream_url(request, replay.video_id, user.id),
+            credits_remaining=replay.credits_remaining,
+        )
     # Step 0 is published before the task is queued, so it is always the first event.
     await publish_async(
         hub.redis, video.id, "stage", "Stage: preparing", stage="preparing",
@@ -201,7 +239,7 @@ async def generate(
         video_id=video.id,
         status=VideoStatus.PENDING,
         task_id=task_id,
-        stream_url=stream_url(request, video),
+        stream_url=stream_url(request, video.id, video.user_id),
         credits_remaining=remaining,
     )
 
