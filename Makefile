@@ -28,8 +28,13 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
+# The whole suite on SQLite, then the database-heavy tests again on a throwaway
+# PostgreSQL server that the tests start themselves (initdb/pg_ctl on 127.0.0.1).
+DB_TESTS := tests/test_db.py tests/test_jobs.py tests/test_videos.py tests/test_generation.py
+
 test: lint typecheck
 	$(BIN)/pytest
+	KINORA_TEST_DB=postgres $(BIN)/pytest $(DB_TESTS)
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.latency

@@ -42,6 +42,8 @@ FAST = {
 def reset_caches() -> None:
     """Forget cached settings, engines and clients after the environment changed."""
     get_settings.cache_clear()
+    if db.get_engine.cache_info().currsize:
+        db.get_engine().dispose()
     db.get_engine.cache_clear()
     db.get_sessionmaker.cache_clear()
     events._sync_clients.clear()
@@ -59,14 +61,33 @@ def redis_server(var_dir: Path) -> Iterator[EmbeddedRedis]:
 
 
 @pytest.fixture(scope="session")
-def environment(var_dir: Path, redis_server: EmbeddedRedis) -> Iterator[dict[str, str]]:
+def database_url(var_dir: Path) -> Iterator[str]:
+    """SQLite by default; a throwaway PostgreSQL server with KINORA_TEST_DB=postgres
+    (`make test` runs the database-heavy tests both ways)."""
+    if os.environ.get("KINORA_TEST_DB", "sqlite") == "postgres":
+        from tests.postgres import ThrowawayPostgres
+
+        server = ThrowawayPostgres().start()
+        try:
+            yield server.url
+        finally:
+            reset_caches()  # close pooled connections before the server goes
+            server.stop()
+    else:
+        yield f"sqlite:///{var_dir / 'kinora.db'}"
+
+
+@pytest.fixture(scope="session")
+def environment(
+    var_dir: Path, redis_server: EmbeddedRedis, database_url: str
+) -> Iterator[dict[str, str]]:
     """The environment of the session: set here for in-process code, passed on to the
     subprocesses."""
     env = {
         **FAST,
         "KINORA_VAR_DIR": str(var_dir),
         "REDIS_URL": redis_server.url,
-        "DATABASE_URL": f"sqlite:///{var_dir / 'kinora.db'}",
+        "DATABASE_URL": database_url,
     }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():

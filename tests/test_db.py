@@ -21,3 +21,13 @@ def test_migrations_match_the_models(tmp_path: Path) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_the_session_database_matches_the_models(environment: dict[str, str]) -> None:
+    """The same check on the database the suite runs on (PostgreSQL in the second run
+    of `make test`)."""
+    engine = make_engine(environment["DATABASE_URL"])
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == []

@@ -283,8 +283,11 @@ def _refund_in_transaction(session: Session, video_id: int) -> bool:
             created_at=utcnow(),
         )
         .on_conflict_do_nothing(index_elements=["video_id", "kind"])
-    )
-    if not _changed_one(inserted):
+        # RETURNING, not rowcount: with RETURNING (which SQLAlchemy adds on
+        # PostgreSQL) the driver's rowcount does not say whether a row went in.
+        .returning(CreditEntry.id)
+    ).scalar_one_or_none()
+    if inserted is None:
         return False
     session.execute(
         update(User).where(User.id == video.user_id).values(credits=User.credits + video.cost)
