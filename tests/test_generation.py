@@ -217,3 +217,63 @@ def test_a_worker_killed_mid_generation_still_completes_with_one_model_job(
     assert video.attempts == 2  # taken over after the crash
     assert any("queued again" in e["message"] for e in events)
     assert balance_matches_ledger(account) == (900, 900)
+
+
+def png_data_url(size: tuple[int, int] = (32, 32)) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, (10, 120, 200)).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("image_url", "expected"),
+    [
+        ("data:image/png;base64,R0lGODlhAQABAAAAACw=", "PNG or JPEG"),  # a GIF
+        ("data:image/png;base64,not-base64!!", "base64"),
+        ("data:image/png;base64," + "A" * (14 * 2**20), "larger than 10 MB"),
+    ],
+)
+def test_a_bad_inline_reference_image_is_422_and_charges_nothing(
+    stack: Stack, environment: dict[str, str], image_url: str, expected: str
+) -> None:
+    account = make_account()
+    with stack.client(account) as client:
+        response = client.post(
+            "/api/v1/videos/generate", json={"prompt": "A bad reference", "image_url": image_url}
+        )
+    assert response.status_code == 422
+    assert response.json()["detail"].startswith("image_url: ")
+    assert expected in response.json()["detail"]
+    assert balance_matches_ledger(account) == (1000, 1000)
+
+
+def test_an_unreachable_reference_image_fails_the_video_and_refunds(
+    stack: Stack, account: Account
+) -> None:
+    created = submit(
+        stack, account, "With a missing picture", image_url="http://127.0.0.1:9/missing.png"
+    )
+    _, lines = read_stream(created["stream_url"])
+    events = events_of(lines)
+
+    whole_story(events)
+    (error,) = [e for e in events if e["type"] == "error"]
+    assert error["error_code"] == "invalid_reference_image"
+    assert "could not fetch the reference image" in error["message"]
+    assert events[-1]["status"] == "failed"
+    assert video_row(created["video_id"]).file_path is None
+    assert balance_matches_ledger(account) == (1000, 1000)
+
+
+def test_a_reference_image_is_used(stack: Stack, account: Account) -> None:
+    created = submit(stack, account, "From a blue square", image_url=png_data_url())
+    _, lines = read_stream(created["stream_url"])
+    events = events_of(lines)
+    whole_story(events)
+    assert "Reference image ready (1280x720)" in [e["message"] for e in events]
+    assert events[-1]["status"] == "completed"

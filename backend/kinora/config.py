@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     use_mock_sora: bool = True
     openai_api_key: str | None = None
     openai_base_url: str | None = None
+    openai_video_model: str = "sora-2"
+    # One HTTP request to the video API; a create that takes longer has an unknown
+    # outcome and is looked up (not repeated) by the next attempt.
+    openai_timeout_seconds: float = 60.0
 
     mock_step_seconds: float = 2.0
 

@@ -147,9 +147,11 @@ def run(
                 # the logger as the exception leaves the block) finds the same story.
                 with session_scope() as session:
                     if is_retryable(exc) and retry_count < max_retries:
-                        jobs.release(session, video_id, owner)
+                        ours = jobs.release(session, video_id, owner)
                     else:
-                        jobs.fail(session, video_id, describe_error(exc), owner=owner)
+                        ours = jobs.fail(session, video_id, describe_error(exc), owner=owner)
+                if not ours:  # ended meanwhile (cancelled, timed out by the sweeper)
+                    raise JobLost(video_id) from exc
                 raise
     except JobLost:
         status = _status(video_id)

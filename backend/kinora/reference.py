@@ -54,6 +54,16 @@ def load(url: str) -> bytes:
     return b"".join(chunks)
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def check(data: bytes) -> None:
+    """A quick look at the first bytes: PNG or JPEG, or BadReference."""
+    if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
+        raise BadReference("reference image must be a PNG or JPEG file")
+
+
 def prepare(data: bytes, size: str) -> bytes:
     """A PNG of the image, resized and cropped to cover `size` (WIDTHxHEIGHT)."""
     try:

@@ -27,7 +27,9 @@ def sweep_once() -> jobs.Sweep:
     with session_scope() as session:
         found = jobs.sweep(
             session,
-            video_timeout=settings.video_timeout_seconds,
+            # A live worker fails its own video at the deadline; the sweeper waits a
+            # lease longer, so it only catches the videos of dead workers.
+            video_timeout=settings.video_timeout_seconds + settings.lease_seconds,
             stale_pending=settings.stale_pending_seconds,
         )
     for video_id in found.timed_out:

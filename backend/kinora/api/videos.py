@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select
 
-from kinora import idempotency, jobs
+from kinora import idempotency, jobs, reference
 from kinora.api.deps import (
     BearerDep,
     CurrentUser,
@@ -66,6 +66,12 @@ class GenerateRequest(BaseModel):
         if value.startswith("data:"):
             if not re.match(r"data:image/(png|jpeg);base64,", value):
                 raise ValueError("a data: URL must be data:image/png or data:image/jpeg, base64")
+            # Checked here, before anything is charged; an http(s) image is fetched
+            # (with the same limits) by the worker, which refunds if it is unusable.
+            try:
+                reference.check(reference.load(value))
+            except reference.BadReference as exc:
+                raise ValueError(str(exc)) from None
         elif not re.match(r"https?://[^\s/]+", value):
             raise ValueError("must be an http(s):// or data:image/... URL")
         return value

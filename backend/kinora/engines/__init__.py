@@ -20,7 +20,12 @@ def get_engine() -> VideoEngine:
         from kinora.engines.mock import MockEngine
 
         return MockEngine(step_seconds=settings.mock_step_seconds)
-    raise EngineError(
-        "the OpenAI engine is not available in this build; set USE_MOCK_SORA=true",
-        code="engine_unavailable",
+    from kinora.engines.sora import SoraEngine
+
+    assert settings.openai_api_key is not None  # use_mock is true without one
+    return SoraEngine(
+        api_key=settings.openai_api_key,
+        base_url=settings.openai_base_url,
+        model=settings.openai_video_model,
+        timeout=settings.openai_timeout_seconds,
     )
