@@ -218,6 +218,26 @@ def stack(environment: dict[str, str], var_dir: Path) -> Iterator[Stack]:
     finally:
         stop(api)
         stop(worker)
+    assert_ledger_matches_balances()
+
+
+def assert_ledger_matches_balances() -> None:
+    """After everything the session did (charges, retries, refunds, cancels, crashes),
+    every user's credit ledger still sums to their balance."""
+    from sqlalchemy import func, select
+
+    from kinora.models import CreditEntry, User
+
+    with db.session_scope() as session:
+        ledger = dict(
+            session.execute(
+                select(CreditEntry.user_id, func.sum(CreditEntry.amount)).group_by(
+                    CreditEntry.user_id
+                )
+            ).all()
+        )
+        balances = dict(session.execute(select(User.id, User.credits)).all())
+    assert {u: ledger.get(u, 0) for u in balances} == balances
 
 
 def sse_events(lines: list[str]) -> list[dict[str, object]]:
