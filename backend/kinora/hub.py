@@ -32,16 +32,21 @@ from kinora.events import Event, channel, history_key, parse
 log = logging.getLogger(__name__)
 
 
+# The WebSocket name of each event type (CONTRACT §5).
+WS_EVENT_NAMES = {"progress": "progress_update", "stage": "stage_change"}
+
+
 class Item:
     """One event as the hub carries it: parsed once, framed once per transport."""
 
-    __slots__ = ("_sse", "raw", "seq", "type")
+    __slots__ = ("_sse", "_ws", "raw", "seq", "type")
 
     def __init__(self, raw: bytes, seq: int, type_: str) -> None:
         self.raw = raw
         self.seq = seq
         self.type = type_
         self._sse: bytes | None = None
+        self._ws: str | None = None
 
     @classmethod
     def from_raw(cls, raw: bytes) -> Item:
@@ -55,6 +60,14 @@ class Item:
     @property
     def terminal(self) -> bool:
         return self.type == "complete"
+
+    @property
+    def ws(self) -> str:
+        """The WebSocket message (CONTRACT §5), built once per event."""
+        if self._ws is None:
+            name = WS_EVENT_NAMES.get(self.type, self.type)
+            self._ws = f'{{"event":"{name}","data":{self.raw.decode()}}}'
+        return self._ws
 
     @property
     def sse(self) -> bytes:

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from kinora import __version__
-from kinora.api import ops, stream, videos
+from kinora.api import ops, stream, videos, ws
 from kinora.config import get_settings
 from kinora.hub import StreamHub
 
@@ -59,4 +59,5 @@ def create_app() -> FastAPI:
     app.include_router(ops.router)
     app.include_router(videos.router)
     app.include_router(stream.router)
+    app.include_router(ws.router)
     return app

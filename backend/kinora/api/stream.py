@@ -37,7 +37,8 @@ def parse_last_event_id(value: str | None) -> int:
     return int(text)
 
 
-def _authorize(video_id: int, header: str | None, query: str | None) -> Video:
+def authorize(video_id: int, header: str | None, query: str | None) -> Video:
+    """The video, if the token (API or scoped to it) may watch it; else 401/404."""
     with session_scope() as session:
         video = watcher_video(session, video_id, header, query)
         session.expunge(video)
@@ -91,7 +92,7 @@ async def stream_video(
     then the live events, ending after `complete`."""
     after = parse_last_event_id(request.headers.get("last-event-id", last_event_id))
     header = credentials.credentials if credentials else None
-    video = await run_in_threadpool(_authorize, video_id, header, token)
+    video = await run_in_threadpool(authorize, video_id, header, token)
     last = await hub.recent(video_id, 1)
     if last and last[0].terminal and after >= last[0].seq:
         return Response(status_code=status.HTTP_204_NO_CONTENT)  # EventSource stops here
