@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import click
 
 from kinora.config import get_settings
+
+if TYPE_CHECKING:
+    from kinora.client import KinoraClient
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +22,7 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the client's requests: noise
 
 
 @main.command()
@@ -102,3 +108,89 @@ def users_create(email: str, credit_amount: int, plan: str) -> None:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"Created {email} ({plan}, {credit_amount} credits). API token:")
     click.echo(token)
+
+
+def _client(url: str, token: str | None) -> KinoraClient:
+    from kinora.client import KinoraClient
+
+    if not token:
+        raise click.UsageError("no API token: pass --token or set KINORA_TOKEN")
+    return KinoraClient(url, token)
+
+
+server_options = [
+    click.option(
+        "--url", envvar="KINORA_URL", default="http://127.0.0.1:8000", show_default=True,
+        help="The Kinora API (or KINORA_URL).",
+    ),
+    click.option("--token", envvar="KINORA_TOKEN", help="Your API token (or KINORA_TOKEN)."),
+]  # fmt: skip
+
+
+def with_server(func: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(server_options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--seconds", type=click.Choice(["4", "8", "12"]), default="4", show_default=True)
+@click.option(
+    "--size", type=click.Choice(["1280x720", "720x1280"]), default="1280x720", show_default=True
+)
+@click.option("--image-url", help="An http(s) or data: URL of a PNG/JPEG reference image.")
+@click.option("--watch/--no-watch", "follow", default=False, help="Follow it to the end.")
+@with_server
+def generate(
+    prompt: str,
+    seconds: str,
+    size: str,
+    image_url: str | None,
+    follow: bool,
+    url: str,
+    token: str | None,
+) -> None:
+    """Submit a video; with --watch, follow it like `kinora watch`."""
+    from kinora.client import ClientError
+
+    client = _client(url, token)
+    try:
+        body = {"prompt": prompt, "seconds": int(seconds), "size": size, "image_url": image_url}
+        created = client.submit({k: v for k, v in body.items() if v is not None})
+        click.echo(
+            f"Video {created['video_id']} queued ({created['credits_remaining']} credits left)"
+        )
+        if follow:
+            sys.exit(_watch(client, created["video_id"]))
+        click.echo(f"Watch it: kinora watch {created['video_id']}")
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        client.close()
+
+
+@main.command("watch")
+@click.argument("video_id", type=int)
+@with_server
+def watch_command(video_id: int, url: str, token: str | None) -> None:
+    """Follow a video's progress in the terminal; exits 0 when it completes, 1 if it
+    failed, 2 if it was cancelled."""
+    from kinora.client import ClientError
+
+    client = _client(url, token)
+    try:
+        sys.exit(_watch(client, video_id))
+    except ClientError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        client.close()
+
+
+def _watch(client: KinoraClient, video_id: int) -> int:
+    from kinora.terminal import watch
+
+    try:
+        return watch(client, video_id)
+    except KeyboardInterrupt:
+        return 130

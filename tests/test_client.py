@@ -1,0 +1,138 @@
+"""`kinora generate --watch` and `kinora watch`, run as users run them."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kinora.embedded import free_port
+from tests.conftest import Account, Stack, kinora, stop, wait_for
+from tests.helpers import submit
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(
+    stack: Stack, account: Account, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kinora", *args],
+        env={**env, "KINORA_URL": stack.base_url, "KINORA_TOKEN": account.token},
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+
+
+def seqs(output: str) -> list[int]:
+    return [int(m) for m in re.findall(r"#(\d+)\s", output)]
+
+
+def test_generate_watch_follows_to_the_end_and_exits_0(
+    stack: Stack, account: Account, environment: dict[str, str]
+) -> None:
+    result = run_cli(stack, account, environment, "generate", "A clock tower at noon", "--watch")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "queued (900 credits left)" in out
+    for step in range(10):
+        assert f"step {step} " in out
+    found = seqs(out)
+    assert found == list(range(1, len(found) + 1))
+    assert re.search(r"completed: http://127\.0\.0\.1:\d+/api/v1/videos/\d+/content\?token=", out)
+
+
+def test_a_failed_video_exits_1_and_a_cancelled_one_2(
+    stack: Stack, account: Account, environment: dict[str, str]
+) -> None:
+    failed = run_cli(stack, account, environment, "generate", "[mock:policy] refused", "--watch")
+    assert failed.returncode == 1
+    assert "failed" in failed.stdout
+
+    created = submit(stack, account, "A video cancelled before it starts")
+    with stack.client(account) as client:
+        assert client.post(f"/api/v1/videos/{created['video_id']}/cancel").status_code == 200
+    cancelled = run_cli(stack, account, environment, "watch", str(created["video_id"]))
+    assert cancelled.returncode == 2
+    assert "cancelled" in cancelled.stdout
+
+
+def test_a_bad_token_is_a_one_line_error(stack: Stack, environment: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kinora", "watch", "1", "--url", stack.base_url, "--token", "x"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "401" in result.stderr
+    assert "invalid API token" in result.stderr
+
+
+def test_watch_resumes_after_the_server_drops_it(
+    stack: Stack, account: Account, environment: dict[str, str], tmp_path: Path
+) -> None:
+    """The API process dies mid-stream and comes back on the same port: the client
+    reconnects with Last-Event-ID and prints every event exactly once."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**environment, "MOCK_STEP_SECONDS": "0.2"}
+
+    def start_api() -> subprocess.Popen[bytes]:
+        api = kinora("api", "--port", str(port), env=env, log=tmp_path / "api.log")
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for("the API", up, timeout=30)
+        return api
+
+    api = start_api()
+    client = subprocess.Popen(
+        [sys.executable, "-m", "kinora", "generate", "A river through a canyon", "--watch"],
+        env={**environment, "KINORA_URL": base, "KINORA_TOKEN": account.token},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        assert client.stdout is not None
+        lines.extend(client.stdout)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        wait_for("a few events", lambda: len(seqs("".join(lines))) >= 4, timeout=30)
+        api.kill()  # the connection drops mid-stream
+        api.wait(10)
+        time.sleep(1)  # the client is now retrying against a closed port
+        api = start_api()
+        assert client.wait(60) == 0
+        reader.join(10)
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.wait(10)
+        assert client.stdout is not None
+        assert client.stderr is not None
+        client.stdout.close()
+        client.stderr.close()
+        stop(api)
+    found = seqs("".join(lines))
+    assert found == list(range(1, len(found) + 1))
+    assert "completed:" in "".join(lines)
