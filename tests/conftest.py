@@ -38,6 +38,7 @@ FAST = {
     "VIDEO_TIMEOUT_SECONDS": "12",
     "WS_PING_SECONDS": "0.5",
     "WS_PONG_TIMEOUT_SECONDS": "1.5",
+    "PRESENCE_TTL_SECONDS": "2",
 }
 
 

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     stream_queue_size: int = 256
     # Lifetime of the scoped tokens carried by stream_url / video_url.
     scoped_token_ttl_seconds: int = 3600
+    # An API process that stops renewing its presence for this long (it crashed) no
+    # longer counts in /connections.
+    presence_ttl_seconds: float = 15.0
     # HMAC key for scoped tokens. Unset: one is generated under var_dir and kept.
     secret_key: str | None = None
 

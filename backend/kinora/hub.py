@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
 from kinora.events import Event, channel, history_key, parse
+from kinora.presence import Presence
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,12 @@ class StreamHub:
     """Owns one pub/sub connection and one small command pool for history reads."""
 
     def __init__(
-        self, redis_url: str, *, queue_size: int = 256, subscribe_timeout: float = 10.0
+        self,
+        redis_url: str,
+        *,
+        queue_size: int = 256,
+        subscribe_timeout: float = 10.0,
+        presence_ttl: float = 15.0,
     ) -> None:
         self.redis_url = redis_url
         self.queue_size = queue_size
@@ -165,11 +171,13 @@ class StreamHub:
             aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=2, timeout=None)
         )
         self._pubsub: PubSub = self.redis.pubsub()
+        self.presence = Presence(self.redis, presence_ttl)
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
         await self._pubsub.connect()  # type: ignore[no-untyped-call]
+        await self.presence.start()
         self._tasks = [
             asyncio.create_task(self._listen(), name="hub-listen"),
             asyncio.create_task(self._control(), name="hub-control"),
@@ -182,6 +190,7 @@ class StreamHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.presence.stop()
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         await self.redis.aclose()
 
@@ -198,6 +207,7 @@ class StreamHub:
             self._pending[name] += 1
             self._ops.put_nowait(("sub", name))
         topic.watchers.add(watcher)  # registered before the subscription can go live
+        self.presence.joined(video_id)
         try:
             try:
                 async with asyncio.timeout(self.subscribe_timeout):
@@ -216,6 +226,7 @@ class StreamHub:
         if topic is None or watcher not in topic.watchers:
             return
         topic.watchers.discard(watcher)
+        self.presence.left(watcher.video_id)
         if not topic.watchers:
             del self._topics[name]
             self._ops.put_nowait(("unsub", name))

@@ -20,7 +20,11 @@ from kinora.hub import StreamHub
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Created here, not at import: asyncio objects bind to the loop that runs them.
     settings = get_settings()
-    hub = StreamHub(settings.required_redis_url, queue_size=settings.stream_queue_size)
+    hub = StreamHub(
+        settings.required_redis_url,
+        queue_size=settings.stream_queue_size,
+        presence_ttl=settings.presence_ttl_seconds,
+    )
     await hub.start()
     app.state.hub = hub
     try:

@@ -281,6 +281,19 @@ async def get_video(video_id: int, request: Request, user: CurrentUser, hub: Hub
     return await video_out(request, hub, video)
 
 
+class Connections(BaseModel):
+    video_id: int
+    connections: int
+
+
+@router.get("/{video_id}/connections", responses={404: {"description": "no such video"}})
+async def connections(video_id: int, user: CurrentUser, hub: HubDep) -> Connections:
+    """Live SSE and WebSocket watchers of the video, across all API processes (counts
+    lag by up to half a second)."""
+    await run_in_threadpool(_owned, video_id, user.id)
+    return Connections(video_id=video_id, connections=await hub.presence.connections(video_id))
+
+
 def _cancel(video_id: int) -> bool:
     with session_scope() as session:
         return jobs.cancel(session, video_id)
