@@ -32,7 +32,16 @@ typecheck: $(VENV)/.installed-test
 # PostgreSQL server that the tests start themselves (initdb/pg_ctl on 127.0.0.1).
 DB_TESTS := tests/test_db.py tests/test_jobs.py tests/test_videos.py tests/test_generation.py
 
-test: lint typecheck
+# The browser tests drive Debian's Chromium; install it when it is missing.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium \
+	  || (DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update \
+	      && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium)
+
+test: lint typecheck $(CHROMIUM)
 	$(BIN)/pytest
 	KINORA_TEST_DB=postgres $(BIN)/pytest $(DB_TESTS)
 

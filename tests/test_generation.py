@@ -214,7 +214,7 @@ def test_a_worker_killed_mid_generation_still_completes_with_one_model_job(
     assert model_jobs(redis_client, prompt) == 1
     video = video_row(video_id)
     assert video.status == VideoStatus.COMPLETED
-    assert video.attempts == 2  # taken over after the crash
+    assert video.attempts == 2, [e["message"] for e in events]  # taken over after the crash
     assert any("queued again" in e["message"] for e in events)
     assert balance_matches_ledger(account) == (900, 900)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -51,6 +52,17 @@ def make_engine(url: str) -> Engine:
 @lru_cache
 def get_engine() -> Engine:
     return make_engine(get_settings().resolved_database_url)
+
+
+def _forget_pool_in_child() -> None:
+    """A forked process must not use its parent's pooled connections: Celery forks a
+    new pool process (after a crash, say) from a parent whose sweeper holds some.
+    `close=False` leaves them to the parent; the child opens its own."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 @lru_cache

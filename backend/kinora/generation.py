@@ -338,8 +338,8 @@ class Generation:
         return 15 + model_progress * 70 // 100
 
     def processing_message(self, model_progress: int) -> str:
-        done = self.job.seconds * model_progress // 100
-        return f"Processing video... ({done}/{self.job.seconds}s elapsed)"
+        done = self.job.seconds * model_progress / 100
+        return f"Processing video... ({done:g}/{self.job.seconds}s elapsed)"
 
 
 def _remove(*paths: Path) -> None:

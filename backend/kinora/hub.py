@@ -27,6 +27,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
+from kinora.cancellation import raise_if_cancelled
 from kinora.events import Event, channel, history_key, parse
 from kinora.presence import Presence
 
@@ -252,13 +253,8 @@ class StreamHub:
     async def _control(self) -> None:
         """Sends SUBSCRIBE/UNSUBSCRIBE in the order they were asked for, batching runs
         of the same kind (many watchers joining at once cost one command)."""
-        task = asyncio.current_task()
-        assert task is not None
         while True:
-            # redis-py can swallow a cancellation that arrives while it sends a command
-            # (seen with UNSUBSCRIBE at shutdown); honour it here or stop() waits forever.
-            if task.cancelling():
-                raise asyncio.CancelledError
+            raise_if_cancelled()
             ops = [await self._ops.get()]
             while not self._ops.empty():
                 ops.append(self._ops.get_nowait())
@@ -276,11 +272,8 @@ class StreamHub:
                         self._ops.put_nowait((op, name))
 
     async def _listen(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
         while True:
-            if task.cancelling():  # see _control
-                raise asyncio.CancelledError
+            raise_if_cancelled()
             try:
                 message = await self._pubsub.get_message(timeout=None)
             except asyncio.CancelledError:

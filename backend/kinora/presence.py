@@ -19,6 +19,8 @@ from typing import cast
 
 import redis.asyncio as aioredis
 
+from kinora.cancellation import raise_if_cancelled
+
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.5
@@ -84,6 +86,7 @@ class Presence:
         renew_every = max(1, int(self.ttl / 3 / FLUSH_SECONDS))
         ticks = 0
         while True:
+            raise_if_cancelled()
             try:
                 if ticks % renew_every == 0:
                     await self.client.set(alive_key(self.process), 1, ex=self.ttl)

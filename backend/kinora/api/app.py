@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from kinora import __version__
 from kinora.api import ops, stream, videos, ws
@@ -52,6 +54,9 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+WEB = Path(__file__).resolve().parent.parent / "web"
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="Kinora",
@@ -64,4 +69,10 @@ def create_app() -> FastAPI:
     app.include_router(videos.router)
     app.include_router(stream.router)
     app.include_router(ws.router)
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
+
     return app

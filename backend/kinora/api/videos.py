@@ -94,6 +94,8 @@ class VideoOut(BaseModel):
     size: str
     error_message: str | None
     video_url: str | None
+    thumbnail_url: str | None
+    stream_url: str
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
@@ -122,10 +124,10 @@ def stream_url(request: Request, video_id: int, user_id: int) -> str:
     return f"{url}?token={sign_scoped(video_id, user_id)}"
 
 
-def content_url(request: Request, video: Video) -> str | None:
+def content_url(request: Request, video: Video, route: str = "video_content") -> str | None:
     if video.status != VideoStatus.COMPLETED:
         return None
-    url = request.url_for("video_content", video_id=video.id)
+    url = request.url_for(route, video_id=video.id)
     return f"{url}?token={sign_scoped(video.id, video.user_id)}"
 
 
@@ -349,6 +351,8 @@ async def video_out(request: Request, hub: StreamHub, video: Video) -> VideoOut:
         size=str(video.parameters.get("size", "1280x720")),
         error_message=video.error_message,
         video_url=content_url(request, video),
+        thumbnail_url=content_url(request, video, "video_thumbnail"),
+        stream_url=stream_url(request, video.id, video.user_id),
         created_at=video.created_at,
         updated_at=video.updated_at,
         completed_at=video.completed_at,
@@ -403,6 +407,7 @@ def video_content(
 
 @router.get(
     "/{video_id}/thumbnail",
+    name="video_thumbnail",
     response_class=FileResponse,
     responses={200: {"content": {"image/jpeg": {}}}, 409: {"description": "not completed"}},
 )
