@@ -1,0 +1,383 @@
+"""What the benchmarks share: a Redis, a database with videos to watch, the servers
+under test as subprocesses (one uvicorn worker each), SSE load generators in their
+own processes reading with raw asyncio sockets, and a publisher in another process
+calling `SSELogger.step()` like a worker.
+
+Every wait is bounded; every figure comes back as plain numbers for JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+import numpy as np
+import psutil
+
+from kinora.embedded import EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SPAWN = multiprocessing.get_context("spawn")
+
+
+@dataclass
+class World:
+    """Redis, a SQLite database, a user and its token: what every server needs."""
+
+    redis: EmbeddedRedis
+    env: dict[str, str]
+    token: str
+    user_id: int
+    tmp: Path
+    next_video: int = 0
+
+    def videos(self, count: int) -> list[int]:
+        """Fresh videos (rows for the Kinora server; plain ids for the others)."""
+        from kinora import db, jobs
+        from kinora.models import User
+
+        ids = []
+        with db.session_scope() as session:
+            user = session.get(User, self.user_id)
+            assert user is not None
+            for _ in range(count):
+                video, _ = jobs.create_video(
+                    session, user, prompt="bench", parameters={}, cost=0, task_id="bench"
+                )
+                ids.append(video.id)
+        return ids
+
+
+@contextlib.contextmanager
+def world() -> Iterator[World]:
+    with tempfile.TemporaryDirectory(prefix="kinora-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        with EmbeddedRedis(tmp / "redis", persist=False) as server:
+            env = {
+                **os.environ,
+                "REDIS_URL": server.url,
+                "DATABASE_URL": f"sqlite:///{tmp / 'bench.db'}",
+                "KINORA_VAR_DIR": str(tmp),
+                "SECRET_KEY": "bench",
+                # a slow reader is cut at this depth; the load generators keep up
+                "STREAM_QUEUE_SIZE": "1024",
+            }
+            os.environ.update(env)
+            from kinora import db
+            from kinora.accounts import create_user
+            from kinora.config import get_settings
+
+            get_settings.cache_clear()
+            db.get_engine.cache_clear()
+            db.upgrade()
+            user, token = create_user("bench@kinora.local", credits=0, plan="pro")
+            yield World(server, env, token, user.id, tmp)
+            db.get_engine().dispose()
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    path: str  # with {video} and {token}
+
+    def url_path(self, video_id: int, token: str) -> str:
+        return self.path.format(video=video_id, token=token)
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.process.pid).memory_info().rss)
+
+    def redis_connections(self, redis_port: int) -> int:
+        conns = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        return sum(1 for c in conns if c.raddr and c.raddr.port == redis_port)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def start_server(name: str, w: World) -> Server:
+    """`kinora` (our API), `naive` (a pub/sub connection per client, as in the original
+    notes) or `broadcaster` (sse-starlette + the broadcaster package)."""
+    port = free_port()
+    if name == "kinora":
+        args = [sys.executable, "-m", "kinora", "api", "--port", str(port)]
+        path = "/api/v1/videos/{video}/stream?token={token}"
+    else:
+        args = [
+            sys.executable, "-m", "uvicorn", f"bench.{name}_server:app", "--port", str(port),
+            "--log-level", "warning", "--loop", "uvloop", "--http", "httptools",
+        ]  # fmt: skip
+        path = "/stream/{video}"
+    log = (w.tmp / f"{name}.log").open("ab")
+    process = subprocess.Popen(args, cwd=ROOT, env=w.env, stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the {name} server did not start; see {log.name}")
+        time.sleep(0.1)
+    return Server(name, process, port, path)
+
+
+# -- the load generator (runs in its own process) ------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    connected: int = 0
+    failed: int = 0
+    delivered: int = 0  # events received (not counting `complete`)
+    complete: int = 0  # connections that saw `complete`
+    latencies: list[float] = field(default_factory=list)
+
+
+SENT_AT = re.compile(rb'"sent_at":([0-9.e+-]+)')
+COMPLETE = b'"type":"complete"'
+
+
+class SSEClient(asyncio.Protocol):
+    """One SSE connection, read in `data_received` as bytes arrive: the events'
+    `sent_at` are found with a regular expression over the whole read, which costs a
+    few microseconds an event, so the load generator is not what is measured."""
+
+    def __init__(self, path: str, result: LoadResult) -> None:
+        self.request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        self.result = result
+        self.head = b""  # the response head, until it is complete
+        self.tail = b""  # an event frame that has not fully arrived yet
+        self.answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.WriteTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.WriteTransport, transport)
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        received = time.time()
+        if not self.answered.done():
+            # HTTP/1.0: the body is the raw stream, no chunked framing to undo.
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            ok = b" 200 " in self.head.split(b"\r\n", 1)[0]
+            self.answered.set_result(ok)
+            if not ok:
+                self._close()
+                return
+            data, self.head = self.head[end + 4 :], b""
+        data = self.tail + data
+        cut = data.rfind(b"\n\n") + 2  # whole frames only; the rest waits
+        data, self.tail = data[:cut], data[cut:]
+        latencies = self.result.latencies
+        before = len(latencies)
+        latencies.extend(received - float(m[1]) for m in SENT_AT.finditer(data))
+        self.result.delivered += len(latencies) - before
+        if COMPLETE in data:
+            self.result.complete += 1
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answered.done():
+            self.answered.set_result(False)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def load_process(
+    port: int,
+    paths: list[str],
+    connected_flag: MpEvent,
+    finished_flag: MpEvent,
+    results: Any,
+    timeout: float,
+) -> None:
+    """Open one SSE connection per path (at most 256 handshakes at a time), read each
+    until `complete` or the timeout."""
+    import uvloop
+
+    async def main() -> LoadResult:
+        loop = asyncio.get_running_loop()
+        result = LoadResult()
+        gate = asyncio.Semaphore(256)
+        clients: list[SSEClient] = []
+
+        async def connect(path: str) -> None:
+            async with gate:
+                client = SSEClient(path, result)
+                try:
+                    await loop.create_connection(lambda: client, "127.0.0.1", port)
+                except OSError:
+                    result.failed += 1
+                    return
+                clients.append(client)
+                if await client.answered:
+                    result.connected += 1
+                else:
+                    result.failed += 1
+
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(connect(p) for p in paths))
+        except TimeoutError:
+            pass
+        connected_flag.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(c.closed for c in clients))
+        except TimeoutError:
+            pass
+        for client in clients:
+            client._close()
+        return result
+
+    result = uvloop.run(main())
+    latencies = np.array(result.latencies, dtype=np.float64)
+    results.put(
+        (result.connected, result.failed, result.delivered, result.complete, latencies.tobytes())
+    )
+    finished_flag.set()
+
+
+# -- the publisher (runs in its own process, like a worker) -----------------------------------
+
+
+def publisher_process(
+    env: dict[str, str], videos: list[int], per_video: int, rate: float, go: MpEvent, done: Any
+) -> None:
+    os.environ.update(env)
+    from kinora.events import SSELogger
+
+    go.wait(120)
+    loggers = [SSELogger(v) for v in videos]
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    costs = []
+    n = 0
+    for i in range(per_video):
+        for log in loggers:
+            t0 = time.perf_counter()
+            log.step(
+                5, f"Processing video... {i}", progress=i * 100 // per_video, sent_at=time.time()
+            )
+            costs.append(time.perf_counter() - t0)
+            n += 1
+            pause = start + n * interval - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+    for log in loggers:
+        log.complete()
+    done.put(float(np.median(costs)) if costs else 0.0)
+
+
+# -- one measured run ---------------------------------------------------------------------------
+
+
+def percentiles_ms(values: np.ndarray) -> dict[str, float | None]:
+    if values.size == 0:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None}
+    q = np.percentile(values, [50, 90, 99, 100]) * 1000
+    return {
+        k: round(float(v), 2)
+        for k, v in zip(("p50_ms", "p90_ms", "p99_ms", "max_ms"), q, strict=True)
+    }
+
+
+def run_load(
+    w: World,
+    server: Server,
+    *,
+    watchers: int,
+    videos: int,
+    rate: float,
+    per_video: int,
+    loaders: int = 2,
+    settle: float = 2.0,
+    timeout: float = 120.0,
+) -> dict[str, Any]:
+    """`watchers` SSE clients spread over `videos` videos; `per_video` events published
+    to each at `rate` events/s in all. Returns delivery, latency and server figures."""
+    ids = w.videos(videos)
+    paths = [server.url_path(ids[i % videos], w.token) for i in range(watchers)]
+    rss_idle = server.rss()
+    results = SPAWN.Queue()
+    connected = [SPAWN.Event() for _ in range(loaders)]
+    finished = [SPAWN.Event() for _ in range(loaders)]
+    procs = [
+        SPAWN.Process(
+            target=load_process,
+            args=(server.port, paths[i::loaders], connected[i], finished[i], results, timeout),
+        )
+        for i in range(loaders)
+    ]
+    for p in procs:
+        p.start()
+    started = time.monotonic()
+    for flag in connected:
+        flag.wait(timeout)
+    connect_seconds = time.monotonic() - started
+    time.sleep(settle)  # every subscription live, for the designs that need it
+    rss_connected = server.rss()
+    redis_conns = server.redis_connections(w.redis.port)
+    go = SPAWN.Event()
+    done = SPAWN.Queue()
+    publisher = SPAWN.Process(
+        target=publisher_process, args=(w.env, ids, per_video, rate, go, done)
+    )
+    publisher.start()
+    go.set()
+    step_median = done.get(timeout=timeout + per_video * videos / rate)
+    parts = [results.get(timeout=timeout + 30) for _ in procs]
+    for p in [*procs, publisher]:
+        p.join(30)
+    latencies = np.concatenate([np.frombuffer(part[4], dtype=np.float64) for part in parts])
+    connected_total = sum(part[0] for part in parts)
+    delivered = sum(part[2] for part in parts)
+    expected = watchers * per_video
+    return {
+        "server": server.name,
+        "watchers": watchers,
+        "videos": videos,
+        "events_per_s": rate,
+        "events_per_video": per_video,
+        "connected": connected_total,
+        "connect_failures": sum(part[1] for part in parts),
+        "connect_seconds": round(connect_seconds, 2),
+        "delivered_ratio": round(delivered / expected, 4) if expected else None,
+        "completed_streams": sum(part[3] for part in parts),
+        **percentiles_ms(latencies),
+        "rss_per_connection_kb": round(
+            (rss_connected - rss_idle) / max(1, connected_total) / 1024, 1
+        ),
+        "server_rss_mb": round(rss_connected / 2**20, 1),
+        "server_redis_connections": redis_conns,
+        "publish_step_median_us": round(step_median * 1e6, 1),
+    }
