@@ -134,7 +134,7 @@ def test_a_client_too_slow_to_keep_up_is_cut_off_and_resumes(
             await asyncio.to_thread(publish_n, video_id, 200)
             await asyncio.to_thread(wait_for, "the cut", lambda: slow.cut, 5)
             rest = [item.seq async for item in stream]
-            assert slow.queue.qsize() <= 64
+            assert len(slow.topic.log) <= 2 * 64  # memory stayed bounded
         assert hub.stats() == {"videos": 0, "watchers": 0, "slow_cuts": 1}
         assert first.seq == 1
         assert rest == []  # ends at once: the client reconnects with Last-Event-ID
@@ -172,12 +172,17 @@ def test_stream_ends_at_its_lifetime_and_resumes_without_loss(
         chunks = [c async for c in frames(hub, video_id, 0, 3000, lifetime=0.5)]
         assert 0.5 <= loop.time() - started < 3
         assert chunks[0] == b"retry: 3000\n\n"
-        assert [c.split(b"\n")[0] for c in chunks[1:]] == [b"id: 1", b"id: 2", b"id: 3"]
+        assert ids(chunks[1:]) == [b"id: 1", b"id: 2", b"id: 3"]
         await asyncio.to_thread(publish_n, video_id, 2)
         resumed = [c async for c in frames(hub, video_id, 3, 3000, lifetime=0.5)]
-        assert [c.split(b"\n")[0] for c in resumed[1:]] == [b"id: 4", b"id: 5"]
+        assert ids(resumed[1:]) == [b"id: 4", b"id: 5"]
 
     run(environment, body)
+
+
+def ids(chunks: list[bytes]) -> list[bytes]:
+    """The `id:` lines of SSE frames, however they were batched into writes."""
+    return [line for line in b"".join(chunks).split(b"\n") if line.startswith(b"id: ")]
 
 
 def publish_n(video_id: int, n: int) -> None:

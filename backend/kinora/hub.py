@@ -3,8 +3,11 @@
 A watcher registers for a video, then (once the channel's subscription is live)
 reads the video's history after its last seen `seq`, then the live events; both
 are merged by `seq`, so an event published while the history is being read
-arrives exactly once. Each watcher has a bounded queue: a watcher that cannot
-keep up is cut off (it resumes with `Last-Event-ID`) instead of holding memory.
+arrives exactly once. A video's live events are kept once, in a bounded log its
+watchers hold cursors into, and each watcher takes everything new in one batch
+(one write to its client however many events arrived); a watcher that falls more
+than `queue_size` events behind is cut off (it resumes with `Last-Event-ID`)
+instead of holding memory.
 
 Order of operations matters (ARCHITECTURE, known traps):
 - register first, then subscribe, so concurrent first watchers of a channel all
@@ -20,7 +23,6 @@ import itertools
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import orjson
@@ -79,7 +81,7 @@ class Item:
         return self._sse
 
 
-# Put in a watcher's queue after the subscriber reconnected: re-read history.
+# Put in a topic's log after the subscriber reconnected: its watchers re-read history.
 RESYNC = Item(b"{}", -1, "resync")
 
 
@@ -87,64 +89,124 @@ class SubscribeTimeout(RuntimeError):
     pass
 
 
-class Watcher:
-    """One client's registration for one video."""
+class Topic:
+    """One video's live events in this process, shared by all its watchers.
 
-    def __init__(self, hub: StreamHub, video_id: int, after: int, maxsize: int) -> None:
+    `log` keeps the most recent events (at most twice the hub's queue size); each
+    watcher only holds a cursor into it, so an event costs one append however many
+    watch it, and memory is bounded per video, not per watcher.
+    """
+
+    __slots__ = ("base", "log", "ready", "waiting", "watchers")
+
+    def __init__(self) -> None:
+        self.watchers: set[Watcher] = set()
+        self.ready = asyncio.Event()
+        self.log: list[Item] = []
+        self.base = 0  # the position of log[0] among every event this topic received
+        self.waiting: list[asyncio.Future[None]] = []  # watchers asleep until the next event
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.log)
+
+    def append(self, item: Item, keep: int) -> list[Watcher]:
+        """Add an event and wake the waiting watchers; returns the watchers that fell
+        more than `keep` events behind (they are cut off)."""
+        self.log.append(item)
+        self.wake()
+        if len(self.log) <= 2 * keep:
+            return []
+        drop = len(self.log) - keep
+        self.log = self.log[drop:]  # a new list: a reader's slice of the old one stays valid
+        self.base += drop
+        return [w for w in self.watchers if w.cursor < self.base]
+
+    def wake(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            if not future.done():
+                future.set_result(None)
+
+
+class Watcher:
+    """One client's registration for one video: a cursor into its topic's log."""
+
+    def __init__(self, hub: StreamHub, video_id: int, topic: Topic, after: int) -> None:
         self.hub = hub
         self.video_id = video_id
+        self.topic = topic
+        self.cursor = topic.end  # the live events it has taken from the topic
         self.last_seq = after
-        self.queue: asyncio.Queue[Item] = asyncio.Queue(maxsize)
-        self.cut = False  # set when its queue overflowed: the client is too slow
+        self.cut = False  # set when it fell too far behind: the client is too slow
+        self.expired = False
 
-    def offer(self, item: Item) -> None:
+    @property
+    def backlog(self) -> int:
+        """Live events received for it and not yet taken by its client."""
+        return self.topic.end - self.cursor
+
+    def cut_off(self) -> None:
         if self.cut:
             return
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.cut = True
-            self.hub.slow_cuts += 1
-            self.hub.detach(self)
-            log.info(
-                "watcher of video %s cut off: %d events behind", self.video_id, self.queue.qsize()
-            )
+        self.cut = True
+        self.hub.slow_cuts += 1
+        self.hub.detach(self)
+        self.topic.wake()
+        log.info("watcher of video %s cut off: %d events behind", self.video_id, self.backlog)
 
-    async def events(self, deadline: float | None = None) -> AsyncIterator[Item]:
-        """History after `last_seq`, then live events, in seq order, none twice.
+    def _expire(self) -> None:
+        self.expired = True
+        self.topic.wake()
 
-        Ends when the queue overflowed (the client resumes with Last-Event-ID) or
+    async def batches(self, deadline: float | None = None) -> AsyncIterator[list[Item]]:
+        """History after `last_seq`, then live events, in seq order, none twice, in
+        batches: everything that arrived since the client last took some.
+
+        Ends when the client fell too far behind (it resumes with Last-Event-ID) or
         at `deadline` (loop time).
         """
-        for item in await self.hub.history(self.video_id, self.last_seq):
-            self.last_seq = item.seq
-            yield item
         loop = asyncio.get_running_loop()
-        while not self.cut:
-            try:
-                if deadline is None:
-                    item = await self.queue.get()
-                else:
-                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                        item = await self.queue.get()
-            except TimeoutError:
-                return
-            if self.cut:
-                return
-            if item is RESYNC or item.seq > self.last_seq + 1:
-                # A gap (the subscriber reconnected, or events raced): fill it from history.
-                for missed in await self.hub.history(self.video_id, self.last_seq):
-                    self.last_seq = missed.seq
-                    yield missed
-            if item.seq > self.last_seq:
-                self.last_seq = item.seq
+        timer = None if deadline is None else loop.call_at(deadline, self._expire)
+        try:
+            history = await self.hub.history(self.video_id, self.last_seq)
+            if history:
+                self.last_seq = history[-1].seq
+                yield history
+            topic = self.topic
+            while not (self.cut or self.expired):
+                if self.cursor == topic.end:
+                    future: asyncio.Future[None] = loop.create_future()
+                    topic.waiting.append(future)
+                    await future
+                    continue
+                if self.cursor < topic.base:
+                    self.cut_off()
+                    return
+                items = topic.log[self.cursor - topic.base :]
+                self.cursor = topic.end
+                batch: list[Item] = []
+                for item in items:
+                    if item is RESYNC or item.seq > self.last_seq + 1:
+                        # A gap (the subscriber reconnected, or events raced): fill it
+                        # from history.
+                        for missed in await self.hub.history(self.video_id, self.last_seq):
+                            self.last_seq = missed.seq
+                            batch.append(missed)
+                    if item.seq > self.last_seq:
+                        self.last_seq = item.seq
+                        batch.append(item)
+                if batch:
+                    yield batch
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def events(self, deadline: float | None = None) -> AsyncIterator[Item]:
+        """The same as `batches`, one event at a time."""
+        async for batch in self.batches(deadline):
+            for item in batch:
                 yield item
-
-
-@dataclass
-class Topic:
-    watchers: set[Watcher] = field(default_factory=set)
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class StreamHub:
@@ -200,13 +262,13 @@ class StreamHub:
     @contextlib.asynccontextmanager
     async def watch(self, video_id: int, after: int = 0) -> AsyncIterator[Watcher]:
         """Register a watcher of `video_id` that has seen every event up to `after`."""
-        watcher = Watcher(self, video_id, after, self.queue_size)
         name = channel(video_id).encode()
         topic = self._topics.get(name)
         if topic is None:
             topic = self._topics[name] = Topic()
             self._pending[name] += 1
             self._ops.put_nowait(("sub", name))
+        watcher = Watcher(self, video_id, topic, after)
         topic.watchers.add(watcher)  # registered before the subscription can go live
         self.presence.joined(video_id)
         try:
@@ -292,11 +354,9 @@ class StreamHub:
         name: bytes = message["channel"]
         if kind == "message":
             topic = self._topics.get(name)
-            if topic is None:
-                return
-            item = Item.from_raw(message["data"])
-            for watcher in tuple(topic.watchers):
-                watcher.offer(item)
+            if topic is not None:
+                for watcher in topic.append(Item.from_raw(message["data"]), self.queue_size):
+                    watcher.cut_off()
         elif kind == "subscribe":
             pending = max(0, self._pending.get(name, 0) - 1)
             if pending:
@@ -308,7 +368,7 @@ class StreamHub:
                 return
             if topic.ready.is_set():
                 # A re-subscription after a reconnect: events may have been missed.
-                for watcher in tuple(topic.watchers):
-                    watcher.offer(RESYNC)
+                for watcher in topic.append(RESYNC, self.queue_size):
+                    watcher.cut_off()
             else:
                 topic.ready.set()
