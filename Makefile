@@ -45,8 +45,12 @@ test: lint typecheck $(CHROMIUM)
 	$(BIN)/pytest
 	KINORA_TEST_DB=postgres $(BIN)/pytest $(DB_TESTS)
 
+# The benchmarks (minutes; each prints one JSON object). Figures in README.
 bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.publish
 	$(BIN)/python -m bench.latency
+	$(BIN)/python -m bench.fanout
+	$(BIN)/python -m bench.baseline
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -24,24 +24,20 @@ def main() -> None:
     args = parser.parse_args()
     runs = []
     with world() as w:
-        server = start_server("kinora", w)
-        try:
-            for n in args.watchers:
-                for videos in (max(1, n // 100), 1):
-                    per_video = args.events if videos > 1 else args.events * 5
-                    runs.append(
-                        run_load(
-                            w,
-                            server,
-                            watchers=n,
-                            videos=videos,
-                            rate=args.rate,
-                            per_video=per_video,
-                            loaders=args.loaders,
-                        )
-                    )
-        finally:
-            server.stop()
+        for n in args.watchers:
+            for videos in (max(1, n // 100), 1):
+                # A fresh server each run: its RSS before and after the connections
+                # gives the memory per connection.
+                server = start_server("kinora", w)
+                try:
+                    run = run_load(
+                        w, server, watchers=n, videos=videos, rate=args.rate,
+                        per_video=args.events if videos > 1 else args.events * 5,
+                        loaders=args.loaders,
+                    )  # fmt: skip
+                    runs.append(run)
+                finally:
+                    server.stop()
     print(json.dumps({"benchmark": "fanout", "runs": runs}, indent=2))
 
 

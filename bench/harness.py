@@ -167,7 +167,7 @@ class SSEClient(asyncio.Protocol):
         self.request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()
         self.result = result
         self.head = b""  # the response head, until it is complete
-        self.tail = b""  # an event frame that has not fully arrived yet
+        self.tail = b""  # a line that has not fully arrived yet
         self.answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.WriteTransport | None = None
@@ -191,7 +191,7 @@ class SSEClient(asyncio.Protocol):
                 return
             data, self.head = self.head[end + 4 :], b""
         data = self.tail + data
-        cut = data.rfind(b"\n\n") + 2  # whole frames only; the rest waits
+        cut = data.rfind(b"\n") + 1  # whole lines only (`data:` is one line); the rest waits
         data, self.tail = data[:cut], data[cut:]
         latencies = self.result.latencies
         before = len(latencies)

@@ -56,7 +56,7 @@ def run(url: str, events: int) -> list[dict[str, Any]]:
 
     get_settings.cache_clear()
     client = redis.Redis.from_url(url)
-    listener = client.pubsub()
+    listener = client.pubsub()  # type: ignore[no-untyped-call]
     listener.psubscribe("video:*")  # a subscriber, so PUBLISH delivers somewhere
     logger = SSELogger(1)
     body = orjson.dumps({"type": "progress", "message": "Processing video... 0", "progress": 1})

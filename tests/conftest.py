@@ -30,6 +30,8 @@ from kinora.embedded import EmbeddedRedis, free_port
 FAST = {
     "MOCK_STEP_SECONDS": "0.2",
     "SSE_PING_SECONDS": "0.5",
+    "SSE_SEND_TIMEOUT_SECONDS": "2",
+    "STREAM_QUEUE_SIZE": "64",
     "SECRET_KEY": "test-secret-key",
     "VIDEO_COST": "100",
     "LEASE_SECONDS": "3",

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import socket
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import av
@@ -15,7 +19,8 @@ import redis
 
 from kinora import jobs
 from kinora.db import session_scope
-from kinora.models import User
+from kinora.events import SSELogger
+from kinora.models import User, Video
 from tests.conftest import Account, Stack, wait_for
 from tests.helpers import assert_whole_generation, events_of, ids_of, read_stream, submit
 
@@ -178,16 +183,22 @@ def test_fifty_clients_at_once_receive_identical_sequences(
     )
 
 
-def test_clients_that_disconnect_leave_no_subscription(
-    stack: Stack, account: Account, redis_client: redis.Redis, environment: dict[str, str]
-) -> None:
-    # A video that stays pending (never queued): its streams stay open and idle.
+def unqueued_video(account: Account) -> Video:
+    """A video of `account` that no worker will take: the test publishes its events."""
     with session_scope() as session:
         user = session.get(User, account.id)
         assert user is not None
         video, _ = jobs.create_video(
             session, user, prompt="never queued", parameters={}, cost=0, task_id="none"
         )
+        return video
+
+
+def test_clients_that_disconnect_leave_no_subscription(
+    stack: Stack, account: Account, redis_client: redis.Redis, environment: dict[str, str]
+) -> None:
+    # A video that stays pending (never queued): its streams stay open and idle.
+    video = unqueued_video(account)
     url = f"{stack.base_url}/api/v1/videos/{video.id}/stream?token={account.token}"
     redis_port = int(environment["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
     warm_up(stack, account, video.id)
@@ -216,3 +227,62 @@ def test_clients_that_disconnect_leave_no_subscription(
         lambda: redis_connections(stack.api, redis_port) == before,
         timeout=10,
     )
+
+
+def test_a_client_that_stops_reading_is_cut_off_without_slowing_others_and_resumes(
+    stack: Stack, account: Account
+) -> None:
+    """STREAM_QUEUE_SIZE is 64 here: a client that stops reading is cut off once it
+    is that far behind, while another client of the same video gets every event;
+    the cut client then resumes with Last-Event-ID and has lost nothing."""
+    video = unqueued_video(account)
+    path = f"/api/v1/videos/{video.id}/stream?token={account.token}"
+    url = stack.base_url + path
+    host, port = stack.base_url.removeprefix("http://").split(":")
+
+    def watching() -> int:
+        response = httpx.get(
+            f"{url.split('/stream')[0]}/connections", headers=account.headers, timeout=10
+        )
+        return int(response.json()["connections"])
+
+    # The slow client: a small receive window, and it reads nothing after connecting.
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.settimeout(10)
+    slow.connect((host, int(port)))
+    slow.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+    wait_for("the slow client watching", lambda: watching() == 1, timeout=10)
+
+    total = 1500  # 2 KB each: far more than the socket buffers hold
+    with ThreadPoolExecutor(1) as pool:
+        fast = pool.submit(read_stream, url, timeout=60)
+        wait_for("both clients watching", lambda: watching() == 2, timeout=10)
+        with SSELogger(video.id) as log:
+            for i in range(total - 1):
+                log.step(5, f"step {i} " + "x" * 2000, progress=i * 100 // total)
+            log.complete(video_url="/media/1.mp4")
+        status, lines = fast.result(timeout=60)
+
+    # The reading client got everything, in order, while the other read nothing.
+    assert status == 200
+    assert [e["seq"] for e in events_of(lines)] == list(range(1, total + 1))
+    # The slow one was cut off (it no longer counts), its memory let go.
+    wait_for("the slow client cut off", lambda: watching() == 0, timeout=10)
+
+    # What it reads now is what was written before the cut; then the response ends.
+    received = b""
+    deadline = time.monotonic() + 30
+    with contextlib.suppress(ConnectionError):
+        while chunk := slow.recv(1 << 16):
+            received += chunk
+            assert time.monotonic() < deadline, "the cut client's response never ended"
+    slow.close()
+    seqs = [int(line[4:]) for line in received.split(b"\n") if line.startswith(b"id: ")]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert 0 < len(seqs) < total  # cut before the end
+
+    status, rest = read_stream(url, headers={"Last-Event-ID": str(seqs[-1])})
+    assert status == 200
+    assert [e["seq"] for e in events_of(rest)] == list(range(len(seqs) + 1, total + 1))
+    assert events_of(rest)[-1]["type"] == "complete"

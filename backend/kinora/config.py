@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     sse_ping_seconds: float = 15.0
     sse_timeout_seconds: float = 1800.0
     sse_retry_ms: int = 3000
+    # A client whose heartbeat cannot be written for this long (it stopped reading)
+    # is disconnected.
+    sse_send_timeout_seconds: float = 30.0
     ws_ping_seconds: float = 30.0
     ws_pong_timeout_seconds: float = 60.0
 
@@ -57,8 +60,8 @@ class Settings(BaseSettings):
     event_history_max: int = 10_000
     storage_dir: Path | None = None
 
-    # A watcher whose queue holds this many undelivered events is cut off; it resumes
-    # with Last-Event-ID. Bounds the memory a client that stops reading can hold.
+    # A watcher this many events behind its video's live events is cut off; it resumes
+    # with Last-Event-ID. A video's live log keeps at most twice this many events.
     stream_queue_size: int = 256
     # Lifetime of the scoped tokens carried by stream_url / video_url.
     scoped_token_ttl_seconds: int = 3600

@@ -123,5 +123,5 @@ async def stream_video(
         ping_message_factory=_ping,
         sep="\n",
         headers={"Cache-Control": "no-cache"},
-        send_timeout=30,
+        send_timeout=settings.sse_send_timeout_seconds,
     )

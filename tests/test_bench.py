@@ -1,0 +1,76 @@
+"""Each benchmark, run small (seconds, tiny N), so `make bench` keeps working. These
+check that the benchmarks run and what they report is sound: every event delivered
+for Kinora's server; no timing is asserted (the figures are for `make bench`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(name: str, *args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{name}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout)
+    assert result["benchmark"] == name
+    return result
+
+
+def assert_sound(run: dict[str, Any], watchers: int) -> None:
+    assert run["connected"] == watchers
+    assert run["delivered_ratio"] == 1.0
+    assert run["completed_streams"] == watchers
+    assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
+    assert run["server_redis_connections"] <= 3
+
+
+def test_fanout() -> None:
+    result = bench("fanout", "--watchers", "30", "--events", "3", "--rate", "50")
+    assert [r["videos"] for r in result["runs"]] == [1, 1]
+    for run in result["runs"]:
+        assert_sound(run, 30)
+
+
+def test_latency() -> None:
+    result = bench("latency", "--watchers", "1", "10", "--events", "20", "--rate", "50")
+    assert [r["watchers"] for r in result["runs"]] == [1, 10]
+    for run in result["runs"]:
+        assert_sound(run, run["watchers"])
+
+
+def test_baseline() -> None:
+    result = bench(
+        "baseline", "--watchers", "20", "--videos", "2", "--seconds", "0.5", "--fast-rate", "0",
+        "--timeout", "15",  # the other two servers may never end a stream: they lose events
+    )  # fmt: skip
+    [scenario] = result["scenarios"]
+    assert [r["server"] for r in scenario["runs"]] == ["kinora", "naive", "broadcaster"]
+    assert_sound(scenario["runs"][0], 20)
+    for other in ("naive_vs_kinora", "broadcaster_vs_kinora"):
+        assert scenario[other]["p99_ms"] is not None
+
+
+def test_publish() -> None:
+    result = bench("publish", "--events", "200")
+    step, floor, naive = result["runs"]
+    assert step["publisher"] == "SSELogger.step"
+    assert step["events"] == 200
+    assert naive["publisher"].startswith("asyncio.run()")
+    for run in (step, floor, naive):
+        assert run["p50_us"] > 0
+        assert run["events_per_s"] > 0
