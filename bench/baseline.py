@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--fast-rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=5.0, help="publishing time a run")
-    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for streams to end"
+    )
     args = parser.parse_args()
     scenarios = [(n, args.rate) for n in args.watchers]
     if args.fast_rate:
