@@ -109,7 +109,10 @@ def test_unknown_and_foreign_videos_are_404_alike(stack: Stack, account: Account
         stream = client.get(f"/api/v1/videos/{theirs}/stream")
         content = client.get(f"/api/v1/videos/{theirs}/content")
     assert foreign.status_code == unknown.status_code == 404
-    assert foreign.json() == {"detail": f"video {theirs} not found"}
+    assert foreign.json() == {
+        "detail": f"video {theirs} not found",
+        "trace_id": foreign.headers["X-Trace-Id"],
+    }
     assert stream.status_code == content.status_code == 404
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -19,10 +18,10 @@ if TYPE_CHECKING:
 @click.version_option(package_name="kinora")
 def main() -> None:
     """Kinora: run AI video generation jobs and watch them happen live."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # the client's requests: noise
+    from kinora import logs
+
+    settings = get_settings()
+    logs.configure(settings.log_format, settings.log_level)
 
 
 @main.command()
@@ -40,7 +39,8 @@ def up(host: str, port: int, workers: int) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
-def api(host: str, port: int) -> None:
+@click.option("--workers", default=1, show_default=True, help="API processes sharing the port.")
+def api(host: str, port: int, workers: int) -> None:
     """Run the API under uvicorn (needs REDIS_URL)."""
     import uvicorn
 
@@ -50,7 +50,9 @@ def api(host: str, port: int) -> None:
         factory=True,
         host=host,
         port=port,
-        log_level="info",
+        workers=workers,
+        # Logging is Kinora's (create_app configures it in every worker process).
+        log_config=None,
         # Streams end promptly on shutdown: their generators exit on cancellation.
         timeout_graceful_shutdown=3,
     )

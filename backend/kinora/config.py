@@ -10,9 +10,10 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -73,10 +74,35 @@ class Settings(BaseSettings):
 
     demo_credits: int = 100_000
 
+    # -- production (README "Deployment") -------------------------------------------
+    # `json`: one JSON object a line, with trace_id and video_id, for a log collector.
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    # Origins (comma-separated) whose pages may call the API from a browser; none by
+    # default (the built-in page is served from the API's own origin).
+    cors_origins: Annotated[list[str], NoDecode] = []
+    # Largest request body accepted (a 10 MB reference image as a data: URL fits).
+    max_request_bytes: int = 16 * 1024 * 1024
+    # Videos one user may submit per window; over it, 429 with Retry-After. 0: no limit.
+    generate_rate_limit: int = 30
+    generate_rate_window_seconds: int = 60
+    # On SIGTERM a worker gives its running videos this long to finish, then hands
+    # them back to the queue, where another worker resumes the same model job.
+    worker_shutdown_seconds: float = 20.0
+    # On SIGTERM the API tells its streams to reconnect and is gone within this long.
+    api_shutdown_seconds: float = 5.0
+
     @field_validator("database_url", "redis_url", "openai_api_key", "secret_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     @property
     def resolved_database_url(self) -> str:

@@ -23,6 +23,7 @@ import orjson
 import redis
 import redis.asyncio
 
+from kinora import logs
 from kinora.config import get_settings
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Event(TypedDict):
     retry_count: NotRequired[int]
     max_retries: NotRequired[int]
     is_retryable: NotRequired[bool]
+    trace_id: NotRequired[str]
     video_url: NotRequired[str]
 
 
@@ -260,6 +262,7 @@ class SSELogger:
         return self.publish(
             "error",
             message,
+            trace_id=logs.current_trace_id(),
             error_code=error_code,
             retry_count=self.retry_count,
             max_retries=self.max_retries,

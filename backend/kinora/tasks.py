@@ -9,21 +9,25 @@ from celery import shared_task
 # Importing the app makes it the current one, so that `shared_task` binds to it in
 # every process that queues tasks (the API), not only in the worker.
 from kinora import celery_app as _celery_app  # noqa: F401
-from kinora import generation
+from kinora import generation, logs
 from kinora.config import get_settings
 
 
 @shared_task(name="kinora.generate_video", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def generate_video(self: Any, video_id: int) -> dict[str, Any]:
+def generate_video(self: Any, video_id: int, trace_id: str | None = None) -> dict[str, Any]:
     """One attempt at a video; transient failures come back after
-    RETRY_COUNTDOWN_SECONDS, at most MAX_RETRIES times (CONTRACT §7)."""
+    RETRY_COUNTDOWN_SECONDS, at most MAX_RETRIES times (CONTRACT §7). Every line it
+    logs carries the video id and the trace id of the request that queued it (or the
+    task id, when the sweeper queued it again)."""
     settings = get_settings()
-    try:
-        return generation.run(
-            video_id,
-            task_id=self.request.id or "eager",
-            retry_count=self.request.retries,
-            max_retries=settings.max_retries,
-        )
-    except generation.Retry as exc:
-        raise self.retry(exc=exc.cause, countdown=settings.retry_countdown_seconds) from exc
+    task_id = self.request.id or "eager"
+    with logs.bind(trace_id=trace_id or task_id, video_id=video_id):
+        try:
+            return generation.run(
+                video_id,
+                task_id=task_id,
+                retry_count=self.request.retries,
+                max_retries=settings.max_retries,
+            )
+        except generation.Retry as exc:
+            raise self.retry(exc=exc.cause, countdown=settings.retry_countdown_seconds) from exc

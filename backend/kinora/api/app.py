@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,13 +11,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
-from kinora import __version__
+from kinora import __version__, logs
 from kinora.api import ops, stream, videos, ws
+from kinora.api.middleware import BodyLimitMiddleware, TraceMiddleware
 from kinora.config import get_settings
 from kinora.hub import StreamHub
+
+log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
@@ -65,8 +71,27 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     ]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return JSONResponse(
-        {"detail": detail, "errors": errors},
+        {"detail": detail, "errors": errors, "trace_id": logs.current_trace_id()},
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+    )
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    """`{"detail": ...}` as FastAPI gives it, plus the trace id to quote in a report."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(
+        {"detail": exc.detail, "trace_id": logs.current_trace_id()},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    trace_id = logs.current_trace_id()
+    return JSONResponse(
+        {"detail": f"internal error: report trace id {trace_id}", "trace_id": trace_id},
+        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
     )
 
 
@@ -74,6 +99,8 @@ WEB = Path(__file__).resolve().parent.parent / "web"
 
 
 def create_app() -> FastAPI:
+    settings = get_settings()
+    logs.configure(settings.log_format, settings.log_level)
     app = FastAPI(
         title="Kinora",
         version=__version__,
@@ -81,6 +108,19 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    # The last added runs first: the trace id exists before anything can answer.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["X-Trace-Id", "Retry-After", "Idempotent-Replayed"],
+        )
+    app.add_middleware(TraceMiddleware)
     app.include_router(ops.router)
     app.include_router(videos.router)
     app.include_router(stream.router)

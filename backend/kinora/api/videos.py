@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select
 
-from kinora import idempotency, jobs, reference
+from kinora import idempotency, jobs, logs, ratelimit, reference
 from kinora.api.deps import (
     BearerDep,
     CurrentUser,
@@ -156,10 +156,11 @@ def _replay(user_id: int, key: str, digest: str) -> idempotency.Replay:
         return idempotency.replay(session, user_id, key, digest)
 
 
-def _enqueue(video_id: int, task_id: str) -> None:
+def _enqueue(video_id: int, task_id: str, trace_id: str | None) -> None:
     from kinora.tasks import generate_video
 
-    generate_video.apply_async(args=[video_id], task_id=task_id)
+    # The request's trace id follows the job onto every line the worker logs for it.
+    generate_video.apply_async(args=[video_id], kwargs={"trace_id": trace_id}, task_id=task_id)
 
 
 def _fail(video_id: int, message: str) -> None:
@@ -174,6 +175,7 @@ def _fail(video_id: int, message: str) -> None:
         401: {"description": "missing or invalid API token"},
         402: {"description": "too few credits"},
         403: {"description": "the free plan cannot generate videos"},
+        429: {"description": "too many videos submitted in the window; see Retry-After"},
         503: {"description": "the job queue is unreachable; nothing was charged"},
     },
 )
@@ -199,6 +201,19 @@ async def generate(
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             detail="the free plan cannot generate videos: upgrade to the pro plan",
+        )
+    verdict = await ratelimit.hit(
+        hub.redis,
+        ratelimit.generate_key(user.id),
+        limit=settings.generate_rate_limit,
+        window_seconds=settings.generate_rate_window_seconds,
+    )
+    if not verdict.allowed:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            detail=f"more than {settings.generate_rate_limit} videos in "
+            f"{settings.generate_rate_window_seconds} s: try again in {verdict.retry_after} s",
+            headers={"Retry-After": str(verdict.retry_after)},
         )
     task_id = str(uuid.uuid4())
     digest = idempotency.request_hash(body.model_dump(mode="json"))
@@ -231,7 +246,7 @@ async def generate(
         hub.redis, video.id, "progress", "Video queued", step=0, progress=0, status="pending"
     )
     try:
-        await run_in_threadpool(_enqueue, video.id, task_id)
+        await run_in_threadpool(_enqueue, video.id, task_id, logs.current_trace_id())
     except Exception as exc:
         log.exception("could not queue video %s", video.id)
         await run_in_threadpool(_fail, video.id, f"could not queue the job: {exc}")

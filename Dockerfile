@@ -1,0 +1,29 @@
+# The one image of Kinora: `kinora api`, `kinora worker` and `kinora db upgrade` all
+# run from it (docker-compose.yml). The wheels of every dependency (PyAV with its
+# FFmpeg, Pillow, psycopg) are self-contained, so the slim base needs nothing more.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN useradd --create-home --uid 10001 kinora
+WORKDIR /app
+
+# Dependencies first: this layer is rebuilt only when pyproject.toml changes.
+COPY pyproject.toml README.md ./
+RUN mkdir -p backend/kinora && touch backend/kinora/__init__.py \
+    && pip install -e . && rm -rf backend
+
+COPY backend ./backend
+COPY alembic ./alembic
+COPY alembic.ini ./
+RUN pip install --no-deps -e . \
+    && mkdir -p /data && chown kinora:kinora /data
+
+USER kinora
+ENV KINORA_VAR_DIR=/data
+VOLUME ["/data"]
+EXPOSE 8000
+CMD ["kinora", "api", "--host", "0.0.0.0", "--port", "8000"]

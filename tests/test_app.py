@@ -1,0 +1,157 @@
+"""The API's cross-cutting behaviour: trace ids, error bodies, body size, rate limit,
+CORS, and logs that never hold a token."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kinora.embedded import free_port
+from tests.conftest import Account, Stack, kinora, make_account, stop, wait_for
+from tests.helpers import events_of, read_stream
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "A lighthouse at dusk, waves rolling in"
+
+
+def test_every_response_has_a_trace_id_and_errors_quote_it(stack: Stack, account: Account) -> None:
+    with stack.client(account) as client:
+        ok = client.get("/api/v1/videos")
+        missing = client.get("/api/v1/videos/987654321")
+        invalid = client.post("/api/v1/videos/generate", json={"prompt": "short"})
+        mine = client.get("/healthz", headers={"X-Request-Id": "lb-0123456789"})
+    assert len(ok.headers["X-Trace-Id"]) == 36
+    assert missing.json()["trace_id"] == missing.headers["X-Trace-Id"]
+    assert invalid.status_code == 422
+    assert invalid.json()["trace_id"] == invalid.headers["X-Trace-Id"]
+    assert "prompt" in invalid.json()["detail"]
+    assert mine.headers["X-Trace-Id"] == "lb-0123456789"  # a proxy's id is kept
+
+
+def test_a_body_over_the_limit_is_413_before_anything_is_charged(
+    stack: Stack, account: Account
+) -> None:
+    huge = "A" * (16 * 1024 * 1024 + 1)
+    with stack.client(account) as client:
+        response = client.post(
+            "/api/v1/videos/generate",
+            content=b'{"prompt": "' + huge.encode() + b'"}',
+            headers={"Content-Type": "application/json"},
+        )
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            yield b'{"prompt": "'
+            for _ in range(17):
+                yield b"A" * 2**20
+            yield b'"}'
+
+        chunked = client.post(
+            "/api/v1/videos/generate",
+            content=chunks(),
+            headers={"Content-Type": "application/json"},
+        )
+        videos = client.get("/api/v1/videos").json()
+    for refused in (response, chunked):
+        assert refused.status_code == 413
+        assert "larger than 16 MB" in refused.json()["detail"]
+    assert videos["total"] == 0
+
+
+def test_generate_over_the_rate_limit_is_429_with_retry_after_for_that_user_only(
+    stack: Stack,
+) -> None:
+    # No credits: each request is counted, none creates a video.
+    broke, other = make_account(credits=0), make_account(credits=0)
+    with stack.client(broke) as client:
+        codes = [
+            client.post("/api/v1/videos/generate", json={"prompt": PROMPT}).status_code
+            for _ in range(30)
+        ]
+        limited = client.post("/api/v1/videos/generate", json={"prompt": PROMPT})
+    with stack.client(other) as client:
+        others = client.post("/api/v1/videos/generate", json={"prompt": PROMPT})
+    assert codes == [402] * 30
+    assert limited.status_code == 429
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert "try again in" in limited.json()["detail"]
+    assert others.status_code == 402
+
+
+def test_no_cross_origin_access_unless_configured(
+    stack: Stack, environment: dict[str, str], var_dir: Path
+) -> None:
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    closed = httpx.options(f"{stack.base_url}/api/v1/videos/generate", headers=preflight)
+    assert "access-control-allow-origin" not in closed.headers
+
+    port = free_port()
+    env = {**environment, "CORS_ORIGINS": "https://app.example,https://other.example"}
+    api = kinora("api", "--port", str(port), env=env, log=var_dir / "logs" / "api-cors.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for("the API with CORS", up, timeout=30)
+        allowed = httpx.options(f"{base}/api/v1/videos/generate", headers=preflight)
+        foreign = httpx.options(
+            f"{base}/api/v1/videos/generate",
+            headers={**preflight, "Origin": "https://evil.example"},
+        )
+    finally:
+        stop(api)
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-origin" not in foreign.headers
+
+
+def test_a_job_logs_its_trace_id_and_no_token_is_ever_logged(
+    stack: Stack, account: Account
+) -> None:
+    with stack.client(account) as client:
+        created = client.post("/api/v1/videos/generate", json={"prompt": "[mock:policy] " + PROMPT})
+    assert created.status_code == 202
+    trace_id = created.headers["X-Trace-Id"]
+    body = created.json()
+    scoped = body["stream_url"].split("token=")[1]
+    # The token in every place a client may put it: query, header, scoped.
+    _, lines = read_stream(body["stream_url"], timeout=30)
+    read_stream(
+        f"{stack.base_url}/api/v1/videos/{body['video_id']}/stream?token={account.token}",
+        timeout=30,
+    )
+    read_stream(
+        f"{stack.base_url}/api/v1/videos/{body['video_id']}/stream", headers=account.headers
+    )
+    error = next(e for e in events_of(lines) if e["type"] == "error")
+    assert error["trace_id"] == trace_id
+
+    worker_log = stack.logs / "worker.log"
+    tagged = f"video_id={body['video_id']} trace_id={trace_id}"
+    wait_for("the worker's log lines", lambda: tagged in worker_log.read_text(), timeout=10)
+    time.sleep(0.5)  # let the API write its access lines
+    for name in ("api.log", "worker.log"):
+        text = (stack.logs / name).read_text()
+        assert account.token not in text, f"API token in {name}"
+        assert scoped not in text, f"scoped token in {name}"
+    job_lines = [
+        line
+        for line in worker_log.read_text().splitlines()
+        if f"video_id={body['video_id']} " in line
+    ]
+    assert job_lines
+    assert all(trace_id in line for line in job_lines)

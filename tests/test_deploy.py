@@ -1,0 +1,80 @@
+"""docker-compose.yml and the Dockerfile describe a deployment that can run: every
+service command is one the `kinora` CLI accepts, every setting is one Kinora reads,
+and the services start in a safe order. (CI also runs `docker compose config` where
+the docker client has the compose plugin; these checks need no docker at all.)"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kinora.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def expand(value: str) -> str:
+    """${NAME:-default} as compose expands it with NAME unset."""
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value)
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_services_and_their_start_order() -> None:
+    services = compose()["services"]
+    assert set(services) == {"redis", "postgres", "migrate", "api", "worker"}
+    assert services["redis"]["image"].startswith("redis:7")
+    assert services["postgres"]["image"].startswith("postgres:16")
+    for name in ("redis", "postgres", "api"):
+        assert services[name]["healthcheck"]["test"], f"{name} has no healthcheck"
+    assert any(v.endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
+    assert services["migrate"]["command"] == ["kinora", "db", "upgrade"]
+    assert services["migrate"]["restart"] == "no"
+    for name in ("api", "worker"):
+        depends = services[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["redis"]["condition"] == "service_healthy"
+        # One storage volume: workers write the videos that the API serves.
+        assert "data:/data" in services[name]["volumes"]
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "ports" not in services["worker"]  # scalable: --scale worker=N
+    assert any("--workers=" in part for part in services["api"]["command"])
+
+
+def test_every_kinora_command_in_the_file_is_accepted_by_the_cli() -> None:
+    services = compose()["services"]
+    for name in ("migrate", "api", "worker"):
+        command = [expand(part) for part in services[name]["command"]]
+        assert command[0] == "kinora"
+        result = subprocess.run(
+            [sys.executable, "-m", "kinora", *command[1:], "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, f"{name}: {command}: {result.stderr}"
+
+
+def test_every_setting_in_the_file_is_one_kinora_reads() -> None:
+    known = {(field.alias or name).upper() for name, field in Settings.model_fields.items()}
+    environment = compose()["x-kinora"]["environment"]
+    unknown = set(environment) - known
+    assert not unknown, f"settings Kinora does not read: {unknown}"
+
+
+def test_the_image_installs_the_package_and_runs_the_api_by_default() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11", dockerfile, re.M)
+    assert "COPY alembic" in dockerfile  # `kinora db upgrade` needs the migrations
+    assert re.search(r'^CMD \["kinora", "api"', dockerfile, re.M)
+    assert re.search(r"^USER (?!root)", dockerfile, re.M)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", "var", ".git"} <= set(ignored)
