@@ -93,7 +93,10 @@ def environment(
         "KINORA_VAR_DIR": str(var_dir),
         "REDIS_URL": redis_server.url,
         "DATABASE_URL": database_url,
+        # The API and the worker share metric files, as under `kinora up`.
+        "PROMETHEUS_MULTIPROC_DIR": str(var_dir / "metrics"),
     }
+    (var_dir / "metrics").mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)

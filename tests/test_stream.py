@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import signal
 import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import av
@@ -19,9 +21,10 @@ import redis
 
 from kinora import jobs
 from kinora.db import session_scope
+from kinora.embedded import free_port
 from kinora.events import SSELogger
 from kinora.models import User, Video
-from tests.conftest import Account, Stack, wait_for
+from tests.conftest import Account, Stack, kinora, stop, wait_for
 from tests.helpers import assert_whole_generation, events_of, ids_of, read_stream, submit
 
 pytestmark = pytest.mark.slow
@@ -286,3 +289,62 @@ def test_a_client_that_stops_reading_is_cut_off_without_slowing_others_and_resum
     assert status == 200
     assert [e["seq"] for e in events_of(rest)] == list(range(len(seqs) + 1, total + 1))
     assert events_of(rest)[-1]["type"] == "complete"
+
+
+def test_sigterm_tells_streams_to_come_back_and_exits_within_ten_seconds(
+    stack: Stack, account: Account, environment: dict[str, str], var_dir: Path
+) -> None:
+    video = unqueued_video(account)
+    with SSELogger(video.id) as log:
+        log.step(1, "Validating request parameters...", progress=3)
+    port = free_port()
+    api = kinora("api", "--port", str(port), env=environment, log=var_dir / "logs" / "api-term.log")
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for("the second API", up, timeout=30)
+        lines: list[str] = []
+        with (
+            httpx.Client(timeout=httpx.Timeout(10, read=12)) as client,
+            client.stream(
+                "GET", f"{base}/api/v1/videos/{video.id}/stream", headers=account.headers
+            ) as response,
+        ):
+            assert response.status_code == 200
+            stream = response.iter_lines()
+            for line in stream:
+                lines.append(line)
+                if line.startswith("data: "):
+                    break
+            signalled = time.monotonic()
+            api.send_signal(signal.SIGTERM)
+            lines.extend(stream)  # ends when the server closes it
+            closed = time.monotonic() - signalled
+        # uvicorn re-raises the signal once it has shut down cleanly.
+        assert api.wait(10) in (0, -signal.SIGTERM)
+        exited = time.monotonic() - signalled
+        assert "Application shutdown complete" in (var_dir / "logs" / "api-term.log").read_text()
+    finally:
+        stop(api)
+    retries = [line for line in lines if line.startswith("retry: ")]
+    assert len(retries) == 2, lines  # the opening one, and "come back" at shutdown
+    assert 0 < int(retries[1][7:]) <= 3000
+    assert lines.index(retries[1]) > lines.index(next(x for x in lines if x.startswith("data: ")))
+    assert closed < 5
+    assert exited < 10
+    # It comes back to a surviving process and misses nothing.
+    with SSELogger(video.id) as log:
+        log.step(2, "No reference image", progress=10)
+    _, rest = read_stream(
+        f"{stack.base_url}/api/v1/videos/{video.id}/stream",
+        headers={**account.headers, "Last-Event-ID": ids_of(lines)[-1]},
+        limit=1,
+        timeout=10,
+    )
+    assert [e["seq"] for e in events_of(rest)] == [int(ids_of(lines)[-1]) + 1]

@@ -45,6 +45,20 @@ app.set_default()
 _sweeper: Any = None
 
 
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _arm_hand_back(**_kwargs: Any) -> None:
+    from kinora import handback
+
+    handback.arm()
+
+
+@signals.worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _hand_back_running_videos(**_kwargs: Any) -> None:
+    from kinora import handback
+
+    handback.begin()
+
+
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
 def _start_sweeper(**_kwargs: Any) -> None:
     global _sweeper

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -44,7 +48,9 @@ def api(host: str, port: int, workers: int) -> None:
     """Run the API under uvicorn (needs REDIS_URL)."""
     import uvicorn
 
-    get_settings().required_redis_url  # noqa: B018  (fail early with a clear message)
+    settings = get_settings()
+    settings.required_redis_url  # noqa: B018  (fail early with a clear message)
+    share_metrics(settings.var_dir / "metrics" / f"api-{socket.gethostname()}-{port}")
     uvicorn.run(
         "kinora.api.app:create_app",
         factory=True,
@@ -60,14 +66,41 @@ def api(host: str, port: int, workers: int) -> None:
 
 @main.command()
 @click.option("--concurrency", default=1, show_default=True, help="Tasks run at once.")
-def worker(concurrency: int) -> None:
+@click.option(
+    "--metrics-port", default=0, show_default=True,
+    help="Serve this worker's Prometheus metrics on this port (0: off).",
+)  # fmt: skip
+def worker(concurrency: int, metrics_port: int) -> None:
     """Run a Celery worker for the generation tasks (needs REDIS_URL)."""
-    get_settings().required_redis_url  # noqa: B018
+    settings = get_settings()
+    settings.required_redis_url  # noqa: B018
+    share_metrics(settings.var_dir / "metrics" / f"worker-{socket.gethostname()}-{os.getpid()}")
+    if metrics_port:
+        from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        start_http_server(metrics_port, registry=registry)
     from kinora.celery_app import app
 
     app.worker_main(
         ["worker", "--loglevel", "INFO", "--concurrency", str(concurrency), "-Q", "kinora"]
     )
+
+
+def share_metrics(default: Path) -> None:
+    """Metric files shared by this process and the ones it starts (uvicorn's and
+    Celery's), so one scrape sees them all (kinora.metrics). An operator's
+    PROMETHEUS_MULTIPROC_DIR wins; `kinora up` sets one for all its children. It must
+    be set before prometheus_client is imported, which is why it is done here."""
+    from kinora.config import METRICS_DIR_ENV
+
+    directory = Path(os.environ.get(METRICS_DIR_ENV) or default)
+    if METRICS_DIR_ENV not in os.environ:
+        # Our own directory: the files of an earlier run are not ours to add up.
+        shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[METRICS_DIR_ENV] = str(directory)
 
 
 @main.group()

@@ -15,6 +15,10 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Read by prometheus_client itself when it is imported (kinora.metrics); named here so
+# that the processes which set it for their children agree on it.
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
@@ -86,11 +90,6 @@ class Settings(BaseSettings):
     # Videos one user may submit per window; over it, 429 with Retry-After. 0: no limit.
     generate_rate_limit: int = 30
     generate_rate_window_seconds: int = 60
-    # On SIGTERM a worker gives its running videos this long to finish, then hands
-    # them back to the queue, where another worker resumes the same model job.
-    worker_shutdown_seconds: float = 20.0
-    # On SIGTERM the API tells its streams to reconnect and is gone within this long.
-    api_shutdown_seconds: float = 5.0
 
     @field_validator("database_url", "redis_url", "openai_api_key", "secret_key", mode="before")
     @classmethod

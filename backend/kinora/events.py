@@ -23,7 +23,7 @@ import orjson
 import redis
 import redis.asyncio
 
-from kinora import logs
+from kinora import logs, metrics
 from kinora.config import get_settings
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,9 @@ async def publish_async(
     """Publish one event from async code (the API). Returns its seq."""
     keys, args = _script_args(video_id, encode_body(video_id, event_type, message, fields))
     script = client.register_script(PUBLISH_LUA)
-    return int(await script(keys=keys, args=args))
+    seq = int(await script(keys=keys, args=args))
+    metrics.EVENTS_PUBLISHED.labels(event_type).inc()
+    return seq
 
 
 # One synchronous client per worker process: prefork children must not share the
@@ -306,11 +308,13 @@ class SSELogger:
             seq = int(self._script(keys=keys, args=args, client=client))
         except redis.RedisError as exc:
             PublishStats.failed += 1
+            metrics.EVENTS_NOT_PUBLISHED.inc()
             log.warning(
                 "event for video %s not published (%s): %s", self.video_id, exc, body.decode()
             )
             return None
         PublishStats.published += 1
+        metrics.EVENTS_PUBLISHED.labels(event_type).inc()
         self.last_seq = seq
         return seq
 

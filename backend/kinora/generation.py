@@ -17,18 +17,18 @@ import logging
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from kinora import jobs, media, reference
+from kinora import handback, jobs, logs, media, reference
 from kinora.config import get_settings
 from kinora.db import session_scope
 from kinora.engines import EngineError, ModelJob, PolicyRefusal, VideoEngine, get_engine
 from kinora.events import SSELogger, describe_error
+from kinora.metrics import TimedEngine
 from kinora.models import Video, utcnow
 from kinora.tokens import sign_scoped
 
@@ -139,8 +139,8 @@ def run(
     try:
         with Lease(job) as lease, events:
             try:
-                Generation(job, engine or get_engine(), events, lease).run()
-            except JobLost:
+                Generation(job, TimedEngine(engine or get_engine()), events, lease).run()
+            except (JobLost, handback.HandBack):
                 raise
             except Exception as exc:
                 # The database first, so a client that reads the events (published by
@@ -153,6 +153,8 @@ def run(
                 if not ours:  # ended meanwhile (cancelled, timed out by the sweeper)
                     raise JobLost(video_id) from exc
                 raise
+    except handback.HandBack:
+        return _hand_back(job, events)
     except JobLost:
         status = _status(video_id)
         log.info("video %s was taken from this worker (now %s); stopped", video_id, status)
@@ -163,6 +165,22 @@ def run(
         log.warning("video %s failed: %s", video_id, describe_error(exc))
         return {"status": "failed", "video_id": video_id, "error": describe_error(exc)}
     return {"status": "completed", "video_id": video_id}
+
+
+def _hand_back(job: Job, events: SSELogger) -> dict[str, Any]:
+    """Give the video back to the queue: pending again (its model job id kept), and a
+    new message for another worker. If it was cancelled meanwhile, nothing to do."""
+    with session_scope() as session:
+        ours = jobs.release(session, job.video_id, job.owner)
+    if ours:
+        from kinora.tasks import generate_video
+
+        events.log("This worker is shutting down: the video goes back to the queue")
+        generate_video.apply_async(
+            args=[job.video_id], kwargs={"trace_id": logs.current_trace_id()}
+        )
+        log.info("video %s handed back to the queue (worker shutting down)", job.video_id)
+    return {"status": "handed_back", "video_id": job.video_id}
 
 
 def _status(video_id: int) -> str | None:
@@ -214,6 +232,7 @@ class Generation:
         self.events = events
         self.lease = lease
         self.settings = get_settings()
+        self.finalizing = False
 
     def run(self) -> None:
         if self.job.model_job_id:
@@ -238,9 +257,12 @@ class Generation:
         self.events.step(step, message, progress=progress)
 
     def check(self) -> None:
-        """Between steps: stop if the video is no longer ours or past its deadline."""
+        """Between steps: stop if the video is no longer ours or past its deadline, and
+        give it back if the worker is shutting down (unless it is almost done)."""
         if self.lease.lost.is_set():
             raise JobLost(self.job.video_id)
+        if not self.finalizing and handback.requested():
+            raise handback.HandBack
         if utcnow() > self.job.deadline:
             raise VideoTimeout(self.settings.video_timeout_seconds)
 
@@ -290,7 +312,7 @@ class Generation:
         reported = -1
         while model_job.status not in ("completed", "failed"):
             self.check()
-            time.sleep(model_job.poll_after or self.settings.mock_step_seconds)
+            handback.sleep(model_job.poll_after or self.settings.mock_step_seconds)
             model_job = self.engine.retrieve(model_job.id)
             if model_job.status == "in_progress" and model_job.progress != reported:
                 reported = model_job.progress
@@ -303,6 +325,7 @@ class Generation:
 
     def finalize(self, model_job: ModelJob) -> None:
         job = self.job
+        self.finalizing = True
         self.events.stage("finalizing", "Finalizing video")
         storage = self.settings.resolved_storage_dir
         storage.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
+from kinora import metrics
 from kinora.cancellation import raise_if_cancelled
 from kinora.events import Event, channel, history_key, parse
 from kinora.presence import Presence
@@ -132,14 +133,19 @@ class Topic:
 class Watcher:
     """One client's registration for one video: a cursor into its topic's log."""
 
-    def __init__(self, hub: StreamHub, video_id: int, topic: Topic, after: int) -> None:
+    def __init__(
+        self, hub: StreamHub, video_id: int, topic: Topic, after: int, transport: str = "sse"
+    ) -> None:
         self.hub = hub
+        self.transport = transport
+        self._delivered = metrics.DELIVERIES.labels(transport)
         self.video_id = video_id
         self.topic = topic
         self.cursor = topic.end  # the live events it has taken from the topic
         self.last_seq = after
         self.cut = False  # set when it fell too far behind: the client is too slow
         self.expired = False
+        self.drained = False  # set when the process shuts down: the client should reconnect
 
     @property
     def backlog(self) -> int:
@@ -151,6 +157,7 @@ class Watcher:
             return
         self.cut = True
         self.hub.slow_cuts += 1
+        metrics.CLIENTS_CUT.labels(self.transport).inc()
         self.hub.detach(self)
         self.topic.wake()
         log.info("watcher of video %s cut off: %d events behind", self.video_id, self.backlog)
@@ -172,6 +179,7 @@ class Watcher:
             history = await self.hub.history(self.video_id, self.last_seq)
             if history:
                 self.last_seq = history[-1].seq
+                self._delivered.inc(len(history))
                 yield history
             topic = self.topic
             while not (self.cut or self.expired):
@@ -197,6 +205,7 @@ class Watcher:
                         self.last_seq = item.seq
                         batch.append(item)
                 if batch:
+                    self._delivered.inc(len(batch))
                     yield batch
         finally:
             if timer is not None:
@@ -260,7 +269,9 @@ class StreamHub:
     # -- watching -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def watch(self, video_id: int, after: int = 0) -> AsyncIterator[Watcher]:
+    async def watch(
+        self, video_id: int, after: int = 0, transport: str = "sse"
+    ) -> AsyncIterator[Watcher]:
         """Register a watcher of `video_id` that has seen every event up to `after`."""
         name = channel(video_id).encode()
         topic = self._topics.get(name)
@@ -268,9 +279,11 @@ class StreamHub:
             topic = self._topics[name] = Topic()
             self._pending[name] += 1
             self._ops.put_nowait(("sub", name))
-        watcher = Watcher(self, video_id, topic, after)
+        watcher = Watcher(self, video_id, topic, after, transport)
         topic.watchers.add(watcher)  # registered before the subscription can go live
         self.presence.joined(video_id)
+        clients = metrics.CLIENTS.labels(transport)
+        clients.inc()
         try:
             try:
                 async with asyncio.timeout(self.subscribe_timeout):
@@ -279,6 +292,7 @@ class StreamHub:
                 raise SubscribeTimeout(f"no subscription to {name.decode()} from Redis") from None
             yield watcher
         finally:
+            clients.dec()
             self.detach(watcher)
 
     def detach(self, watcher: Watcher) -> None:
@@ -293,6 +307,19 @@ class StreamHub:
         if not topic.watchers:
             del self._topics[name]
             self._ops.put_nowait(("unsub", name))
+
+    def drain(self) -> int:
+        """End every watcher's stream (the process is shutting down); each client is
+        told to come back, to another process. Returns how many were ended."""
+        ended = 0
+        for topic in self._topics.values():
+            for watcher in topic.watchers:
+                watcher.drained = watcher.expired = True
+                ended += 1
+            topic.wake()
+        if ended:
+            log.info("shutting down: %d streams told to reconnect", ended)
+        return ended
 
     async def history(self, video_id: int, after: int) -> list[Item]:
         raw = await self.redis.zrangebyscore(history_key(video_id), f"({after}", "+inf")

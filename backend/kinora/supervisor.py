@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from types import FrameType
 import httpx
 
 from kinora.accounts import DuplicateUser, create_user, rotate_token, user_for_token
-from kinora.config import Settings, get_settings
+from kinora.config import METRICS_DIR_ENV, Settings, get_settings
 from kinora.db import upgrade
 from kinora.embedded import EmbeddedRedis
 
@@ -100,6 +101,13 @@ def run_all(*, host: str, port: int, workers: int) -> int:
     var = settings.var_dir.resolve()
     var.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, KINORA_VAR_DIR=str(var), PYTHONUNBUFFERED="1")
+    if METRICS_DIR_ENV not in env:
+        # One directory of metric files for the API and the worker: the API's /metrics
+        # shows the worker's task outcomes and model latency too.
+        metrics_dir = var / "metrics" / "up"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        env[METRICS_DIR_ENV] = str(metrics_dir)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         raise Stop(signal.Signals(signum).name)

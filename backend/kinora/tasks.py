@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import shared_task
@@ -9,7 +10,7 @@ from celery import shared_task
 # Importing the app makes it the current one, so that `shared_task` binds to it in
 # every process that queues tasks (the API), not only in the worker.
 from kinora import celery_app as _celery_app  # noqa: F401
-from kinora import generation, logs
+from kinora import generation, logs, metrics
 from kinora.config import get_settings
 
 
@@ -21,13 +22,21 @@ def generate_video(self: Any, video_id: int, trace_id: str | None = None) -> dic
     task id, when the sweeper queued it again)."""
     settings = get_settings()
     task_id = self.request.id or "eager"
+    start = time.perf_counter()
+    outcome = "error"
     with logs.bind(trace_id=trace_id or task_id, video_id=video_id):
         try:
-            return generation.run(
+            result = generation.run(
                 video_id,
                 task_id=task_id,
                 retry_count=self.request.retries,
                 max_retries=settings.max_retries,
             )
+            outcome = str(result["status"])
+            return result
         except generation.Retry as exc:
+            outcome = "retry"
             raise self.retry(exc=exc.cause, countdown=settings.retry_countdown_seconds) from exc
+        finally:
+            metrics.TASKS.labels(outcome).inc()
+            metrics.TASK_SECONDS.labels(outcome).observe(time.perf_counter() - start)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -9,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -36,11 +38,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     await hub.start()
     app.state.hub = hub
+    # One event for the process: the first stream to see the server shutting down sets
+    # it (sse-starlette), and every stream is then drained at once.
+    app.state.shutdown = anyio.Event()
+    drainer = asyncio.create_task(_drain_on_shutdown(app.state.shutdown, hub))
     tune_gc()
     try:
         yield
     finally:
+        drainer.cancel()
         await hub.stop()
+
+
+async def _drain_on_shutdown(shutdown: anyio.Event, hub: StreamHub) -> None:
+    await shutdown.wait()
+    hub.drain()
 
 
 def tune_gc() -> None:

@@ -1,4 +1,4 @@
-"""Operations endpoints: liveness and readiness."""
+"""Operations endpoints: liveness, readiness and metrics."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import func, select, text
 
+from kinora import metrics
 from kinora.api.deps import HubDep
-from kinora.db import get_engine
+from kinora.db import get_engine, session_scope
+from kinora.models import Video, VideoStatus
 
 router = APIRouter(tags=["operations"])
 
@@ -44,3 +46,24 @@ async def readyz(hub: HubDep) -> Any:
     return JSONResponse(
         checks | {"status": "ready" if ready else "not ready"}, 200 if ready else 503
     )
+
+
+def _videos_by_status() -> dict[str, int]:
+    with session_scope() as session:
+        rows = session.execute(select(Video.status, func.count()).group_by(Video.status))
+        counts = {str(status): 0 for status in VideoStatus}
+        counts.update({str(status): count for status, count in rows})
+        return counts
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {metrics.CONTENT_TYPE: {}}, "description": "Prometheus text"}},
+)
+async def prometheus_metrics() -> Response:
+    """Prometheus text format: events, deliveries, stream clients, slow clients cut,
+    videos by status, task outcomes and durations, model call latency."""
+    counts = await run_in_threadpool(_videos_by_status)
+    body = await run_in_threadpool(metrics.render, metrics.VideosByStatus(counts))
+    return Response(body, media_type=metrics.CONTENT_TYPE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
@@ -22,6 +23,9 @@ from kinora.hub import StreamHub, SubscribeTimeout
 from kinora.models import Video
 
 log = logging.getLogger(__name__)
+# How long a stream has to say goodbye (`retry:`) on shutdown before it is cancelled;
+# well within uvicorn's graceful shutdown (kinora api).
+SHUTDOWN_GRACE_SECONDS = 2.0
 router = APIRouter(prefix="/api/v1/videos", tags=["stream"])
 
 
@@ -69,7 +73,8 @@ def _ping() -> ServerSentEvent:
 async def frames(
     hub: StreamHub, video_id: int, after: int, retry_ms: int, lifetime: float
 ) -> AsyncIterator[bytes]:
-    """`retry:`, then every event after `after` until `complete` or the timeout."""
+    """`retry:`, then every event after `after` until `complete` or the timeout. When
+    the process shuts down, a last `retry:` tells the client when to come back."""
     yield b"retry: %d\n\n" % retry_ms
     deadline = asyncio.get_running_loop().time() + lifetime
     try:
@@ -79,6 +84,10 @@ async def frames(
                 yield b"".join(item.sse for item in batch)
                 if batch[-1].terminal:  # `complete` is a video's last event
                     return
+            if watcher.drained:
+                # Spread over time, the reconnects of a whole process's clients do not
+                # land on the other processes at one instant.
+                yield b"retry: %d\n\n" % random.randint(retry_ms // 2, retry_ms)
     except SubscribeTimeout:
         # Redis did not confirm the subscription: end the response; the client
         # reconnects with Last-Event-ID and loses nothing.
@@ -124,4 +133,8 @@ async def stream_video(
         sep="\n",
         headers={"Cache-Control": "no-cache"},
         send_timeout=settings.sse_send_timeout_seconds,
+        # Set by sse-starlette when the server shuts down; the app drains the hub then
+        # (app.lifespan), and the streams end on their own with a last `retry:`.
+        shutdown_event=request.app.state.shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
     )

@@ -60,7 +60,7 @@ async def progress(websocket: WebSocket, video_id: int, token: str | None = None
         message("connected", {"project_id": video_id, "timestamp": timestamp()})
     )
     try:
-        async with hub.watch(video_id) as watcher:
+        async with hub.watch(video_id, transport="websocket") as watcher:
             logs = await hub.history(video_id, 0)
             if logs:
                 watcher.last_seq = logs[-1].seq
