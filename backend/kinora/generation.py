@@ -136,6 +136,10 @@ def run(
     )
     events.progress = job.progress
     events.stage_name = "preparing"  # opened by the API with step 0
+    log.info(
+        "video %s claimed: attempt %d%s", video_id, job.attempt,
+        f", resuming model job {job.model_job_id}" if job.model_job_id else "",
+    )  # fmt: skip
     try:
         with Lease(job) as lease, events:
             try:
@@ -164,6 +168,7 @@ def run(
             raise Retry(exc) from exc
         log.warning("video %s failed: %s", video_id, describe_error(exc))
         return {"status": "failed", "video_id": video_id, "error": describe_error(exc)}
+    log.info("video %s completed", video_id)
     return {"status": "completed", "video_id": video_id}
 
 
