@@ -155,3 +155,19 @@ def test_a_job_logs_its_trace_id_and_no_token_is_ever_logged(
     ]
     assert job_lines
     assert all(trace_id in line for line in job_lines)
+
+
+def test_urls_use_the_public_scheme_and_host_a_trusted_proxy_forwards(
+    stack: Stack, account: Account
+) -> None:
+    from tests.test_videos import pending_video
+
+    video = pending_video(account)
+    with stack.client(account) as client:
+        proxied = client.get(
+            f"/api/v1/videos/{video}",
+            headers={"X-Forwarded-Proto": "https", "Host": "videos.example"},
+        ).json()
+        direct = client.get(f"/api/v1/videos/{video}").json()
+    assert proxied["stream_url"].startswith(f"https://videos.example/api/v1/videos/{video}/")
+    assert direct["stream_url"].startswith(f"{stack.base_url}/api/v1/videos/{video}/")

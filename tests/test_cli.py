@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from kinora.embedded import free_port
+from tests.conftest import wait_for
 from tests.helpers import assert_whole_generation, events_of, read_stream
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,14 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("REDIS_URL", "DATABASE_URL", "KINORA_VAR_DIR", "SECRET_KEY")
+        if k
+        not in (
+            "REDIS_URL",
+            "DATABASE_URL",
+            "KINORA_VAR_DIR",
+            "SECRET_KEY",
+            "PROMETHEUS_MULTIPROC_DIR",
+        )
     }
     env["MOCK_STEP_SECONDS"] = "0.2"
     return env
@@ -83,6 +91,15 @@ def test_kinora_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         status, stream = read_stream(created["stream_url"])
         assert status == 200
         assert_whole_generation(events_of(stream))
+        # One scrape of the API shows the worker's task too: they share metric files.
+        wait_for(
+            "the worker's task in the API's /metrics",
+            lambda: (
+                'kinora_tasks_total{outcome="completed"} 1.0'
+                in httpx.get(f"{base}/metrics", timeout=5).text
+            ),
+            timeout=10,
+        )
 
         started = time.monotonic()
         up.send_signal(signal.SIGTERM)

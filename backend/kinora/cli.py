@@ -57,6 +57,8 @@ def api(host: str, port: int, workers: int) -> None:
         host=host,
         port=port,
         workers=workers,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         # Logging is Kinora's (create_app configures it in every worker process).
         log_config=None,
         # Streams end promptly on shutdown: their generators exit on cancellation.

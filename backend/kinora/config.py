@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # Videos one user may submit per window; over it, 429 with Retry-After. 0: no limit.
     generate_rate_limit: int = 30
     generate_rate_window_seconds: int = 60
+    # Proxies (comma-separated addresses, or *) whose X-Forwarded-Proto/-For the API
+    # trusts, so that the stream and content URLs it returns use the public scheme.
+    forwarded_allow_ips: str = "127.0.0.1"
 
     @field_validator("database_url", "redis_url", "openai_api_key", "secret_key", mode="before")
     @classmethod
