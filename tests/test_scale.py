@@ -241,6 +241,9 @@ def test_videos_survive_a_killed_worker_and_a_killed_api(cluster: Cluster) -> No
     job_lines = [line for line in lines if line["video_id"] is not None]
     assert {line["video_id"] for line in job_lines} == set(videos)
     assert all(line["trace_id"] for line in job_lines)
+    # Celery's own line for each task run is among them.
+    celery_lines = [line for line in job_lines if line["logger"] == "celery.app.trace"]
+    assert {line["video_id"] for line in celery_lines} == set(videos)
 
 
 @pytest.mark.timeout(180)

@@ -43,6 +43,27 @@ app.set_default()
 
 
 _sweeper: Any = None
+_bound: dict[str, Any] = {}
+
+
+@signals.task_prerun.connect  # type: ignore[untyped-decorator]
+def _bind_job_ids(task_id: str, args: Any = (), kwargs: Any = None, **_: Any) -> None:
+    """Every line logged while a generation runs, Celery's own "succeeded" or "retry"
+    line included, carries its video id and trace id (kinora.logs)."""
+    from kinora import logs
+
+    kwargs = kwargs or {}
+    video_id = args[0] if args else kwargs.get("video_id")
+    scope = logs.bind(trace_id=kwargs.get("trace_id") or task_id, video_id=video_id)
+    scope.__enter__()
+    _bound[task_id] = scope
+
+
+@signals.task_postrun.connect  # type: ignore[untyped-decorator]
+def _unbind_job_ids(task_id: str, **_: Any) -> None:
+    scope = _bound.pop(task_id, None)
+    if scope is not None:
+        scope.__exit__(None, None, None)
 
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]

@@ -10,33 +10,32 @@ from celery import shared_task
 # Importing the app makes it the current one, so that `shared_task` binds to it in
 # every process that queues tasks (the API), not only in the worker.
 from kinora import celery_app as _celery_app  # noqa: F401
-from kinora import generation, logs, metrics
+from kinora import generation, metrics
 from kinora.config import get_settings
 
 
 @shared_task(name="kinora.generate_video", bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def generate_video(self: Any, video_id: int, trace_id: str | None = None) -> dict[str, Any]:
     """One attempt at a video; transient failures come back after
-    RETRY_COUNTDOWN_SECONDS, at most MAX_RETRIES times (CONTRACT §7). Every line it
-    logs carries the video id and the trace id of the request that queued it (or the
-    task id, when the sweeper queued it again)."""
+    RETRY_COUNTDOWN_SECONDS, at most MAX_RETRIES times (CONTRACT §7). Every line
+    logged while it runs carries the video id and the trace id of the request that
+    queued it (celery_app binds them), or the task id when the sweeper queued it."""
     settings = get_settings()
     task_id = self.request.id or "eager"
     start = time.perf_counter()
     outcome = "error"
-    with logs.bind(trace_id=trace_id or task_id, video_id=video_id):
-        try:
-            result = generation.run(
-                video_id,
-                task_id=task_id,
-                retry_count=self.request.retries,
-                max_retries=settings.max_retries,
-            )
-            outcome = str(result["status"])
-            return result
-        except generation.Retry as exc:
-            outcome = "retry"
-            raise self.retry(exc=exc.cause, countdown=settings.retry_countdown_seconds) from exc
-        finally:
-            metrics.TASKS.labels(outcome).inc()
-            metrics.TASK_SECONDS.labels(outcome).observe(time.perf_counter() - start)
+    try:
+        result = generation.run(
+            video_id,
+            task_id=task_id,
+            retry_count=self.request.retries,
+            max_retries=settings.max_retries,
+        )
+        outcome = str(result["status"])
+        return result
+    except generation.Retry as exc:
+        outcome = "retry"
+        raise self.retry(exc=exc.cause, countdown=settings.retry_countdown_seconds) from exc
+    finally:
+        metrics.TASKS.labels(outcome).inc()
+        metrics.TASK_SECONDS.labels(outcome).observe(time.perf_counter() - start)
