@@ -1,7 +1,7 @@
 """docker-compose.yml and the Dockerfile describe a deployment that can run: every
 service command is one the `kinora` CLI accepts, every setting is one Kinora reads,
-and the services start in a safe order. (CI also runs `docker compose config` where
-the docker client has the compose plugin; these checks need no docker at all.)"""
+and the services start in a safe order. (`make test` also has compose validate the
+file wherever the docker client is installed; these checks need no docker at all.)"""
 
 from __future__ import annotations
 
