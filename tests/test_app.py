@@ -31,6 +31,17 @@ def test_every_response_has_a_trace_id_and_errors_quote_it(stack: Stack, account
     assert invalid.json()["trace_id"] == invalid.headers["X-Trace-Id"]
     assert "prompt" in invalid.json()["detail"]
     assert mine.headers["X-Trace-Id"] == "lb-0123456789"  # a proxy's id is kept
+    # The stream too (its header is set by the stream itself, not the middleware).
+    from tests.test_videos import pending_video
+
+    video = pending_video(account)
+    with (
+        stack.client(account) as client,
+        client.stream(
+            "GET", f"/api/v1/videos/{video}/stream", headers={"X-Request-Id": "lb-stream-0001"}
+        ) as stream,
+    ):
+        assert stream.headers["X-Trace-Id"] == "lb-stream-0001"
 
 
 def test_a_body_over_the_limit_is_413_before_anything_is_charged(

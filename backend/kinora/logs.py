@@ -68,6 +68,7 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.trace_id = trace_id_var.get()
         record.video_id = video_id_var.get()
+        record.__dict__.pop("color_message", None)  # uvicorn's terminal colours: noise
         message = record.getMessage()
         clean = redact(message)
         if clean != message or record.args:

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kinora import logs
 
 TRACE_HEADER = "X-Trace-Id"
+STREAM_SUFFIX = "/stream"
 # A caller's own id is kept when it is a sane token (a proxy's request id, say).
 _GOOD_ID = re.compile(r"[A-Za-z0-9._\-]{8,64}")
 
@@ -28,14 +29,13 @@ class TraceMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        trace_id = None
-        for name, value in scope["headers"]:
-            if name in (b"x-trace-id", b"x-request-id"):
-                candidate = value.decode("latin-1")
-                if _GOOD_ID.fullmatch(candidate):
-                    trace_id = candidate
-                    break
-        trace_id = trace_id or logs.new_trace_id()
+        trace_id = self.trace_id(scope)
+        if scope["type"] == "websocket" or scope["path"].endswith(STREAM_SUFFIX):
+            # `send` is not wrapped here: the wrapper would run for every event written
+            # to every stream. The stream sets its header itself (api.stream).
+            with logs.bind(trace_id=trace_id):
+                await self.app(scope, receive, send)
+            return
         header = (TRACE_HEADER.lower().encode(), trace_id.encode())
 
         async def send_with_trace(message: Message) -> None:
@@ -45,6 +45,15 @@ class TraceMiddleware:
 
         with logs.bind(trace_id=trace_id):
             await self.app(scope, receive, send_with_trace)
+
+    @staticmethod
+    def trace_id(scope: Scope) -> str:
+        for name, value in scope["headers"]:
+            if name in (b"x-trace-id", b"x-request-id"):
+                candidate: str = value.decode("latin-1")
+                if _GOOD_ID.fullmatch(candidate):
+                    return candidate
+        return logs.new_trace_id()
 
 
 class BodyTooLarge(HTTPException):
@@ -81,7 +90,6 @@ class BodyLimitMiddleware:
                 await self._refuse(send)
                 return
         received = 0
-        started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -92,17 +100,10 @@ class BodyLimitMiddleware:
                     raise BodyTooLarge(self.limit)
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            await self._refuse(send)
+        # Only `receive` is wrapped: a wrapper of `send` would run for every event
+        # written to every stream. BodyTooLarge, an HTTPException, is answered by the
+        # app's exception handler.
+        await self.app(scope, counting_receive, send)
 
     async def _refuse(self, send: Send) -> None:
         payload = orjson.dumps(

@@ -17,7 +17,9 @@ from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Send
 
+from kinora import logs
 from kinora.api.deps import BearerDep, HubDep, SettingsDep, watcher_video
+from kinora.api.middleware import TRACE_HEADER
 from kinora.db import session_scope
 from kinora.hub import StreamHub, SubscribeTimeout
 from kinora.models import Video
@@ -131,7 +133,7 @@ async def stream_video(
         ping=int(settings.sse_ping_seconds) or 1,
         ping_message_factory=_ping,
         sep="\n",
-        headers={"Cache-Control": "no-cache"},
+        headers={"Cache-Control": "no-cache", TRACE_HEADER: logs.current_trace_id() or ""},
         send_timeout=settings.sse_send_timeout_seconds,
         # Set by sse-starlette when the server shuts down; the app drains the hub then
         # (app.lifespan), and the streams end on their own with a last `retry:`.
