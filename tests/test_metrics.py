@@ -48,12 +48,15 @@ def test_a_video_shows_in_events_deliveries_tasks_and_model_latency(
     assert events[-1]["status"] == "completed"
 
     def counted() -> bool:
+        # The worker counts its task as it returns; the API adds up its deliveries
+        # once a second.
         now = scrape(stack)
+        name = "kinora_event_deliveries_total"
         return value(now, "kinora_tasks_total", outcome="completed") > value(
             before, "kinora_tasks_total", outcome="completed"
-        )
+        ) and total(now, name) - total(before, name) >= len(events)
 
-    wait_for("the task's outcome in /metrics", counted, timeout=10)
+    wait_for("the task's outcome and deliveries in /metrics", counted, timeout=10)
     after = scrape(stack)
     grew = {
         name: total(after, name) - total(before, name)
