@@ -169,6 +169,25 @@ def kinora(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes
         )
 
 
+def start_api(
+    env: dict[str, str], log: Path, port: int | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`kinora api` on 127.0.0.1 (a free port unless given), once it answers."""
+    port = port or free_port()
+    api = kinora("api", "--port", str(port), env=env, log=log)
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert api.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(f"the API on port {port}", up, timeout=30)
+    return api, base
+
+
 def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     if process.poll() is None:
         process.terminate()

@@ -10,8 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kinora.embedded import free_port
-from tests.conftest import Account, Stack, kinora, make_account, stop, wait_for
+from tests.conftest import Account, Stack, make_account, start_api, stop, wait_for
 from tests.helpers import events_of, read_stream
 
 pytestmark = pytest.mark.slow
@@ -104,19 +103,9 @@ def test_no_cross_origin_access_unless_configured(
     closed = httpx.options(f"{stack.base_url}/api/v1/videos/generate", headers=preflight)
     assert "access-control-allow-origin" not in closed.headers
 
-    port = free_port()
     env = {**environment, "CORS_ORIGINS": "https://app.example,https://other.example"}
-    api = kinora("api", "--port", str(port), env=env, log=var_dir / "logs" / "api-cors.log")
+    api, base = start_api(env, var_dir / "logs" / "api-cors.log")
     try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for("the API with CORS", up, timeout=30)
         allowed = httpx.options(f"{base}/api/v1/videos/generate", headers=preflight)
         foreign = httpx.options(
             f"{base}/api/v1/videos/generate",

@@ -9,11 +9,10 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from kinora.embedded import free_port
-from tests.conftest import Account, Stack, kinora, stop, wait_for
+from tests.conftest import Account, Stack, start_api, stop, wait_for
 from tests.helpers import submit
 
 pytestmark = pytest.mark.slow
@@ -88,19 +87,7 @@ def test_watch_resumes_after_the_server_drops_it(
     base = f"http://127.0.0.1:{port}"
     env = {**environment, "MOCK_STEP_SECONDS": "0.2"}
 
-    def start_api() -> subprocess.Popen[bytes]:
-        api = kinora("api", "--port", str(port), env=env, log=tmp_path / "api.log")
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for("the API", up, timeout=30)
-        return api
-
-    api = start_api()
+    api, _ = start_api(env, tmp_path / "api.log", port)
     client = subprocess.Popen(
         [sys.executable, "-m", "kinora", "generate", "A river through a canyon", "--watch"],
         env={**environment, "KINORA_URL": base, "KINORA_TOKEN": account.token},
@@ -121,7 +108,7 @@ def test_watch_resumes_after_the_server_drops_it(
         api.kill()  # the connection drops mid-stream
         api.wait(10)
         time.sleep(1)  # the client is now retrying against a closed port
-        api = start_api()
+        api, _ = start_api(env, tmp_path / "api.log", port)
         assert client.wait(60) == 0
         reader.join(10)
     finally:

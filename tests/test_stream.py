@@ -21,10 +21,9 @@ import redis
 
 from kinora import jobs
 from kinora.db import session_scope
-from kinora.embedded import free_port
 from kinora.events import SSELogger
 from kinora.models import User, Video
-from tests.conftest import Account, Stack, kinora, stop, wait_for
+from tests.conftest import Account, Stack, start_api, stop, wait_for
 from tests.helpers import assert_whole_generation, events_of, ids_of, read_stream, submit
 
 pytestmark = pytest.mark.slow
@@ -297,18 +296,8 @@ def test_sigterm_tells_streams_to_come_back_and_exits_within_ten_seconds(
     video = unqueued_video(account)
     with SSELogger(video.id) as log:
         log.step(1, "Validating request parameters...", progress=3)
-    port = free_port()
-    api = kinora("api", "--port", str(port), env=environment, log=var_dir / "logs" / "api-term.log")
+    api, base = start_api(environment, var_dir / "logs" / "api-term.log")
     try:
-        base = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for("the second API", up, timeout=30)
         lines: list[str] = []
         with (
             httpx.Client(timeout=httpx.Timeout(10, read=12)) as client,

@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from kinora.embedded import free_port
-from tests.conftest import Account, kinora, make_account, stop, wait_for
+from tests.conftest import Account, make_account, start_api, stop
 
 pytestmark = pytest.mark.slow
 
@@ -54,15 +54,7 @@ class Api:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.process = kinora("api", "--port", str(self.port), env=self.env, log=self.log)
-
-        def up() -> bool:
-            try:
-                return httpx.get(f"{self.base}/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for("the API", up, timeout=30)
+        self.process, _ = start_api(self.env, self.log, self.port)
 
     def kill(self) -> None:
         assert self.process is not None
