@@ -177,11 +177,6 @@ def sync_client() -> redis.Redis:
     return client
 
 
-class PublishStats:
-    published = 0
-    failed = 0
-
-
 class SSELogger:
     """Publishes the steps of one video's job; usable as a context manager.
 
@@ -307,13 +302,11 @@ class SSELogger:
             keys, args = _script_args(self.video_id, body)
             seq = int(self._script(keys=keys, args=args, client=client))
         except redis.RedisError as exc:
-            PublishStats.failed += 1
             metrics.EVENTS_NOT_PUBLISHED.inc()
             log.warning(
                 "event for video %s not published (%s): %s", self.video_id, exc, body.decode()
             )
             return None
-        PublishStats.published += 1
         metrics.EVENTS_PUBLISHED.labels(event_type).inc()
         self.last_seq = seq
         return seq
