@@ -68,6 +68,26 @@ def reserve(session: Session, user_id: int, key: str, digest: str) -> Idempotenc
     return row
 
 
+def lookup(session: Session, user_id: int, key: str, digest: str) -> Replay | None:
+    """The stored response for `key`, if a request with it has committed (and the key
+    has not expired); KeyReused if that request had another body. Read before the rate
+    limit, so a client's retry is answered and never counted (CONTRACT §8)."""
+    row = session.scalar(
+        select(IdempotencyKey).where(
+            IdempotencyKey.user_id == user_id,
+            IdempotencyKey.key == key,
+            IdempotencyKey.created_at >= utcnow() - KEY_TTL,
+        )
+    )
+    if row is None or row.video_id is None:
+        return None
+    if row.request_hash != digest:
+        raise KeyReused(key)
+    video = session.get(Video, row.video_id)
+    assert video is not None
+    return Replay(video.id, video.task_id, row.credits_remaining)
+
+
 def replay(session: Session, user_id: int, key: str, digest: str) -> Replay:
     """The response of the request that holds `key`."""
     row = session.scalar(

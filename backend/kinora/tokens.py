@@ -49,7 +49,8 @@ def verify_scoped(token: str, video_id: int) -> int | None:
     if len(parts) != 5 or parts[0] != SCOPED_PREFIX:
         return None
     payload, signature = ".".join(parts[:4]), parts[4]
-    if not hmac.compare_digest(signature, _signature(payload)):
+    # As bytes: compare_digest raises TypeError on a str with non-ASCII characters.
+    if not hmac.compare_digest(signature.encode(), _signature(payload).encode()):
         return None
     try:
         token_video, user_id, expires = int(parts[1]), int(parts[2]), int(parts[3])

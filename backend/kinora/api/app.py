@@ -20,7 +20,12 @@ from starlette.exceptions import HTTPException
 
 from kinora import __version__, logs
 from kinora.api import ops, stream, videos, ws
-from kinora.api.middleware import BodyLimitMiddleware, TraceMiddleware
+from kinora.api.middleware import (
+    TRACE_HEADER,
+    TRACE_STATE,
+    BodyLimitMiddleware,
+    TraceMiddleware,
+)
 from kinora.config import get_settings
 from kinora.hub import StreamHub
 
@@ -85,6 +90,7 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"detail": detail, "errors": errors, "trace_id": logs.current_trace_id()},
         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        headers=trace_header(),
     )
 
 
@@ -94,16 +100,26 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"detail": exc.detail, "trace_id": logs.current_trace_id()},
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers={**(exc.headers or {}), **trace_header()},
     )
 
 
-async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+def trace_header() -> dict[str, str]:
+    """Set on error bodies here, since TraceMiddleware leaves stream responses alone."""
     trace_id = logs.current_trace_id()
+    return {TRACE_HEADER: trace_id} if trace_id else {}
+
+
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Runs in Starlette's outermost middleware, outside TraceMiddleware's log context:
+    the request's trace id is read from its scope (middleware.TRACE_STATE)."""
+    trace_id = str(request.scope.get("state", {}).get(TRACE_STATE) or logs.new_trace_id())
+    with logs.bind(trace_id=trace_id):
+        log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(
         {"detail": f"internal error: report trace id {trace_id}", "trace_id": trace_id},
         status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+        headers={TRACE_HEADER: trace_id},
     )
 
 

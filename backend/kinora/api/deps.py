@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -26,6 +26,11 @@ def get_hub(request: Request) -> StreamHub:
     hub: StreamHub = request.app.state.hub
     return hub
 
+
+# Ids are 64-bit signed integers in the database: a larger one is a 422 that says so,
+# never an overflow deep in the driver (a 500).
+MAX_ID = 2**63 - 1
+VideoId = Annotated[int, Path(ge=1, le=MAX_ID, description="The video's id")]
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -70,6 +75,8 @@ def not_found(video_id: int) -> HTTPException:
 def owned_video(session: Session, video_id: int, user_id: int) -> Video:
     """The video if it belongs to `user_id`; 404 otherwise (another user's video does
     not reveal that it exists)."""
+    if not 1 <= video_id <= MAX_ID:  # the WebSocket route takes any int
+        raise not_found(video_id)
     video = session.get(Video, video_id)
     if video is None or video.user_id != user_id:
         raise not_found(video_id)

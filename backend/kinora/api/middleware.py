@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kinora import logs
 
 TRACE_HEADER = "X-Trace-Id"
+TRACE_STATE = "trace_id"
 STREAM_SUFFIX = "/stream"
 # A caller's own id is kept when it is a sane token (a proxy's request id, say).
 _GOOD_ID = re.compile(r"[A-Za-z0-9._\-]{8,64}")
@@ -30,6 +31,9 @@ class TraceMiddleware:
             await self.app(scope, receive, send)
             return
         trace_id = self.trace_id(scope)
+        # Also kept in the request's scope: the handler of unexpected errors runs in
+        # Starlette's outermost middleware, after this one's log context has closed.
+        scope.setdefault("state", {})[TRACE_STATE] = trace_id
         if scope["type"] == "websocket" or scope["path"].endswith(STREAM_SUFFIX):
             # `send` is not wrapped here: the wrapper would run for every event written
             # to every stream. The stream sets its header itself (api.stream).
@@ -40,7 +44,9 @@ class TraceMiddleware:
 
         async def send_with_trace(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
+                headers = message.get("headers", [])
+                if not any(name == header[0] for name, _ in headers):  # errors set it
+                    message["headers"] = [*headers, header]
             await send(message)
 
         with logs.bind(trace_id=trace_id):

@@ -18,7 +18,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Send
 
 from kinora import logs
-from kinora.api.deps import BearerDep, HubDep, SettingsDep, watcher_video
+from kinora.api.deps import BearerDep, HubDep, SettingsDep, VideoId, watcher_video
 from kinora.api.middleware import TRACE_HEADER
 from kinora.db import session_scope
 from kinora.hub import StreamHub, SubscribeTimeout
@@ -36,7 +36,8 @@ def parse_last_event_id(value: str | None) -> int:
     if value is None or value.strip() == "":
         return 0
     text = value.strip()
-    if not text.isdigit() or len(text) > 18:
+    # isascii: str.isdigit() is true for superscripts and other scripts' digits too.
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise HTTPException(
             status.HTTP_400_BAD_REQUEST,
             detail=f"malformed Last-Event-ID {value!r}: send the `id:` of the last event received",
@@ -109,7 +110,7 @@ async def frames(
     },
 )
 async def stream_video(
-    video_id: int,
+    video_id: VideoId,
     request: Request,
     hub: HubDep,
     settings: SettingsDep,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -17,11 +18,13 @@ from sqlalchemy import func, select
 
 from kinora import idempotency, jobs, logs, ratelimit, reference
 from kinora.api.deps import (
+    MAX_ID,
     BearerDep,
     CurrentUser,
     HubDep,
     SessionDep,
     SettingsDep,
+    VideoId,
     owned_video,
     watcher_video,
 )
@@ -54,8 +57,10 @@ class GenerateRequest(BaseModel):
     def _printable(cls, value: str) -> str:
         if _CONTROL.search(value):
             raise ValueError("must not contain control characters")
-        if len(value.strip()) < 10:
-            raise ValueError("needs at least 10 characters besides spaces")
+        if visible_length(value) < 10:
+            raise ValueError(
+                "needs at least 10 visible characters (spaces and invisible ones do not count)"
+            )
         return value
 
     @field_validator("image_url")
@@ -75,6 +80,15 @@ class GenerateRequest(BaseModel):
         elif not re.match(r"https?://[^\s/]+", value):
             raise ValueError("must be an http(s):// or data:image/... URL")
         return value
+
+
+# Unicode categories that draw nothing: controls, format characters (zero-width
+# spaces and joiners, bidi marks) and separators.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def visible_length(text: str) -> int:
+    return sum(1 for ch in text if unicodedata.category(ch) not in _INVISIBLE)
 
 
 class GenerateResponse(BaseModel):
@@ -151,6 +165,11 @@ def _create(
         return video, remaining
 
 
+def _lookup(user_id: int, key: str, digest: str) -> idempotency.Replay | None:
+    with session_scope() as session:
+        return idempotency.lookup(session, user_id, key, digest)
+
+
 def _replay(user_id: int, key: str, digest: str) -> idempotency.Replay:
     with session_scope() as session:
         return idempotency.replay(session, user_id, key, digest)
@@ -202,6 +221,16 @@ async def generate(
             status.HTTP_403_FORBIDDEN,
             detail="the free plan cannot generate videos: upgrade to the pro plan",
         )
+    digest = idempotency.request_hash(body.model_dump(mode="json"))
+    if idempotency_key is not None:
+        # A retry is answered before the rate limit and never counted against it: the
+        # limit would refuse exactly the retries that keys exist for (CONTRACT §8).
+        try:
+            replay = await run_in_threadpool(_lookup, user.id, idempotency_key, digest)
+        except idempotency.KeyReused as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
+        if replay is not None:
+            return replayed(request, response, user.id, replay)
     verdict = await ratelimit.hit(
         hub.redis,
         ratelimit.generate_key(user.id),
@@ -216,7 +245,6 @@ async def generate(
             headers={"Retry-After": str(verdict.retry_after)},
         )
     task_id = str(uuid.uuid4())
-    digest = idempotency.request_hash(body.model_dump(mode="json"))
     try:
         video, remaining = await run_in_threadpool(
             _create, user.id, body, settings.video_cost, task_id, idempotency_key, digest
@@ -229,14 +257,7 @@ async def generate(
             replay = await run_in_threadpool(_replay, user.id, idempotency_key, digest)
         except idempotency.KeyReused as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
-        response.headers["Idempotent-Replayed"] = "true"
-        return GenerateResponse(
-            video_id=replay.video_id,
-            status=VideoStatus.PENDING,
-            task_id=replay.task_id,
-            stream_url=stream_url(request, replay.video_id, user.id),
-            credits_remaining=replay.credits_remaining,
-        )
+        return replayed(request, response, user.id, replay)
     # Step 0 is published before the task is queued, so it is always the first event.
     await publish_async(
         hub.redis, video.id, "stage", "Stage: preparing", stage="preparing",
@@ -267,12 +288,36 @@ async def generate(
     )
 
 
+def replayed(
+    request: Request, response: Response, user_id: int, replay: idempotency.Replay
+) -> GenerateResponse:
+    response.headers["Idempotent-Replayed"] = "true"
+    return GenerateResponse(
+        video_id=replay.video_id,
+        status=VideoStatus.PENDING,
+        task_id=replay.task_id,
+        stream_url=stream_url(request, replay.video_id, user_id),
+        credits_remaining=replay.credits_remaining,
+    )
+
+
+@router.get("/generate", include_in_schema=False)
+async def generate_is_a_post() -> None:
+    """Without this, GET /generate would reach GET /{video_id} and be a confusing 422."""
+    raise HTTPException(
+        status.HTTP_405_METHOD_NOT_ALLOWED,
+        detail="submit a video with POST /api/v1/videos/generate; "
+        "GET /api/v1/videos/{id} reads one",
+        headers={"Allow": "POST"},
+    )
+
+
 @router.get("", response_model=VideoList)
 def list_videos(
     session: SessionDep,
     user: CurrentUser,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> VideoList:
     """The caller's videos, newest first."""
     total = session.scalar(select(func.count()).where(Video.user_id == user.id)) or 0
@@ -292,7 +337,9 @@ def list_videos(
 
 
 @router.get("/{video_id}", responses={404: {"description": "no such video of yours"}})
-async def get_video(video_id: int, request: Request, user: CurrentUser, hub: HubDep) -> VideoOut:
+async def get_video(
+    video_id: VideoId, request: Request, user: CurrentUser, hub: HubDep
+) -> VideoOut:
     """The video's state and its recent events: the polling fallback of the stream."""
     video = await run_in_threadpool(_owned, video_id, user.id)
     return await video_out(request, hub, video)
@@ -304,7 +351,7 @@ class Connections(BaseModel):
 
 
 @router.get("/{video_id}/connections", responses={404: {"description": "no such video"}})
-async def connections(video_id: int, user: CurrentUser, hub: HubDep) -> Connections:
+async def connections(video_id: VideoId, user: CurrentUser, hub: HubDep) -> Connections:
     """Live SSE and WebSocket watchers of the video, across all API processes (counts
     lag by up to half a second)."""
     await run_in_threadpool(_owned, video_id, user.id)
@@ -334,7 +381,9 @@ def _revoke(task_id: str) -> None:
         409: {"description": "the video has already completed or failed"},
     },
 )
-async def cancel_video(video_id: int, request: Request, user: CurrentUser, hub: HubDep) -> VideoOut:
+async def cancel_video(
+    video_id: VideoId, request: Request, user: CurrentUser, hub: HubDep
+) -> VideoOut:
     """Stop a pending or processing video and give its credits back. Cancelling a
     cancelled video again changes nothing."""
     video = await run_in_threadpool(_owned, video_id, user.id)
@@ -407,7 +456,7 @@ def _file(video: Video, path: str | None, what: str) -> Path:
     },
 )
 def video_content(
-    video_id: int, session: SessionDep, credentials: BearerDep, token: str | None = None
+    video_id: VideoId, session: SessionDep, credentials: BearerDep, token: str | None = None
 ) -> FileResponse:
     """The finished MP4. Takes `?token=` so that a `<video>` element can play it."""
     header = credentials.credentials if credentials else None
@@ -427,7 +476,7 @@ def video_content(
     responses={200: {"content": {"image/jpeg": {}}}, 409: {"description": "not completed"}},
 )
 def video_thumbnail(
-    video_id: int, session: SessionDep, credentials: BearerDep, token: str | None = None
+    video_id: VideoId, session: SessionDep, credentials: BearerDep, token: str | None = None
 ) -> FileResponse:
     """A JPEG still of the finished video."""
     header = credentials.credentials if credentials else None
