@@ -30,7 +30,8 @@ typecheck: $(VENV)/.installed-test
 
 # The whole suite on SQLite, then the database-heavy tests again on a throwaway
 # PostgreSQL server that the tests start themselves (initdb/pg_ctl on 127.0.0.1).
-DB_TESTS := tests/test_db.py tests/test_jobs.py tests/test_videos.py tests/test_generation.py
+DB_TESTS := tests/test_db.py tests/test_jobs.py tests/test_videos.py tests/test_generation.py \
+  tests/faults/test_event_loss.py
 
 # The browser tests drive Debian's Chromium; install it when it is missing.
 CHROMIUM := /usr/bin/chromium

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -76,3 +77,51 @@ def assert_whole_generation(events: list[dict[str, Any]]) -> None:
     assert events[-1]["type"] == "complete"
     assert events[-1]["status"] == "completed"
     assert [e["type"] for e in events].count("complete") == 1
+
+
+class Follower(threading.Thread):
+    """A client like `EventSource`: reads a video's stream, and when the connection
+    drops, reconnects with Last-Event-ID to the first API that answers."""
+
+    def __init__(self, apis: list[str], video_id: int, token: str) -> None:
+        super().__init__(daemon=True)
+        self.apis = apis
+        self.video_id = video_id
+        self.token = token
+        self.events: list[dict[str, Any]] = []
+        self.connections: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                if self.events and self.events[-1]["type"] == "complete":
+                    return
+                for api in self.apis:
+                    if self._read(api):
+                        break
+                else:
+                    time.sleep(0.2)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def _read(self, api: str) -> bool:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        if self.events:
+            headers["Last-Event-ID"] = self.events[-1]["id"]
+        url = f"{api}/api/v1/videos/{self.video_id}/stream"
+        try:
+            with (
+                httpx.Client(timeout=httpx.Timeout(5, read=10)) as client,
+                client.stream("GET", url, headers=headers) as response,
+            ):
+                self.connections.append(api)
+                if response.status_code != 200:
+                    return False
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        self.events.append(json.loads(line[6:]))
+        except httpx.TransportError:
+            return False  # the API is gone (or went away mid-stream): try the next
+        return True

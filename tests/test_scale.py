@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import redis
 
 from kinora.embedded import EmbeddedRedis, free_port
 from tests.conftest import FAST, kinora, stop, wait_for
+from tests.helpers import Follower
 from tests.postgres import ThrowawayPostgres
 
 pytestmark = pytest.mark.slow
@@ -122,54 +122,6 @@ def new_user(cluster: Cluster, email: str) -> str:
         check=True,
     )
     return result.stdout.strip().splitlines()[-1]
-
-
-class Follower(threading.Thread):
-    """A client like `EventSource`: reads a video's stream, and when the connection
-    drops, reconnects with Last-Event-ID to the first API that answers."""
-
-    def __init__(self, apis: list[str], video_id: int, token: str) -> None:
-        super().__init__(daemon=True)
-        self.apis = apis
-        self.video_id = video_id
-        self.token = token
-        self.events: list[dict[str, Any]] = []
-        self.connections: list[str] = []
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        deadline = time.monotonic() + 120
-        try:
-            while time.monotonic() < deadline:
-                if self.events and self.events[-1]["type"] == "complete":
-                    return
-                for api in self.apis:
-                    if self._read(api):
-                        break
-                else:
-                    time.sleep(0.2)
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-
-    def _read(self, api: str) -> bool:
-        headers = {"Authorization": f"Bearer {self.token}"}
-        if self.events:
-            headers["Last-Event-ID"] = self.events[-1]["id"]
-        url = f"{api}/api/v1/videos/{self.video_id}/stream"
-        try:
-            with (
-                httpx.Client(timeout=httpx.Timeout(5, read=10)) as client,
-                client.stream("GET", url, headers=headers) as response,
-            ):
-                self.connections.append(api)
-                if response.status_code != 200:
-                    return False
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        self.events.append(json.loads(line[6:]))
-        except httpx.TransportError:
-            return False  # the API is gone (or went away mid-stream): try the next
-        return True
 
 
 @pytest.mark.timeout(240)

@@ -49,11 +49,13 @@ class Settings(BaseSettings):
     ws_pong_timeout_seconds: float = 60.0
 
     video_timeout_seconds: int = 1200
-    # A worker's claim on a video lasts this long and is renewed while it works; a
-    # claim left to expire (the worker died) is taken over by the sweeper.
-    lease_seconds: float = 60.0
+    # A worker's claim on a video lasts this long and is renewed (every third of it)
+    # while it works; a claim left to expire (the worker died) is taken over: a killed
+    # worker's video resumes within LEASE_SECONDS + SWEEP_INTERVAL_SECONDS (CONTRACT §8:
+    # within 30 s at the defaults).
+    lease_seconds: float = 20.0
     # How often each worker's sweeper looks for expired claims and lost messages.
-    sweep_interval_seconds: float = 15.0
+    sweep_interval_seconds: float = 5.0
     # A video still pending this long is queued again (its message may be lost); a
     # duplicate message is harmless, the claim lets only one through.
     stale_pending_seconds: float = 300.0

@@ -60,7 +60,10 @@ class EmbeddedRedis:
             "--maxclients", "10000",
         ]  # fmt: skip
         if self.persist:
-            args += ["--appendonly", "no", "--save", "60 1"]
+            # Append-only file, flushed every second: a restart (or a crash) of `kinora
+            # up` loses at most about a second of queued jobs and events. Each save
+            # point is its own arguments: `--save "60 1"` as one sets none at all.
+            args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60", "1"]
         else:
             args += ["--appendonly", "no", "--save", ""]
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)

@@ -66,6 +66,7 @@ class Event(TypedDict):
     is_retryable: NotRequired[bool]
     trace_id: NotRequired[str]
     video_url: NotRequired[str]
+    code: NotRequired[str]
 
 
 def channel(video_id: int) -> str:
@@ -80,15 +81,48 @@ def seq_key(video_id: int) -> str:
     return f"video:{video_id}:seq"
 
 
+def end_key(video_id: int) -> str:
+    """Set (to its seq) when a video's `complete` is published: nothing follows it."""
+    return f"video:{video_id}:end"
+
+
 def video_id_of_channel(name: bytes | str) -> int:
     text = name.decode() if isinstance(name, bytes) else name
     return int(text.split(":", 1)[1])
 
 
-# KEYS: seq, history. ARGV: body (the event's JSON without its opening brace),
-# channel, history cap, retention seconds. Returns the new seq.
-PUBLISH_LUA = """
-local seq = redis.call('INCR', KEYS[1])
+# When Redis has lost a video's counter (flushed, restarted empty, failed over), its
+# next event is numbered this far above the floor the publisher knows (the database's
+# record lags the true last seq by the few events since its last write), so no seq a
+# client has seen is ever used again (CONTRACT §8). Watchers are told of the gap.
+SEQ_JUMP_AFTER_LOSS = 100
+
+# KEYS: seq, history, end. ARGV: body (the event's JSON without its opening brace),
+# channel, history cap, retention seconds, floor (the highest seq the publisher knows
+# was used), "1" if this is the `complete` event. Returns the new seq, or 0 when the
+# video's `complete` was published already: nothing is published after it.
+PUBLISH_LUA = (
+    """
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
+local floor = tonumber(ARGV[5])
+local seq
+if floor > 0 and redis.call('EXISTS', KEYS[1]) == 0 then
+  seq = floor + """
+    + str(SEQ_JUMP_AFTER_LOSS)
+    + """
+  redis.call('SET', KEYS[1], seq)
+else
+  seq = redis.call('INCR', KEYS[1])
+  if seq <= floor then
+    seq = floor + 1
+    redis.call('SET', KEYS[1], seq)
+  end
+end
+if ARGV[6] == '1' then
+  redis.call('SET', KEYS[3], seq, 'EX', ARGV[4])
+end
 local data = '{"id":"' .. seq .. '","seq":' .. seq .. ',' .. ARGV[1]
 redis.call('ZADD', KEYS[2], seq, data)
 local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
@@ -100,6 +134,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', ARGV[2], data)
 return seq
 """
+)
 
 
 # Fields that are sent as null rather than left out: a stage event always says what
@@ -126,14 +161,18 @@ def encode_body(
     return orjson.dumps(body)[1:]
 
 
-def _script_args(video_id: int, body: bytes) -> tuple[list[str], list[Any]]:
+def _script_args(
+    video_id: int, body: bytes, floor: int, terminal: bool
+) -> tuple[list[str], list[Any]]:
     settings = get_settings()
-    keys = [seq_key(video_id), history_key(video_id)]
+    keys = [seq_key(video_id), history_key(video_id), end_key(video_id)]
     args: list[Any] = [
         body,
         channel(video_id),
         settings.event_history_max,
         settings.event_retention_seconds,
+        floor,
+        "1" if terminal else "0",
     ]
     return keys, args
 
@@ -143,12 +182,18 @@ async def publish_async(
     video_id: int,
     event_type: EventType,
     message: str,
+    *,
+    floor: int = 0,
     **fields: Any,
-) -> int:
-    """Publish one event from async code (the API). Returns its seq."""
-    keys, args = _script_args(video_id, encode_body(video_id, event_type, message, fields))
+) -> int | None:
+    """Publish one event from async code (the API). Returns its seq, or None if the
+    video's `complete` was published already (then nothing is)."""
+    body = encode_body(video_id, event_type, message, fields)
+    keys, args = _script_args(video_id, body, floor, event_type == "complete")
     script = client.register_script(PUBLISH_LUA)
     seq = int(await script(keys=keys, args=args))
+    if not seq:
+        return None
     metrics.EVENTS_PUBLISHED.labels(event_type).inc()
     return seq
 
@@ -183,6 +228,9 @@ class SSELogger:
     `retryable(exc)` tells whether an exception will be retried; with `retry_count`
     and `max_retries` it decides whether an exception leaving the block is final
     (then a `complete` event with status `failed` follows the `error` event).
+    `last_seq` is the highest seq the caller knows was used (the database's floor):
+    no event gets a seq at or below it. `on_complete(seq)` is called once the
+    `complete` event is published, to record where the video's events end.
     """
 
     def __init__(
@@ -193,6 +241,8 @@ class SSELogger:
         max_retries: int = 0,
         retryable: Callable[[BaseException], bool] | None = None,
         client: redis.Redis | None = None,
+        last_seq: int = 0,
+        on_complete: Callable[[int], None] | None = None,
     ) -> None:
         self.video_id = video_id
         self.retry_count = retry_count
@@ -202,7 +252,9 @@ class SSELogger:
         self._script: Any = None
         self.stage_name: str | None = None
         self.progress: int | None = None
-        self.last_seq: int | None = None
+        self.last_seq = last_seq
+        self.ended = False  # the `complete` is published (by us, or by someone else)
+        self._on_complete = on_complete
 
     def __enter__(self) -> Self:
         return self
@@ -294,12 +346,15 @@ class SSELogger:
         """
         if "status" not in fields and event_type in ("progress", "stage"):
             fields["status"] = "processing"
+        if self.ended:
+            return None
         body = encode_body(self.video_id, event_type, message, fields)
+        terminal = event_type == "complete"
         try:
             client = self._client or sync_client()
             if self._script is None:
                 self._script = client.register_script(PUBLISH_LUA)
-            keys, args = _script_args(self.video_id, body)
+            keys, args = _script_args(self.video_id, body, self.last_seq, terminal)
             seq = int(self._script(keys=keys, args=args, client=client))
         except redis.RedisError as exc:
             metrics.EVENTS_NOT_PUBLISHED.inc()
@@ -307,9 +362,64 @@ class SSELogger:
                 "event for video %s not published (%s): %s", self.video_id, exc, body.decode()
             )
             return None
+        if not seq:  # the video's `complete` is out: the script refused
+            self.ended = True
+            log.info("event for video %s refused: its complete was published", self.video_id)
+            return None
         metrics.EVENTS_PUBLISHED.labels(event_type).inc()
         self.last_seq = seq
+        if terminal:
+            self.ended = True
+            if self._on_complete is not None:
+                self._on_complete(seq)
         return seq
+
+
+def terminal_event(
+    video_id: int,
+    seq: int,
+    *,
+    status: str,
+    message: str,
+    video_url: str | None = None,
+    progress: int | None = None,
+) -> bytes:
+    """A `complete` event at a known seq, for a stream whose history no longer holds
+    the one that was published (the database tells its outcome)."""
+    fields = {"status": status, "video_url": video_url, "progress": progress}
+    body = encode_body(video_id, "complete", message, fields)
+    return b'{"id":"%d","seq":%d,%s' % (seq, seq, body)
+
+
+HISTORY_LOST = "history_lost"
+
+
+def history_lost(
+    video_id: int,
+    after: int,
+    resume: int,
+    *,
+    status: str | None = None,
+    progress: int | None = None,
+) -> bytes:
+    """The notice a stream sends when events a client asks for can no longer be
+    replayed (expired, trimmed, or lost by Redis): a `log` event with `code:
+    "history_lost"` and, when the caller knows it, the video's state from the database.
+    It is this client's alone (never published); its id is where the stream resumes,
+    so a reconnect does not ask for the lost events again."""
+    skipped = f"events {after + 1}-{resume}" if resume > after else f"events after {after}"
+    body: dict[str, Any] = {
+        "id": str(resume),
+        "seq": resume,
+        "video_id": video_id,
+        "type": "log",
+        "code": HISTORY_LOST,
+        "message": f"The stream's {skipped} can no longer be replayed; the current state follows",
+        "status": status,
+        "progress": progress,
+        "timestamp": timestamp(),
+    }
+    return orjson.dumps({k: v for k, v in body.items() if v is not None})
 
 
 def describe_error(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from kinora import handback, jobs, logs, media, reference
+from kinora import event_floor, handback, jobs, logs, media, reference
 from kinora.config import get_settings
 from kinora.db import session_scope
 from kinora.engines import EngineError, ModelJob, PolicyRefusal, VideoEngine, get_engine
@@ -51,6 +51,17 @@ class Retry(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(describe_error(cause))
         self.cause = cause
+
+
+class WaitForLease(Exception):
+    """This very task's message came back while the claim of its earlier delivery is
+    still live: the worker that ran it died (a pool process killed, Celery requeues the
+    message at once). Come back when that lease has run out, rather than be dropped as a
+    duplicate and leave the video to the sweeper."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the claim of an earlier delivery runs {seconds:.1f} s more")
+        self.seconds = seconds
 
 
 class VideoTimeout(EngineError):
@@ -82,6 +93,7 @@ class Job:
     model_job_id: str | None
     model_submitted_at: datetime | None
     attempt: int
+    last_seq: int
 
 
 def worker_identity(task_id: str) -> str:
@@ -113,6 +125,7 @@ def _claim(video_id: int, owner: str) -> Job | None:
             model_job_id=video.model_job_id,
             model_submitted_at=video.model_submitted_at,
             attempt=video.attempts,
+            last_seq=video.last_seq,
         )
 
 
@@ -129,10 +142,23 @@ def run(
     owner = worker_identity(task_id)
     job = _claim(video_id, owner)
     if job is None:
+        with session_scope() as session:
+            left = jobs.lease_left(session, video_id, f":{task_id}")
+        if left is not None:
+            log.info("video %s: this task's earlier delivery holds it %.1f s more", video_id, left)
+            SSELogger(video_id, last_seq=event_floor.floor(video_id)).log(
+                f"Its worker stopped answering: resuming in {left:.0f} s"
+            )
+            raise WaitForLease(left)
         log.info("video %s is not pending: skipped (duplicate delivery)", video_id)
         return {"status": "skipped", "video_id": video_id}
     events = SSELogger(
-        video_id, retry_count=retry_count, max_retries=max_retries, retryable=is_retryable
+        video_id,
+        retry_count=retry_count,
+        max_retries=max_retries,
+        retryable=is_retryable,
+        last_seq=job.last_seq,
+        on_complete=event_floor.end_recorder(video_id),
     )
     events.progress = job.progress
     events.stage_name = "preparing"  # opened by the API with step 0
@@ -256,7 +282,12 @@ class Generation:
         self.check()
         with session_scope() as session:
             if not jobs.record_progress(
-                session, self.job.video_id, self.job.owner, progress, self.settings.lease_seconds
+                session,
+                self.job.video_id,
+                self.job.owner,
+                progress,
+                self.settings.lease_seconds,
+                seq=self.events.last_seq,
             ):
                 raise JobLost(self.job.video_id)
         self.events.step(step, message, progress=progress)

@@ -22,16 +22,26 @@ import contextlib
 import itertools
 import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, cast
 
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from kinora import metrics
 from kinora.cancellation import raise_if_cancelled
-from kinora.events import Event, channel, history_key, parse
+from kinora.events import (
+    Event,
+    channel,
+    end_key,
+    history_key,
+    history_lost,
+    parse,
+    seq_key,
+)
 from kinora.presence import Presence
 
 log = logging.getLogger(__name__)
@@ -87,6 +97,8 @@ RESYNC = Item(b"{}", -1, "resync")
 
 
 DELIVERY_FLUSH_SECONDS = 1.0
+# The longest any one Redis call of the API may take (connect, or read a reply).
+REDIS_TIMEOUT = 2.0
 
 
 class SubscribeTimeout(RuntimeError):
@@ -133,13 +145,48 @@ class Topic:
                 future.set_result(None)
 
 
+# History is read in pages of this many events, each written before the next is read:
+# the transport's flow control then bounds a replaying connection's memory, whatever the
+# history's length (CONTRACT §8).
+HISTORY_PAGE = 200
+
+# Builds the `history_lost` notice for (after, resume): the caller (the API) adds the
+# video's state from its database; the hub alone knows only the seqs.
+LostNotice = Callable[[int, int], Awaitable[bytes]]
+
+
+def resume_point(after: int, history: list[Item], counter: int | None, floor: int) -> int | None:
+    """Where a stream resumes when events after `after` can no longer be replayed, or
+    None when nothing is missing. `counter` is Redis's seq counter (None: gone), `floor`
+    the highest seq the database knows was used."""
+    if history:
+        first = history[0].seq
+        return first - 1 if first > after + 1 else None
+    known = max(counter or 0, floor)
+    if known > after:
+        return known  # events after `after` were used, and none is left
+    if counter is None and after > 0:
+        return after  # Redis lost the video's events: say so, with the state
+    return None
+
+
 class Watcher:
     """One client's registration for one video: a cursor into its topic's log."""
 
     def __init__(
-        self, hub: StreamHub, video_id: int, topic: Topic, after: int, transport: str = "sse"
+        self,
+        hub: StreamHub,
+        video_id: int,
+        topic: Topic,
+        after: int,
+        transport: str = "sse",
+        *,
+        floor: int = 0,
+        lost: LostNotice | None = None,
     ) -> None:
         self.hub = hub
+        self.floor = floor
+        self.lost = lost
         self.transport = transport
         self.video_id = video_id
         self.topic = topic
@@ -168,6 +215,36 @@ class Watcher:
         self.expired = True
         self.topic.wake()
 
+    async def notice(self, resume: int) -> Item:
+        """The `history_lost` notice; the stream goes on after `resume`."""
+        if self.lost is not None:
+            raw = await self.lost(self.last_seq, resume)
+        else:
+            raw = history_lost(self.video_id, self.last_seq, resume)
+        self.last_seq = max(self.last_seq, resume)
+        return Item(raw, resume, "log")
+
+    def _took(self, batch: list[Item]) -> list[Item]:
+        self.last_seq = max(self.last_seq, batch[-1].seq)
+        self.hub.delivered[self.transport] += len(batch)
+        return batch
+
+    async def replay(self, *, check_lost: bool = True) -> AsyncIterator[list[Item]]:
+        """History after `last_seq`, a page at a time, told of a gap first if the events
+        it asks for are gone."""
+        history, counter = await self.hub.history_state(self.video_id, self.last_seq)
+        if check_lost:
+            resume = resume_point(self.last_seq, history, counter, self.floor)
+            if resume is not None:
+                yield self._took([await self.notice(resume)])
+        elif history and history[0].seq > self.last_seq + 1:
+            yield self._took([await self.notice(history[0].seq - 1)])
+        while history:
+            yield self._took(history)
+            if len(history) < HISTORY_PAGE:
+                return
+            history = await self.hub.history(self.video_id, self.last_seq)
+
     async def batches(self, deadline: float | None = None) -> AsyncIterator[list[Item]]:
         """History after `last_seq`, then live events, in seq order, none twice, in
         batches: everything that arrived since the client last took some.
@@ -178,11 +255,8 @@ class Watcher:
         loop = asyncio.get_running_loop()
         timer = None if deadline is None else loop.call_at(deadline, self._expire)
         try:
-            history = await self.hub.history(self.video_id, self.last_seq)
-            if history:
-                self.last_seq = history[-1].seq
-                self.hub.delivered[self.transport] += len(history)
-                yield history
+            async for page in self.replay():
+                yield page
             topic = self.topic
             while not (self.cut or self.expired):
                 if self.cursor == topic.end:
@@ -198,17 +272,19 @@ class Watcher:
                 batch: list[Item] = []
                 for item in items:
                     if item is RESYNC or item.seq > self.last_seq + 1:
-                        # A gap (the subscriber reconnected, or events raced): fill it
-                        # from history.
-                        for missed in await self.hub.history(self.video_id, self.last_seq):
-                            self.last_seq = missed.seq
-                            batch.append(missed)
-                    if item.seq > self.last_seq:
+                        # A gap (the subscriber reconnected, events raced, or Redis lost
+                        # data and numbering jumped): fill it from history, or say that
+                        # it cannot be filled.
+                        if batch:
+                            yield self._took(batch)
+                            batch = []
+                        async for page in self.replay(check_lost=False):
+                            yield page
+                    if item is not RESYNC and item.seq > self.last_seq:
                         self.last_seq = item.seq
                         batch.append(item)
                 if batch:
-                    self.hub.delivered[self.transport] += len(batch)
-                    yield batch
+                    yield self._took(batch)
         finally:
             if timer is not None:
                 timer.cancel()
@@ -241,11 +317,32 @@ class StreamHub:
         self._ops: asyncio.Queue[tuple[Literal["sub", "unsub"], bytes]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self.delivered: dict[str, int] = {"sse": 0, "websocket": 0}
+        # Commands (history, presence, rate limit, publish) on two connections at most,
+        # each call bounded: an unreachable or paused Redis is an error within seconds
+        # (the API answers 503), never a hang. One retry on a fresh connection, so the
+        # first request after Redis restarted does not fail on a dead pooled socket.
         # from_pool: the client owns the pool and closes its connections in aclose().
         self.redis: aioredis.Redis = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=2, timeout=None)
+            aioredis.BlockingConnectionPool.from_url(
+                redis_url,
+                max_connections=2,
+                timeout=REDIS_TIMEOUT,  # waiting for a free connection
+                socket_timeout=REDIS_TIMEOUT,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                retry=Retry(NoBackoff(), 1),
+            )
         )
-        self._pubsub: PubSub = self.redis.pubsub()
+        # The subscriber on a connection of its own, with no read timeout: it waits for
+        # events as long as none come. Three connections per process in all.
+        self._subscriber: aioredis.Redis = aioredis.Redis.from_pool(
+            aioredis.ConnectionPool.from_url(
+                redis_url,
+                max_connections=1,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                socket_keepalive=True,
+            )
+        )
+        self._pubsub: PubSub = self._subscriber.pubsub()
         self.presence = Presence(self.redis, presence_ttl)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -269,22 +366,31 @@ class StreamHub:
         self.flush_deliveries()
         await self.presence.stop()
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._subscriber.aclose()
         await self.redis.aclose()
 
     # -- watching -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def watch(
-        self, video_id: int, after: int = 0, transport: str = "sse"
+        self,
+        video_id: int,
+        after: int = 0,
+        transport: str = "sse",
+        *,
+        floor: int = 0,
+        lost: LostNotice | None = None,
     ) -> AsyncIterator[Watcher]:
-        """Register a watcher of `video_id` that has seen every event up to `after`."""
+        """Register a watcher of `video_id` that has seen every event up to `after`.
+        `floor`: the highest seq known used (a database's record); `lost` builds the
+        `history_lost` notice when events it asks for are gone."""
         name = channel(video_id).encode()
         topic = self._topics.get(name)
         if topic is None:
             topic = self._topics[name] = Topic()
             self._pending[name] += 1
             self._ops.put_nowait(("sub", name))
-        watcher = Watcher(self, video_id, topic, after, transport)
+        watcher = Watcher(self, video_id, topic, after, transport, floor=floor, lost=lost)
         topic.watchers.add(watcher)  # registered before the subscription can go live
         self.presence.joined(video_id)
         clients = metrics.CLIENTS.labels(transport)
@@ -326,9 +432,29 @@ class StreamHub:
             log.info("shutting down: %d streams told to reconnect", ended)
         return ended
 
-    async def history(self, video_id: int, after: int) -> list[Item]:
-        raw = await self.redis.zrangebyscore(history_key(video_id), f"({after}", "+inf")
+    async def history(self, video_id: int, after: int, limit: int = HISTORY_PAGE) -> list[Item]:
+        """At most `limit` events after seq `after`, oldest first."""
+        raw = await self.redis.zrangebyscore(
+            history_key(video_id), f"({after}", "+inf", start=0, num=limit
+        )
         return [Item.from_raw(r) for r in cast(list[bytes], raw)]
+
+    async def history_state(self, video_id: int, after: int) -> tuple[list[Item], int | None]:
+        """The first page of history after `after`, and the video's seq counter (None if
+        Redis has none), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrangebyscore(
+                history_key(video_id), f"({after}", "+inf", start=0, num=HISTORY_PAGE
+            )
+            pipe.get(seq_key(video_id))
+            raw, counter = await pipe.execute()
+        items = [Item.from_raw(r) for r in cast(list[bytes], raw)]
+        return items, None if counter is None else int(counter)
+
+    async def end_seq(self, video_id: int) -> int | None:
+        """The seq of the video's `complete` event, if Redis still knows it."""
+        value = await self.redis.get(end_key(video_id))
+        return None if value is None else int(value)
 
     async def recent(self, video_id: int, count: int) -> list[Item]:
         """The last `count` events of a video's history, oldest first."""

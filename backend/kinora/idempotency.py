@@ -68,6 +68,11 @@ def reserve(session: Session, user_id: int, key: str, digest: str) -> Idempotenc
     return row
 
 
+def forget(session: Session, video_id: int) -> None:
+    """Free the key of a video that was never queued, so a retry with it can succeed."""
+    session.execute(delete(IdempotencyKey).where(IdempotencyKey.video_id == video_id))
+
+
 def lookup(session: Session, user_id: int, key: str, digest: str) -> Replay | None:
     """The stored response for `key`, if a request with it has committed (and the key
     has not expired); KeyReused if that request had another body. Read before the rate

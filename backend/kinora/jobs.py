@@ -125,6 +125,21 @@ def claim(session: Session, video_id: int, owner: str, lease_seconds: float) -> 
     return _changed_one(result)
 
 
+def lease_left(session: Session, video_id: int, owner_suffix: str) -> float | None:
+    """Seconds until the live claim of an owner ending in `owner_suffix` runs out; None
+    if the video is not processing under such a claim."""
+    video = session.get(Video, video_id, populate_existing=True)
+    if (
+        video is None
+        or video.status != VideoStatus.PROCESSING
+        or not (video.claimed_by or "").endswith(owner_suffix)
+        or video.lease_expires_at is None
+    ):
+        return None
+    left = (video.lease_expires_at - utcnow()).total_seconds()
+    return left if left > 0 else None
+
+
 def _owned(video_id: int, owner: str) -> Any:
     return (
         Video.id == video_id,
@@ -134,22 +149,39 @@ def _owned(video_id: int, owner: str) -> Any:
 
 
 def record_progress(
-    session: Session, video_id: int, owner: str, progress: int, lease_seconds: float
+    session: Session,
+    video_id: int,
+    owner: str,
+    progress: int,
+    lease_seconds: float,
+    seq: int = 0,
 ) -> bool:
-    """Store progress (never backwards) and renew the lease. False: the job is no
-    longer ours (cancelled, or taken over), so the caller should stop."""
+    """Store progress (never backwards) and the seq of the last event published, and
+    renew the lease. False: the job is no longer ours (cancelled, or taken over), so
+    the caller should stop."""
     now = utcnow()
     result = session.execute(
         update(Video)
         .where(*_owned(video_id, owner))
         .values(
             progress=case((Video.progress < progress, progress), else_=Video.progress),
+            last_seq=case((Video.last_seq < seq, seq), else_=Video.last_seq),
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             updated_at=now,
         )
     )
     session.commit()
     return _changed_one(result)
+
+
+def record_seq(session: Session, video_id: int, seq: int, *, end: bool = False) -> None:
+    """Raise the video's seq floor to `seq`; with `end`, `seq` is its `complete` event's
+    (kept once: the first complete published is the only one)."""
+    values: dict[str, Any] = {"last_seq": case((Video.last_seq < seq, seq), else_=Video.last_seq)}
+    if end:
+        values["end_seq"] = case((Video.end_seq.is_(None), seq), else_=Video.end_seq)
+    session.execute(update(Video).where(Video.id == video_id).values(**values))
+    session.commit()
 
 
 def renew(session: Session, video_id: int, owner: str, lease_seconds: float) -> bool:

@@ -122,6 +122,11 @@ class Video(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(128), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The seq of the last event known published for the video (a floor: Redis may lose
+    # its counter, and a new event must never reuse a seq a client has seen), and the
+    # seq of its `complete` event once that is published (CONTRACT §8).
+    last_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    end_seq: Mapped[int | None] = mapped_column(Integer, default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     file_path: Mapped[str | None] = mapped_column(String(1024), default=None)
     thumbnail_path: Mapped[str | None] = mapped_column(String(1024), default=None)

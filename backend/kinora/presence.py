@@ -5,7 +5,8 @@ and go, without awaiting) and writes the changed ones to Redis twice a second: o
 hash per video, `presence:video:<id>`, a field per process. A process proves it is
 alive with a key that expires after PRESENCE_TTL_SECONDS unless renewed; the fields
 of a process whose key is gone (it crashed) are not counted, and are removed the
-next time someone asks.
+next time someone asks. Every count is written again each third of the TTL, so a
+Redis that lost its data is right again within seconds.
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ class Presence:
             try:
                 if ticks % renew_every == 0:
                     await self.client.set(alive_key(self.process), 1, ex=self.ttl)
+                    # Every count again, not only the changed ones: a Redis that lost
+                    # its data (restarted empty, failed over) learns them back.
+                    self._dirty |= set(self.counts)
                 await self._flush()
             except asyncio.CancelledError:
                 raise

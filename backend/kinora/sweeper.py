@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from kinora import jobs
+from kinora import event_floor, jobs
 from kinora.config import get_settings
 from kinora.db import session_scope
 from kinora.events import SSELogger
@@ -22,7 +22,10 @@ from kinora.events import SSELogger
 log = logging.getLogger(__name__)
 
 
-def sweep_once() -> jobs.Sweep:
+def sweep_once(*, at_start: bool = False) -> jobs.Sweep:
+    """One sweep. `at_start` (a worker's first): every pending video is queued again at
+    once, not only those pending for STALE_PENDING_SECONDS: after a restart on data that
+    lost its queue, nothing waits minutes. The claim makes any duplicate a no-op."""
     settings = get_settings()
     with session_scope() as session:
         found = jobs.sweep(
@@ -30,10 +33,14 @@ def sweep_once() -> jobs.Sweep:
             # A live worker fails its own video at the deadline; the sweeper waits a
             # lease longer, so it only catches the videos of dead workers.
             video_timeout=settings.video_timeout_seconds + settings.lease_seconds,
-            stale_pending=settings.stale_pending_seconds,
+            stale_pending=0 if at_start else settings.stale_pending_seconds,
         )
     for video_id in found.timed_out:
-        with SSELogger(video_id) as events:
+        with SSELogger(
+            video_id,
+            last_seq=event_floor.floor(video_id),
+            on_complete=event_floor.end_recorder(video_id),
+        ) as events:
             message = f"generation took longer than {settings.video_timeout_seconds:g} s"
             events.error(message, error_code="timeout", is_retryable=False)
             events.complete(status="failed", message=f"Generation failed: {message}")
@@ -41,7 +48,8 @@ def sweep_once() -> jobs.Sweep:
         from kinora.tasks import generate_video
 
         for video_id in found.requeue:
-            with SSELogger(video_id) as events:
+            with SSELogger(video_id, last_seq=event_floor.floor(video_id)) as events:
+                # Refused by the event store if the video ended meanwhile (cancelled).
                 events.log("Its worker stopped answering: queued again")
             generate_video.apply_async(args=[video_id])
     if found.timed_out or found.requeue:
@@ -63,8 +71,12 @@ class Sweeper:
 
     def _loop(self) -> None:
         interval = get_settings().sweep_interval_seconds
-        while not self._stop.wait(interval):
+        at_start = True
+        while True:
             try:
-                sweep_once()
+                sweep_once(at_start=at_start)
+                at_start = False
             except Exception:
                 log.exception("sweep failed; trying again in %s s", interval)
+            if self._stop.wait(interval):
+                return

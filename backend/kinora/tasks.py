@@ -36,6 +36,18 @@ def generate_video(self: Any, video_id: int, trace_id: str | None = None) -> dic
     except generation.Retry as exc:
         outcome = "retry"
         raise self.retry(exc=exc.cause, countdown=settings.retry_countdown_seconds) from exc
+    except generation.WaitForLease as exc:
+        # The same task again (same id, same retry count: waiting is no retry), once
+        # the dead delivery's lease has run out.
+        outcome = "waiting"
+        self.apply_async(
+            args=[video_id],
+            kwargs={"trace_id": trace_id},
+            task_id=task_id,
+            countdown=exc.seconds + 0.5,
+            retries=self.request.retries,
+        )
+        return {"status": "waiting", "video_id": video_id, "seconds": exc.seconds}
     finally:
         metrics.TASKS.labels(outcome).inc()
         metrics.TASK_SECONDS.labels(outcome).observe(time.perf_counter() - start)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import redis
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -110,6 +111,25 @@ def trace_header() -> dict[str, str]:
     return {TRACE_HEADER: trace_id} if trace_id else {}
 
 
+# What a client is told to wait before trying again while Redis is unreachable.
+REDIS_RETRY_AFTER_SECONDS = 2
+
+
+async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """Redis down, paused or restarting: a 503 the client can act on, within the
+    hub's bounded timeouts, never a 500 or a hang (CONTRACT §8)."""
+    log.warning("Redis unreachable in %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {
+            "detail": "the event store (Redis) is unreachable: "
+            f"try again in {REDIS_RETRY_AFTER_SECONDS} s",
+            "trace_id": logs.current_trace_id(),
+        },
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS), **trace_header()},
+    )
+
+
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     """Runs in Starlette's outermost middleware, outside TraceMiddleware's log context:
     the request's trace id is read from its scope (middleware.TRACE_STATE)."""
@@ -137,6 +157,7 @@ def create_app() -> FastAPI:
     )
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(redis.RedisError, redis_unavailable)
     app.add_exception_handler(Exception, internal_error)
     # The last added runs first: the trace id exists before anything can answer.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)

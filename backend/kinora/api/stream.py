@@ -12,17 +12,21 @@ import logging
 import random
 from collections.abc import AsyncIterator
 
+import redis
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Message, Send
 
-from kinora import logs
+from kinora import event_floor, logs
 from kinora.api.deps import BearerDep, HubDep, SettingsDep, VideoId, watcher_video
 from kinora.api.middleware import TRACE_HEADER
+from kinora.api.urls import content_url
+from kinora.config import Settings
 from kinora.db import session_scope
-from kinora.hub import StreamHub, SubscribeTimeout
-from kinora.models import Video
+from kinora.events import history_lost, publish_async, terminal_event
+from kinora.hub import HISTORY_PAGE, Item, LostNotice, StreamHub, SubscribeTimeout, resume_point
+from kinora.models import Video, VideoStatus, utcnow
 
 log = logging.getLogger(__name__)
 # How long a stream has to say goodbye (`retry:`) on shutdown before it is cancelled;
@@ -74,14 +78,22 @@ def _ping() -> ServerSentEvent:
 
 
 async def frames(
-    hub: StreamHub, video_id: int, after: int, retry_ms: int, lifetime: float
+    hub: StreamHub,
+    video_id: int,
+    after: int,
+    retry_ms: int,
+    lifetime: float,
+    *,
+    floor: int = 0,
+    lost: LostNotice | None = None,
 ) -> AsyncIterator[bytes]:
     """`retry:`, then every event after `after` until `complete` or the timeout. When
     the process shuts down, a last `retry:` tells the client when to come back."""
     yield b"retry: %d\n\n" % retry_ms
     deadline = asyncio.get_running_loop().time() + lifetime
     try:
-        async with hub.watch(video_id, after) as watcher:
+        watch = hub.watch(video_id, after, floor=floor, lost=lost)
+        async with watch as watcher:
             # One write per batch: everything that arrived since this client's last one.
             async for batch in watcher.batches(deadline):
                 yield b"".join(item.sse for item in batch)
@@ -91,10 +103,114 @@ async def frames(
                 # Spread over time, the reconnects of a whole process's clients do not
                 # land on the other processes at one instant.
                 yield b"retry: %d\n\n" % random.randint(retry_ms // 2, retry_ms)
-    except SubscribeTimeout:
-        # Redis did not confirm the subscription: end the response; the client
-        # reconnects with Last-Event-ID and loses nothing.
-        log.warning("stream of video %s ended: no subscription from Redis", video_id)
+    except (SubscribeTimeout, redis.RedisError) as exc:
+        # Redis went away (or did not confirm the subscription): end the response with a
+        # `retry:`; the client reconnects with Last-Event-ID and loses nothing.
+        log.warning("stream of video %s ended: Redis unreachable (%s)", video_id, exc)
+        yield b"retry: %d\n\n" % retry_ms
+
+
+async def ended_frames(
+    hub: StreamHub,
+    video: Video,
+    after: int,
+    end: int,
+    retry_ms: int,
+    lost: LostNotice,
+    url: str | None,
+) -> AsyncIterator[bytes]:
+    """An ended video's events after `after`, a page at a time, and always its end: the
+    `complete` from history, or rebuilt from the database (at the seq the database
+    recorded) when Redis no longer holds it (CONTRACT §8)."""
+    yield b"retry: %d\n\n" % retry_ms
+    try:
+        history, counter = await hub.history_state(video.id, after)
+        seen = after
+        capped = None if counter is None else min(counter, end - 1)
+        resume = resume_point(after, history, capped, end - 1)
+        if resume is not None:
+            yield Item(await lost(after, resume), resume, "log").sse
+            seen = max(seen, resume)
+        while history:
+            yield b"".join(item.sse for item in history)
+            seen = history[-1].seq
+            if history[-1].terminal or len(history) < HISTORY_PAGE:
+                break
+            history = await hub.history(video.id, seen)
+        if seen < end:
+            yield Item(ending(video, end, url), end, "complete").sse
+    except redis.RedisError as exc:
+        log.warning("stream of video %s ended: Redis unreachable (%s)", video.id, exc)
+        yield b"retry: %d\n\n" % retry_ms
+
+
+def ending(video: Video, seq: int, video_url: str | None) -> bytes:
+    """The `complete` event of an ended video, as the database tells it."""
+    status_ = str(video.status)
+    if video.status == VideoStatus.FAILED:
+        message = f"Generation failed: {video.error_message or 'unknown error'}"
+    else:
+        message = f"Video {status_}"
+    return terminal_event(
+        video.id,
+        seq,
+        status=status_,
+        message=message,
+        video_url=video_url if video.status == VideoStatus.COMPLETED else None,
+        progress=100 if video.status == VideoStatus.COMPLETED else None,
+    )
+
+
+def lost_notice(video_id: int) -> LostNotice:
+    """Builds the `history_lost` notice with the video's state read from the database
+    when it is needed (rarely: Redis lost data, or the history expired)."""
+
+    async def build(after: int, resume: int) -> bytes:
+        video = await run_in_threadpool(_load, video_id)
+        return history_lost(
+            video_id, after, resume, status=str(video.status), progress=video.progress
+        )
+
+    return build
+
+
+def _load(video_id: int) -> Video:
+    with session_scope() as session:
+        video = session.get(Video, video_id)
+        assert video is not None  # authorized at connect; videos are never deleted
+        session.expunge(video)
+        return video
+
+
+# A video that ended this recently may still be publishing its last events (the database
+# is written first); only after this long is a missing `complete` rebuilt.
+REPAIR_AFTER_SECONDS = 10.0
+
+
+async def find_end(hub: StreamHub, video: Video, video_url: str | None) -> int | None:
+    """The seq of an ended video's `complete`: the database's record, else Redis's;
+    when neither has one (it was never published: Redis was down) and the video ended
+    a while ago, it is published now and recorded. None: not yet known."""
+    if video.end_seq is not None:
+        return video.end_seq
+    end = await hub.end_seq(video.id)
+    ended_at = video.completed_at or video.updated_at
+    if end is None and (utcnow() - ended_at).total_seconds() > REPAIR_AFTER_SECONDS:
+        status_ = str(video.status)
+        end = await publish_async(
+            hub.redis,
+            video.id,
+            "complete",
+            f"Video {status_}",
+            floor=video.last_seq,
+            status=status_,
+            video_url=video_url if video.status == VideoStatus.COMPLETED else None,
+        )
+        if end is None:  # someone else published it meanwhile
+            end = await hub.end_seq(video.id)
+    if end is not None:
+        await run_in_threadpool(event_floor.record, video.id, end, end=True)
+    return end
 
 
 @router.get(
@@ -123,14 +239,34 @@ async def stream_video(
     after = parse_last_event_id(request.headers.get("last-event-id", last_event_id))
     header = credentials.credentials if credentials else None
     video = await run_in_threadpool(authorize, video_id, header, token)
-    last = await hub.recent(video_id, 1)
-    if last and last[0].terminal and after >= last[0].seq:
-        return Response(status_code=status.HTTP_204_NO_CONTENT)  # EventSource stops here
-    if not last and video.status.is_terminal:
-        # Its history has expired (EVENT_RETENTION_SECONDS): nothing left to replay.
-        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    lost = lost_notice(video_id)
+    url = content_url(request, video)
+    if video.status.is_terminal:
+        end = await find_end(hub, video, url)
+        if end is not None and after >= end:
+            # The client has the `complete` event: EventSource stops on a 204.
+            return Response(status_code=status.HTTP_204_NO_CONTENT)
+        if end is not None:
+            body = ended_frames(hub, video, after, end, settings.sse_retry_ms, lost, url)
+            return event_stream(body, request, settings)
+    return event_stream(
+        frames(
+            hub,
+            video_id,
+            after,
+            settings.sse_retry_ms,
+            settings.sse_timeout_seconds,
+            floor=video.last_seq,
+            lost=lost,
+        ),
+        request,
+        settings,
+    )
+
+
+def event_stream(body: AsyncIterator[bytes], request: Request, settings: Settings) -> Response:
     return EventStream(
-        frames(hub, video_id, after, settings.sse_retry_ms, settings.sse_timeout_seconds),
+        body,
         ping=int(settings.sse_ping_seconds) or 1,
         ping_message_factory=_ping,
         sep="\n",

@@ -10,13 +10,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import redis
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select
 
-from kinora import idempotency, jobs, logs, ratelimit, reference
+from kinora import event_floor, idempotency, jobs, logs, ratelimit, reference
 from kinora.api.deps import (
     MAX_ID,
     BearerDep,
@@ -28,11 +29,11 @@ from kinora.api.deps import (
     owned_video,
     watcher_video,
 )
+from kinora.api.urls import content_url, stream_url
 from kinora.db import session_scope
 from kinora.events import Event, publish_async
 from kinora.hub import StreamHub
 from kinora.models import TERMINAL_STATUSES, Plan, User, Video, VideoStatus
-from kinora.tokens import sign_scoped
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/videos", tags=["videos"])
@@ -133,18 +134,6 @@ class VideoList(BaseModel):
     offset: int
 
 
-def stream_url(request: Request, video_id: int, user_id: int) -> str:
-    url = request.url_for("stream_video", video_id=video_id)
-    return f"{url}?token={sign_scoped(video_id, user_id)}"
-
-
-def content_url(request: Request, video: Video, route: str = "video_content") -> str | None:
-    if video.status != VideoStatus.COMPLETED:
-        return None
-    url = request.url_for(route, video_id=video.id)
-    return f"{url}?token={sign_scoped(video.id, video.user_id)}"
-
-
 def _create(
     user_id: int, body: GenerateRequest, cost: int, task_id: str, key: str | None, digest: str
 ) -> tuple[Video, int]:
@@ -185,6 +174,8 @@ def _enqueue(video_id: int, task_id: str, trace_id: str | None) -> None:
 def _fail(video_id: int, message: str) -> None:
     with session_scope() as session:
         jobs.fail(session, video_id, message)
+        idempotency.forget(session, video_id)
+        session.commit()
 
 
 @router.post(
@@ -258,26 +249,26 @@ async def generate(
         except idempotency.KeyReused as exc:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
         return replayed(request, response, user.id, replay)
-    # Step 0 is published before the task is queued, so it is always the first event.
-    await publish_async(
-        hub.redis, video.id, "stage", "Stage: preparing", stage="preparing",
-        previous_stage=None, progress=0, status="pending",
-    )  # fmt: skip
-    await publish_async(
-        hub.redis, video.id, "progress", "Video queued", step=0, progress=0, status="pending"
-    )
     try:
+        # Step 0 is published before the task is queued, so it is always the first event.
+        await publish_async(
+            hub.redis, video.id, "stage", "Stage: preparing", stage="preparing",
+            previous_stage=None, progress=0, status="pending",
+        )  # fmt: skip
+        await publish_async(
+            hub.redis, video.id, "progress", "Video queued", step=0, progress=0, status="pending"
+        )
         await run_in_threadpool(_enqueue, video.id, task_id, logs.current_trace_id())
     except Exception as exc:
+        # Redis (events and queue alike) went away between the charge and the queue:
+        # the video fails and is refunded, its Idempotency-Key is freed for the retry.
         log.exception("could not queue video %s", video.id)
         await run_in_threadpool(_fail, video.id, f"could not queue the job: {exc}")
-        await publish_async(
-            hub.redis, video.id, "complete", "Video failed: the job queue is unreachable",
-            status="failed",
-        )  # fmt: skip
+        await publish_end(hub, video, "failed", "Video failed: the job queue is unreachable")
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             detail="the job queue is unreachable; your credits were refunded, try again shortly",
+            headers={"Retry-After": "2"},
         ) from exc
     return GenerateResponse(
         video_id=video.id,
@@ -286,6 +277,21 @@ async def generate(
         stream_url=stream_url(request, video.id, video.user_id),
         credits_remaining=remaining,
     )
+
+
+async def publish_end(hub: StreamHub, video: Video, status_: str, message: str) -> None:
+    """The `complete` of a video the API ended, recorded as its end. The database has
+    the outcome already: if Redis is unreachable now, the stream publishes the end
+    later from it (api.stream.find_end), so this never fails the request."""
+    try:
+        seq = await publish_async(
+            hub.redis, video.id, "complete", message, floor=video.last_seq, status=status_
+        )
+    except redis.RedisError as exc:
+        log.warning("the end of video %s not published: %s", video.id, exc)
+        return
+    if seq is not None:
+        await run_in_threadpool(event_floor.record, video.id, seq, end=True)
 
 
 def replayed(
@@ -388,10 +394,7 @@ async def cancel_video(
     cancelled video again changes nothing."""
     video = await run_in_threadpool(_owned, video_id, user.id)
     if await run_in_threadpool(_cancel, video_id):
-        await publish_async(
-            hub.redis, video_id, "complete", "Video cancelled; its credits were refunded",
-            status="cancelled",
-        )  # fmt: skip
+        await publish_end(hub, video, "cancelled", "Video cancelled; its credits were refunded")
         await run_in_threadpool(_revoke, video.task_id)
     video = await run_in_threadpool(_owned, video_id, user.id)
     if video.status != VideoStatus.CANCELLED:
@@ -404,7 +407,12 @@ async def cancel_video(
 
 async def video_out(request: Request, hub: StreamHub, video: Video) -> VideoOut:
     video_id = video.id
-    recent = await hub.recent(video_id, RECENT_LOGS)
+    try:
+        recent = await hub.recent(video_id, RECENT_LOGS)
+    except redis.RedisError as exc:
+        # The polling fallback works without Redis: the state is the database's.
+        log.warning("video %s read without its events: Redis unreachable (%s)", video_id, exc)
+        recent = []
     logs: list[Event] = [item.event for item in recent]
     return VideoOut(
         id=video.id,

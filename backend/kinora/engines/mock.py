@@ -1,7 +1,9 @@
 """A mock of the OpenAI videos API: a job id, queued → in_progress with progress → completed.
 
 Jobs live in Redis, so any worker process (or a worker restarted after a crash) can
-retrieve a job another one created, as with the real service. A job's state is a
+retrieve a job another one created, as with the real service. A job id also carries
+what its state is computed from (creation time, length, size, scenario), so a job
+outlives even a Redis that lost its data, as a real model job outlives ours. A job's state is a
 function of the time since it was created: one update every `step_seconds`
 (queued, then in_progress at 0, 20, 40, 60, 80 %, then completed), about 12 s
 at the default of 2 s. The content is a real H.264 MP4 of the requested size and
@@ -36,6 +38,25 @@ def job_key(job_id: str) -> str:
     return f"mock:job:{job_id}"
 
 
+def from_job_id(job_id: str) -> dict[bytes, bytes]:
+    """A job's fields rebuilt from its id (the prompt, used only as the picture's
+    seed, becomes the id); empty for an id this mock never made."""
+    parts = job_id.split("_")
+    if len(parts) != 7 or parts[:2] != ["video", "mock"]:
+        return {}
+    _, _, created, seconds, size, scenario, _ = parts
+    try:
+        return {
+            b"created": repr(int(created, 16) / 1000).encode(),
+            b"seconds": str(int(seconds)).encode(),
+            b"size": size.encode(),
+            b"prompt": job_id.encode(),
+            b"scenario": b"" if scenario == "none" else scenario.encode(),
+        }
+    except ValueError:
+        return {}
+
+
 def prompt_key(prompt: str) -> str:
     return "mock:prompt:" + hashlib.sha256(prompt.encode()).hexdigest()
 
@@ -58,13 +79,15 @@ class MockEngine:
                 raise TransientEngineError(
                     "the model service is temporarily unavailable (mock)", code="server_error"
                 )
-        job_id = f"video_mock_{uuid.uuid4().hex}"
         scenario = prompt.split("]", 1)[0][6:] if prompt.startswith("[mock:") else ""
+        created = time.time()
+        stamp = f"{int(created * 1000):x}"
+        job_id = f"video_mock_{stamp}_{seconds}_{size}_{scenario or 'none'}_{uuid.uuid4().hex[:16]}"
         pipe = self.redis.pipeline()
         pipe.hset(
             job_key(job_id),
             mapping={
-                "created": repr(time.time()),
+                "created": repr(created),
                 "seconds": seconds,
                 "size": size,
                 "prompt": prompt,
@@ -84,7 +107,8 @@ class MockEngine:
         return self.retrieve(found[0].decode()) if found else None
 
     def _fields(self, job_id: str) -> dict[bytes, bytes]:
-        return cast(dict[bytes, bytes], self.redis.hgetall(job_key(job_id)))
+        fields = cast(dict[bytes, bytes], self.redis.hgetall(job_key(job_id)))
+        return fields or from_job_id(job_id)
 
     def retrieve(self, job_id: str) -> ModelJob:
         fields = self._fields(job_id)

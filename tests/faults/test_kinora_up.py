@@ -1,0 +1,241 @@
+"""`kinora up` through the faults of a service's life (CONTRACT §8): a Ctrl-C and a
+start again on the same ./var, and a SIGKILL of each of its parts (the API, the
+embedded Redis, a worker's pool process) while videos run. Nothing queued or running
+is lost, nothing is paid twice, and a watcher resumes exactly where it stopped."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import redis
+
+from kinora.embedded import free_port
+from tests.conftest import wait_for
+from tests.helpers import Follower
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+PROMPT = "A hot air balloon rising over a valley at dawn"
+
+
+def up_env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "REDIS_URL",
+            "DATABASE_URL",
+            "KINORA_VAR_DIR",
+            "SECRET_KEY",
+            "PROMETHEUS_MULTIPROC_DIR",
+        )
+    }
+    # Long enough to stop mid-job, short leases so a killed worker's video moves on.
+    env.update(MOCK_STEP_SECONDS="0.6", LEASE_SECONDS="3", SWEEP_INTERVAL_SECONDS="1")
+    return env
+
+
+class Up:
+    def __init__(self, cwd: Path, port: int) -> None:
+        self.cwd = cwd
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = cwd / f"up-{time.monotonic_ns()}.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kinora", "up", "--port", str(port)],
+                cwd=cwd,
+                env=up_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def token(self) -> str:
+        def printed() -> bool:
+            assert self.process.poll() is None, self.text()
+            return "Token: " in self.text()
+
+        wait_for("kinora up's Token line", printed, timeout=60)
+        tokens: list[str] = re.findall(r"^Token: (\S+)$", self.text(), re.M)
+        return tokens[-1]
+
+    def redis(self) -> redis.Redis:
+        url = re.findall(r"Redis: embedded at (\S+)", self.text())[-1]
+        return redis.Redis.from_url(url, socket_timeout=5)
+
+    def child(self, word: str) -> psutil.Process:
+        """The direct child whose command line has `word` (api, worker, redis-server)."""
+        for child in psutil.Process(self.process.pid).children():
+            if word in " ".join(child.cmdline()):
+                return child
+        raise AssertionError(f"no child {word!r} of kinora up")
+
+    def stop(self, sig: int = signal.SIGINT) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                assert self.process.wait(15) == 0, self.text()
+            finally:
+                if self.process.poll() is None:
+                    for child in psutil.Process(self.process.pid).children(recursive=True):
+                        child.kill()
+                    self.process.kill()
+
+
+def sql(cwd: Path, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(cwd / "var" / "kinora.db") as db:
+        return db.execute(query, params).fetchall()
+
+
+def video_state(base: str, token: str, video: int) -> dict[str, Any]:
+    response = httpx.get(
+        f"{base}/api/v1/videos/{video}", headers={"Authorization": f"Bearer {token}"}, timeout=5
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def submit(base: str, token: str, prompt: str) -> int:
+    response = httpx.post(
+        f"{base}/api/v1/videos/generate",
+        json={"prompt": prompt},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    assert response.status_code == 202, response.text
+    video: int = response.json()["video_id"]
+    return video
+
+
+def assert_gapless_to_completed(follower: Follower) -> None:
+    assert follower.error is None, follower.error
+    assert not follower.is_alive(), follower.events
+    seqs = [e["seq"] for e in follower.events]
+    assert seqs == list(range(1, len(seqs) + 1)), seqs
+    assert [e["type"] for e in follower.events].count("complete") == 1
+    assert follower.events[-1]["status"] == "completed"
+
+
+def test_a_restart_on_the_same_var_loses_nothing_and_pays_nothing_twice(tmp_path: Path) -> None:
+    port = free_port()
+    first = Up(tmp_path, port)
+    try:
+        token = first.token()
+        running = submit(first.base, token, PROMPT)
+        queued = submit(first.base, token, PROMPT + ", second take")  # one worker: it waits
+        watcher = Follower([first.base], running, token)
+        watcher.start()
+        wait_for(
+            "the first video's model job to run",
+            lambda: video_state(first.base, token, running)["progress"] >= 15,
+            timeout=30,
+        )
+        model_job = sql(tmp_path, "SELECT model_job_id FROM videos WHERE id = ?", running)[0][0]
+        assert model_job
+    finally:
+        first.stop()  # Ctrl-C: the running video goes back to the queue
+    assert sql(tmp_path, "SELECT status FROM videos WHERE id IN (?, ?)", running, queued) == [
+        ("pending",),
+        ("pending",),
+    ]
+
+    again = Up(tmp_path, port)  # the same port: the watcher reconnects by itself
+    try:
+        assert again.token() == token
+        started = time.monotonic()
+        wait_for(
+            "the queued video to start after the restart",
+            lambda: video_state(again.base, token, queued)["status"] != "pending",
+            timeout=60,
+        )
+        queued_start = time.monotonic() - started
+        for video in (running, queued):
+            wait_for(
+                f"video {video} to complete",
+                lambda v=video: video_state(again.base, token, v)["status"] == "completed",
+                timeout=90,
+            )
+        watcher.join(30)
+        assert_gapless_to_completed(watcher)
+        assert any("Resuming model job" in e["message"] for e in watcher.events)
+        # The same model job, one per video: nothing paid twice.
+        assert sql(tmp_path, "SELECT model_job_id FROM videos WHERE id = ?", running) == [
+            (model_job,)
+        ]
+        assert int(again.redis().get("mock:creates") or 0) == 2
+        assert sql(tmp_path, "SELECT kind, count(*) FROM credit_entries GROUP BY kind") == [
+            ("charge", 2),
+            ("grant", 1),
+        ]
+        print(f"restart -> queued video started in {queued_start:.1f} s")
+    finally:
+        again.stop()
+
+
+def test_every_part_killed_is_started_again_and_the_video_goes_on(tmp_path: Path) -> None:
+    up = Up(tmp_path, free_port())
+    try:
+        token = up.token()
+        # The API, SIGKILLed: started again, and says so.
+        up.child("api").kill()
+        wait_for("the API to be back", lambda: "kinora api started again" in up.text(), 30)
+        assert "kinora api exited with code -9; starting it again" in up.text()
+        wait_for("the API to answer", lambda: _healthy(up.base), 30)
+
+        # The embedded Redis, SIGKILLed: started again on the same port with its data.
+        up.redis().set("survives", "yes")
+        time.sleep(1.5)  # appendfsync everysec: what is a second old is on disk
+        up.child("redis-server").kill()
+        wait_for("Redis to be back", lambda: "the embedded Redis started again" in up.text(), 30)
+        assert up.redis().get("survives") == b"yes"
+
+        # A worker's pool process, SIGKILLed mid-video: Celery hands the message back at
+        # once; it waits out the dead claim and resumes the same model job.
+        video = submit(up.base, token, PROMPT)
+        watcher = Follower([up.base], video, token)
+        watcher.start()
+        wait_for(
+            "the video's model job to run",
+            lambda: video_state(up.base, token, video)["progress"] >= 15,
+            timeout=60,
+        )
+        pool = up.child("worker").children()
+        assert pool
+        for process in pool:
+            process.kill()
+        killed = time.monotonic()
+        wait_for(
+            "the video to complete",
+            lambda: video_state(up.base, token, video)["status"] == "completed",
+            timeout=60,
+        )
+        watcher.join(30)
+        assert_gapless_to_completed(watcher)
+        assert sql(tmp_path, "SELECT attempts FROM videos WHERE id = ?", video) == [(2,)]
+        assert int(up.redis().get("mock:creates") or 0) == 1
+        print(f"worker pool killed -> video completed {time.monotonic() - killed:.1f} s later")
+    finally:
+        up.stop()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
