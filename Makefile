@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint typecheck compose-config bench clean
+.PHONY: run test lint typecheck compose-config bench faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,11 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.fanout
 	$(BIN)/python -m bench.baseline
+
+# Fault injection in randomized rounds against real processes (tens of minutes); prints
+# a line per round and a table. `make test` runs one round of each fault.
+faults: $(VENV)/.installed-test
+	$(BIN)/python -m tests.faults.chaos --rounds $${ROUNDS:-200}
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

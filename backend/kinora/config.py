@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     # Videos one user may submit per window; over it, 429 with Retry-After. 0: no limit.
     generate_rate_limit: int = 30
     generate_rate_window_seconds: int = 60
+    # Streams (SSE and WebSocket) one user may hold open at once per API process; one
+    # more is a 429 (a WebSocket is closed with 1013). 0: no limit.
+    max_streams_per_user: int = 100
     # Proxies (comma-separated addresses, or *) whose X-Forwarded-Proto/-For the API
     # trusts, so that the stream and content URLs it returns use the public scheme.
     forwarded_allow_ips: str = "127.0.0.1"

@@ -22,9 +22,12 @@ from typing import Any, Literal, NotRequired, Self, TypedDict
 import orjson
 import redis
 import redis.asyncio
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from kinora import logs, metrics
 from kinora.config import get_settings
+from kinora.outbox import OUTBOX, Pending
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +100,18 @@ def video_id_of_channel(name: bytes | str) -> int:
 # client has seen is ever used again (CONTRACT §8). Watchers are told of the gap.
 SEQ_JUMP_AFTER_LOSS = 100
 
-# KEYS: seq, history, end. ARGV: body (the event's JSON without its opening brace),
-# channel, history cap, retention seconds, floor (the highest seq the publisher knows
-# was used), "1" if this is the `complete` event. Returns the new seq, or 0 when the
-# video's `complete` was published already: nothing is published after it.
+# KEYS: seq, history, end, sent. ARGV: body (the event's JSON without its opening
+# brace), channel, history cap, retention seconds, floor (the highest seq the publisher
+# knows was used), "1" if this is the `complete` event, the event's unique id. Returns
+# the new seq; the seq it already has when the same event is sent again (a call that
+# timed out may still have run: the outbox's resend must not publish it twice); 0 when
+# the video's `complete` was published already: nothing is published after it.
 PUBLISH_LUA = (
     """
+local prior = redis.call('HGET', KEYS[4], ARGV[7])
+if prior then
+  return tonumber(prior)
+end
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return 0
 end
@@ -129,8 +138,10 @@ local extra = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[3])
 if extra > 0 then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
 end
+redis.call('HSET', KEYS[4], ARGV[7], seq)
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[4])
 redis.call('PUBLISH', ARGV[2], data)
 return seq
 """
@@ -161,11 +172,16 @@ def encode_body(
     return orjson.dumps(body)[1:]
 
 
+def sent_key(video_id: int) -> str:
+    """Each published event's unique id → its seq: a resend is not a second event."""
+    return f"video:{video_id}:sent"
+
+
 def _script_args(
-    video_id: int, body: bytes, floor: int, terminal: bool
+    video_id: int, body: bytes, floor: int, terminal: bool, uid: str | None = None
 ) -> tuple[list[str], list[Any]]:
     settings = get_settings()
-    keys = [seq_key(video_id), history_key(video_id), end_key(video_id)]
+    keys = [seq_key(video_id), history_key(video_id), end_key(video_id), sent_key(video_id)]
     args: list[Any] = [
         body,
         channel(video_id),
@@ -173,6 +189,7 @@ def _script_args(
         settings.event_retention_seconds,
         floor,
         "1" if terminal else "0",
+        uid or os.urandom(8).hex(),
     ]
     return keys, args
 
@@ -213,8 +230,11 @@ def sync_client() -> redis.Redis:
             if client is None:
                 client = redis.Redis.from_url(
                     get_settings().required_redis_url,
-                    socket_connect_timeout=2,
-                    socket_timeout=5,
+                    # Short: a job waits at most this long on a Redis that is gone or
+                    # paused; its events wait in the outbox meanwhile.
+                    socket_connect_timeout=1,
+                    socket_timeout=2,
+                    retry=Retry(NoBackoff(), 1),  # redis-py's default waits seconds more
                     health_check_interval=30,
                 )
                 _sync_clients.clear()
@@ -339,10 +359,12 @@ class SSELogger:
     # -- the one round trip -----------------------------------------------------------
 
     def publish(self, event_type: EventType, message: str, **fields: Any) -> int | None:
-        """Publish one event; returns its seq, or None if Redis could not be reached.
+        """Publish one event; returns its seq, or None if it was not published now.
 
-        Publishing never breaks the job: a failure is logged and counted, and the
-        job goes on (the database stays the truth about the video).
+        Publishing never breaks the job: when Redis cannot be reached the event is
+        logged, counted and kept in the process's outbox, which publishes it (and the
+        video's later events, in order) once Redis is back (kinora.outbox). None also
+        when the video's `complete` is out: nothing follows it.
         """
         if "status" not in fields and event_type in ("progress", "stage"):
             fields["status"] = "processing"
@@ -350,28 +372,36 @@ class SSELogger:
             return None
         body = encode_body(self.video_id, event_type, message, fields)
         terminal = event_type == "complete"
-        try:
-            client = self._client or sync_client()
-            if self._script is None:
-                self._script = client.register_script(PUBLISH_LUA)
-            keys, args = _script_args(self.video_id, body, self.last_seq, terminal)
-            seq = int(self._script(keys=keys, args=args, client=client))
-        except redis.RedisError as exc:
-            metrics.EVENTS_NOT_PUBLISHED.inc()
-            log.warning(
-                "event for video %s not published (%s): %s", self.video_id, exc, body.decode()
-            )
-            return None
+        if terminal:
+            self.ended = True
+        uid = os.urandom(8).hex()
+        if not (OUTBOX.holds(self.video_id) and not OUTBOX.flush()):
+            try:
+                return self._send(event_type, body, terminal, uid)
+            except redis.RedisError as exc:
+                log.warning(
+                    "event for video %s not published (%s); kept until Redis is back: %s",
+                    self.video_id, exc, body.decode(),
+                )  # fmt: skip
+        metrics.EVENTS_NOT_PUBLISHED.inc()
+        OUTBOX.add(Pending(self.video_id, lambda: self._send(event_type, body, terminal, uid)))
+        return None
+
+    def _send(self, event_type: EventType, body: bytes, terminal: bool, uid: str) -> int | None:
+        """The one round trip; raises redis.RedisError."""
+        client = self._client or sync_client()
+        if self._script is None:
+            self._script = client.register_script(PUBLISH_LUA)
+        keys, args = _script_args(self.video_id, body, self.last_seq, terminal, uid)
+        seq = int(self._script(keys=keys, args=args, client=client))
         if not seq:  # the video's `complete` is out: the script refused
             self.ended = True
             log.info("event for video %s refused: its complete was published", self.video_id)
             return None
         metrics.EVENTS_PUBLISHED.labels(event_type).inc()
         self.last_seq = seq
-        if terminal:
-            self.ended = True
-            if self._on_complete is not None:
-                self._on_complete(seq)
+        if terminal and self._on_complete is not None:
+            self._on_complete(seq)
         return seq
 
 

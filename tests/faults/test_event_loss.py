@@ -17,7 +17,14 @@ from sqlalchemy import update
 
 from kinora import event_floor
 from kinora.db import session_scope
-from kinora.events import SEQ_JUMP_AFTER_LOSS, SSELogger, end_key, history_key, seq_key
+from kinora.events import (
+    SEQ_JUMP_AFTER_LOSS,
+    SSELogger,
+    end_key,
+    history_key,
+    sent_key,
+    seq_key,
+)
 from kinora.models import Video, utcnow
 from tests.conftest import Account, Stack, wait_for
 from tests.helpers import Follower, events_of, read_stream, submit
@@ -26,7 +33,7 @@ from tests.helpers import Follower, events_of, read_stream, submit
 def forget(client: redis.Redis, video_id: int) -> None:
     """What a FLUSHALL, a failover to an empty replica or an old snapshot does to one
     video (the shared test Redis also carries the stack's queue, so not all of it)."""
-    client.delete(seq_key(video_id), history_key(video_id), end_key(video_id))
+    client.delete(seq_key(video_id), history_key(video_id), end_key(video_id), sent_key(video_id))
 
 
 def test_nothing_is_published_after_complete(redis_client: redis.Redis, video_id: int) -> None:

@@ -27,6 +27,7 @@ from kinora.api.middleware import (
     BodyLimitMiddleware,
     TraceMiddleware,
 )
+from kinora.api.quota import StreamQuota
 from kinora.config import get_settings
 from kinora.hub import StreamHub
 
@@ -47,6 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # One event for the process: the first stream to see the server shutting down sets
     # it (sse-starlette), and every stream is then drained at once.
     app.state.shutdown = anyio.Event()
+    app.state.quota = StreamQuota(settings.max_streams_per_user)
     drainer = asyncio.create_task(_drain_on_shutdown(app.state.shutdown, hub))
     tune_gc()
     try:

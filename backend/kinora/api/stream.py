@@ -21,6 +21,7 @@ from starlette.types import Message, Send
 from kinora import event_floor, logs
 from kinora.api.deps import BearerDep, HubDep, SettingsDep, VideoId, watcher_video
 from kinora.api.middleware import TRACE_HEADER
+from kinora.api.quota import StreamQuota
 from kinora.api.urls import content_url
 from kinora.config import Settings
 from kinora.db import session_scope
@@ -239,6 +240,8 @@ async def stream_video(
     after = parse_last_event_id(request.headers.get("last-event-id", last_event_id))
     header = credentials.credentials if credentials else None
     video = await run_in_threadpool(authorize, video_id, header, token)
+    log.warning("QUOTA %s %s", id(request.app.state.quota), request.app.state.quota.open)
+    request.app.state.quota.check(video.user_id)
     lost = lost_notice(video_id)
     url = content_url(request, video)
     if video.status.is_terminal:
@@ -248,7 +251,7 @@ async def stream_video(
             return Response(status_code=status.HTTP_204_NO_CONTENT)
         if end is not None:
             body = ended_frames(hub, video, after, end, settings.sse_retry_ms, lost, url)
-            return event_stream(body, request, settings)
+            return event_stream(body, request, settings, video.user_id)
     return event_stream(
         frames(
             hub,
@@ -261,12 +264,16 @@ async def stream_video(
         ),
         request,
         settings,
+        video.user_id,
     )
 
 
-def event_stream(body: AsyncIterator[bytes], request: Request, settings: Settings) -> Response:
+def event_stream(
+    body: AsyncIterator[bytes], request: Request, settings: Settings, user_id: int
+) -> Response:
+    quota: StreamQuota = request.app.state.quota
     return EventStream(
-        body,
+        quota.counted(user_id, body),
         ping=int(settings.sse_ping_seconds) or 1,
         ping_message_factory=_ping,
         sep="\n",

@@ -19,10 +19,12 @@ import orjson
 from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect, status
 from fastapi.concurrency import run_in_threadpool
 
+from kinora.api.quota import StreamQuota
 from kinora.api.stream import authorize
 from kinora.config import get_settings
 from kinora.events import timestamp
 from kinora.hub import StreamHub, SubscribeTimeout, Watcher
+from kinora.models import Video
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])
@@ -31,6 +33,7 @@ CLOSE_BAD_TOKEN = 4401
 CLOSE_NOT_FOUND = 4404
 CLOSE_PONG_TIMEOUT = 4408
 CLOSE_TOO_SLOW = 1013
+CLOSE_TRY_LATER = 1013
 
 
 class PongTimeout(Exception):
@@ -56,6 +59,16 @@ async def progress(websocket: WebSocket, video_id: int, token: str | None = None
         await websocket.close(code, reason=str(exc.detail)[:120])
         return
     hub: StreamHub = websocket.app.state.hub
+    quota: StreamQuota = websocket.app.state.quota
+    if quota.limit and quota.open[video.user_id] >= quota.limit:
+        await websocket.close(CLOSE_TRY_LATER, reason="too many streams open: close one")
+        return
+    with quota.held(video.user_id):
+        await watch(websocket, hub, video)
+
+
+async def watch(websocket: WebSocket, hub: StreamHub, video: Video) -> None:
+    video_id = video.id
     await websocket.send_text(
         message("connected", {"project_id": video_id, "timestamp": timestamp()})
     )

@@ -18,6 +18,7 @@ finishes).
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -28,6 +29,8 @@ import redis
 from kinora.engines.base import EngineError, ModelJob, TransientEngineError
 from kinora.events import sync_client
 from kinora.media import render_test_pattern
+
+log = logging.getLogger(__name__)
 
 UPDATES = 5  # in_progress updates before completion
 JOB_TTL_SECONDS = 7 * 86400
@@ -57,8 +60,12 @@ def from_job_id(job_id: str) -> dict[bytes, bytes]:
         return {}
 
 
+def prompt_digest(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
 def prompt_key(prompt: str) -> str:
-    return "mock:prompt:" + hashlib.sha256(prompt.encode()).hexdigest()
+    return "mock:prompt:" + prompt_digest(prompt)
 
 
 class MockEngine:
@@ -100,6 +107,9 @@ class MockEngine:
         pipe.expire(prompt_key(prompt), JOB_TTL_SECONDS)
         pipe.incr(CREATES_KEY)
         pipe.execute()
+        # What a paid create is: the fault suite counts these lines per prompt, which
+        # survive a Redis that loses its data (tests/faults/chaos.py).
+        log.info("mock model job %s created for prompt %s", job_id, prompt_digest(prompt))
         return ModelJob(id=job_id, status="queued", progress=0, poll_after=self.step_seconds)
 
     def find(self, *, prompt: str, since: float) -> ModelJob | None:
