@@ -74,3 +74,14 @@ def test_publish() -> None:
     for run in (step, floor, naive):
         assert run["p50_us"] > 0
         assert run["events_per_s"] > 0
+
+
+def test_replay() -> None:
+    result = bench(
+        "replay", "--connections", "10", "--baseline-connections", "3", "--events", "450",
+        "--event-bytes", "200", "--stall", "1",
+    )  # fmt: skip
+    for run in (result["paged"], result["baseline_one_write"]):
+        assert run["every_event_to_every_client"], run
+    assert result["paged"]["page"] == 200
+    assert result["baseline_one_write"]["page"] == 450

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # Streams (SSE and WebSocket) one user may hold open at once per API process; one
     # more is a 429 (a WebSocket is closed with 1013). 0: no limit.
     max_streams_per_user: int = 100
+    # A stream replays history this many events at a time, each page written before the
+    # next is read: what bounds a replaying connection's memory (bench.replay).
+    history_page_size: int = Field(default=200, ge=1)
     # Proxies (comma-separated addresses, or *) whose X-Forwarded-Proto/-For the API
     # trusts, so that the stream and content URLs it returns use the public scheme.
     forwarded_allow_ips: str = "127.0.0.1"

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, cast
 
 import orjson
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -99,6 +100,10 @@ RESYNC = Item(b"{}", -1, "resync")
 DELIVERY_FLUSH_SECONDS = 1.0
 # The longest any one Redis call of the API may take (connect, or read a reply).
 REDIS_TIMEOUT = 2.0
+# The hub pings Redis this often; without an answer for PROBE_STALE_SECONDS, new
+# streams are refused with a 503 (open ones end with a `retry:` on their own).
+PROBE_SECONDS = 0.5
+PROBE_STALE_SECONDS = 2.5
 
 
 class SubscribeTimeout(RuntimeError):
@@ -241,7 +246,7 @@ class Watcher:
             yield self._took([await self.notice(history[0].seq - 1)])
         while history:
             yield self._took(history)
-            if len(history) < HISTORY_PAGE:
+            if len(history) < self.hub.history_page:
                 return
             history = await self.hub.history(self.video_id, self.last_seq)
 
@@ -306,11 +311,14 @@ class StreamHub:
         queue_size: int = 256,
         subscribe_timeout: float = 10.0,
         presence_ttl: float = 15.0,
+        history_page: int = HISTORY_PAGE,
     ) -> None:
         self.redis_url = redis_url
+        self.history_page = history_page
         self.queue_size = queue_size
         self.subscribe_timeout = subscribe_timeout
         self.slow_cuts = 0
+        self._last_pong = 0.0
         self._topics: dict[bytes, Topic] = {}
         # SUBSCRIBEs sent whose confirmation has not come back, per channel.
         self._pending: defaultdict[bytes, int] = defaultdict(int)
@@ -348,12 +356,14 @@ class StreamHub:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._last_pong = asyncio.get_running_loop().time()
         await self._pubsub.connect()  # type: ignore[no-untyped-call]
         await self.presence.start()
         self._tasks = [
             asyncio.create_task(self._listen(), name="hub-listen"),
             asyncio.create_task(self._control(), name="hub-control"),
             asyncio.create_task(self._count_deliveries(), name="hub-metrics"),
+            asyncio.create_task(self._probe(), name="hub-probe"),
         ]
 
     async def stop(self) -> None:
@@ -432,10 +442,10 @@ class StreamHub:
             log.info("shutting down: %d streams told to reconnect", ended)
         return ended
 
-    async def history(self, video_id: int, after: int, limit: int = HISTORY_PAGE) -> list[Item]:
-        """At most `limit` events after seq `after`, oldest first."""
+    async def history(self, video_id: int, after: int, limit: int | None = None) -> list[Item]:
+        """At most `limit` (a page) events after seq `after`, oldest first."""
         raw = await self.redis.zrangebyscore(
-            history_key(video_id), f"({after}", "+inf", start=0, num=limit
+            history_key(video_id), f"({after}", "+inf", start=0, num=limit or self.history_page
         )
         return [Item.from_raw(r) for r in cast(list[bytes], raw)]
 
@@ -444,7 +454,7 @@ class StreamHub:
         Redis has none), in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrangebyscore(
-                history_key(video_id), f"({after}", "+inf", start=0, num=HISTORY_PAGE
+                history_key(video_id), f"({after}", "+inf", start=0, num=self.history_page
             )
             pipe.get(seq_key(video_id))
             raw, counter = await pipe.execute()
@@ -460,6 +470,20 @@ class StreamHub:
         """The last `count` events of a video's history, oldest first."""
         raw = await self.redis.zrange(history_key(video_id), -count, -1)
         return [Item.from_raw(r) for r in cast(list[bytes], raw)]
+
+    @property
+    def redis_reachable(self) -> bool:
+        """Whether Redis answered a PING lately: a new stream is refused at once (503)
+        while it does not, rather than opened to wait for a subscription that cannot
+        come. A paused Redis stops answering: within PROBE_STALE_SECONDS it shows."""
+        return asyncio.get_running_loop().time() - self._last_pong < PROBE_STALE_SECONDS
+
+    async def _probe(self) -> None:
+        while True:
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.redis.ping()
+                self._last_pong = asyncio.get_running_loop().time()
+            await asyncio.sleep(PROBE_SECONDS)
 
     async def _count_deliveries(self) -> None:
         while True:

@@ -42,6 +42,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.required_redis_url,
         queue_size=settings.stream_queue_size,
         presence_ttl=settings.presence_ttl_seconds,
+        history_page=settings.history_page_size,
     )
     await hub.start()
     app.state.hub = hub

@@ -26,7 +26,7 @@ from kinora.api.urls import content_url
 from kinora.config import Settings
 from kinora.db import session_scope
 from kinora.events import history_lost, publish_async, terminal_event
-from kinora.hub import HISTORY_PAGE, Item, LostNotice, StreamHub, SubscribeTimeout, resume_point
+from kinora.hub import Item, LostNotice, StreamHub, SubscribeTimeout, resume_point
 from kinora.models import Video, VideoStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ async def ended_frames(
         while history:
             yield b"".join(item.sse for item in history)
             seen = history[-1].seq
-            if history[-1].terminal or len(history) < HISTORY_PAGE:
+            if history[-1].terminal or len(history) < hub.history_page:
                 break
             history = await hub.history(video.id, seen)
         if seen < end:
@@ -240,7 +240,8 @@ async def stream_video(
     after = parse_last_event_id(request.headers.get("last-event-id", last_event_id))
     header = credentials.credentials if credentials else None
     video = await run_in_threadpool(authorize, video_id, header, token)
-    log.warning("QUOTA %s %s", id(request.app.state.quota), request.app.state.quota.open)
+    if not hub.redis_reachable:
+        raise redis.ConnectionError("Redis has not answered the hub's pings")  # a 503
     request.app.state.quota.check(video.user_id)
     lost = lost_notice(video_id)
     url = content_url(request, video)

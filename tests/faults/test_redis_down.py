@@ -1,0 +1,79 @@
+"""Redis paused or gone (CONTRACT §8): every request is answered within a few
+seconds: a 503 with Retry-After when the answer needs Redis, never a 500 or a hang;
+the video's state still comes from the database; and the first submit after Redis
+is back is accepted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kinora.embedded import EmbeddedRedis
+from tests.conftest import Account, start_api, stop
+from tests.test_videos import pending_video
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "A lighthouse keeper climbing the stairs at night"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(tmp_path / "redis", persist=False) as server:
+        yield server
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGCONT)
+
+
+def timed(call: object) -> tuple[httpx.Response, float]:
+    assert callable(call)
+    started = time.monotonic()
+    response = call()
+    assert isinstance(response, httpx.Response)
+    return response, time.monotonic() - started
+
+
+def test_a_paused_redis_gets_503s_within_seconds_and_the_first_submit_after_is_accepted(
+    environment: dict[str, str], account: Account, own_redis: EmbeddedRedis, tmp_path: Path
+) -> None:
+    env = {**environment, "REDIS_URL": own_redis.url}
+    api, base = start_api(env, tmp_path / "api.log")
+    try:
+        video = pending_video(account)
+        with httpx.Client(base_url=base, headers=account.headers, timeout=15) as client:
+            assert own_redis.process is not None
+            os.kill(own_redis.process.pid, signal.SIGSTOP)
+            submit, submit_took = timed(
+                lambda: client.post("/api/v1/videos/generate", json={"prompt": PROMPT})
+            )
+            stream, stream_took = timed(lambda: client.get(f"/api/v1/videos/{video}/stream"))
+            read, read_took = timed(lambda: client.get(f"/api/v1/videos/{video}"))
+            ready, ready_took = timed(lambda: client.get("/readyz"))
+            os.kill(own_redis.process.pid, signal.SIGCONT)
+            back = time.monotonic()
+            accepted = client.post("/api/v1/videos/generate", json={"prompt": PROMPT})
+            first_202 = time.monotonic() - back
+
+        for response, took in ((submit, submit_took), (stream, stream_took)):
+            assert response.status_code == 503, response.text
+            assert int(response.headers["Retry-After"]) >= 1
+            assert response.json()["detail"]
+            assert response.json()["trace_id"]
+            assert took < 7  # bounded Redis calls: seconds, not a hang
+        assert "Redis" in stream.json()["detail"]
+        assert read.status_code == 200  # the polling fallback answers from the database
+        assert read.json()["status"] == "pending"
+        assert read.json()["logs"] == []
+        assert read_took < 7
+        assert ready.status_code == 503
+        assert ready_took < 7
+        assert accepted.status_code == 202, accepted.text
+        print(f"Redis back -> first 202 in {first_202:.2f} s")
+    finally:
+        stop(api)
