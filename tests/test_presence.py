@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from kinora.embedded import free_port
@@ -91,3 +92,25 @@ def test_counts_rise_and_fall_across_two_api_processes(
         asyncio.run(scenario())
     finally:
         stop(second)
+
+
+def test_counts_come_back_after_redis_lost_them(
+    stack: Stack, account: Account, redis_client: redis.Redis
+) -> None:
+    """Presence is rewritten every third of PRESENCE_TTL_SECONDS, not only on change:
+    a Redis that lost its data (flushed, failed over) counts the watchers again."""
+    video_id = pending_video(account)
+
+    async def scenario() -> None:
+        stream = f"/api/v1/videos/{video_id}/stream?token={account.token}"
+        async with (
+            httpx.AsyncClient(base_url=stack.base_url, timeout=10) as client,
+            client.stream("GET", stream) as response,
+        ):
+            assert response.status_code == 200
+            await until(stack.base_url, account, video_id, 1)
+            redis_client.delete(*redis_client.keys("presence:*"))
+            assert await count(stack.base_url, account, video_id) == 0  # lost
+            await until(stack.base_url, account, video_id, 1)  # and back
+
+    asyncio.run(scenario())
