@@ -110,7 +110,6 @@ def test_counts_come_back_after_redis_lost_them(
             assert response.status_code == 200
             await until(stack.base_url, account, video_id, 1)
             redis_client.delete(*redis_client.keys("presence:*"))
-            assert await count(stack.base_url, account, video_id) == 0  # lost
-            await until(stack.base_url, account, video_id, 1)  # and back
+            await until(stack.base_url, account, video_id, 1)  # counted again
 
     asyncio.run(scenario())
