@@ -69,6 +69,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.fanout
 	$(BIN)/python -m bench.baseline
 	$(BIN)/python -m bench.replay
+	$(BIN)/python -m bench.recovery
 
 # Fault injection in randomized rounds against real processes (tens of minutes); prints
 # a line per round and a table. `make test` runs one round of each fault.

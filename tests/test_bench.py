@@ -85,3 +85,12 @@ def test_replay() -> None:
         assert run["every_event_to_every_client"], run
     assert result["paged"]["page"] == 200
     assert result["baseline_one_write"]["page"] == 450
+
+
+def test_recovery() -> None:
+    result = bench("recovery", "--trials", "1", "--lease-seconds", "2")
+    assert [r["fault"] for r in result["runs"]] == ["kill_pool", "kill_worker"]
+    for run in result["runs"]:
+        assert run["status"] == "completed", run
+        assert run["problems"] == [], run
+        assert run["seconds_to_next_event"] <= run["seconds_to_resume"]

@@ -17,7 +17,7 @@ import threading
 from kinora import event_floor, jobs
 from kinora.config import get_settings
 from kinora.db import session_scope
-from kinora.events import SSELogger
+from kinora.events import SSELogger, sync_client
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,25 @@ class Sweeper:
         at_start = True
         while True:
             try:
-                sweep_once(at_start=at_start)
+                lost = redis_lost_its_data()
+                if lost:
+                    log.warning("Redis lost its data: every pending video is queued again")
+                sweep_once(at_start=at_start or lost)
                 at_start = False
             except Exception:
                 log.exception("sweep failed; trying again in %s s", interval)
             if self._stop.wait(interval):
                 return
+
+
+# Set by the sweepers and never expiring: when it is gone, Redis lost its data (a
+# flush, a restart without its files, a failover to an empty replica), and the queued
+# messages with it; the pending videos are queued again at once, not after
+# STALE_PENDING_SECONDS.
+MARKER = "kinora:sweeper:marker"
+
+
+def redis_lost_its_data() -> bool:
+    """True once after Redis lost its data (and at the very first sweep of a new
+    Redis, when there is nothing to lose)."""
+    return bool(sync_client().set(MARKER, 1, nx=True))

@@ -88,7 +88,7 @@ class Cluster:
     """Redis, SQLite, one API and two workers, each a real process that can be killed
     and started again on the same state."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, settings: dict[str, str] | None = None) -> None:
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
@@ -97,7 +97,7 @@ class Cluster:
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS")},
-            **SETTINGS,
+            **(SETTINGS if settings is None else settings),
             "REDIS_URL": self.redis.url,
             "DATABASE_URL": f"sqlite:///{root / 'kinora.db'}",
             "KINORA_VAR_DIR": str(root / "var"),
