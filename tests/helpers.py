@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from typing import Any
@@ -125,3 +126,21 @@ class Follower(threading.Thread):
         except httpx.TransportError:
             return False  # the API is gone (or went away mid-stream): try the next
         return True
+
+
+def fresh_machine_env(**settings: str) -> dict[str, str]:
+    """The environment of `kinora up` on a fresh machine: no REDIS_URL or DATABASE_URL
+    (the embedded defaults, state under ./var), plus `settings`."""
+    kept = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "REDIS_URL",
+            "DATABASE_URL",
+            "KINORA_VAR_DIR",
+            "SECRET_KEY",
+            "PROMETHEUS_MULTIPROC_DIR",
+        )
+    }
+    return {**kept, **settings}

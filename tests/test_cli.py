@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,27 +15,9 @@ import pytest
 
 from kinora.embedded import free_port
 from tests.conftest import wait_for
-from tests.helpers import assert_whole_generation, events_of, read_stream
+from tests.helpers import assert_whole_generation, events_of, fresh_machine_env, read_stream
 
 pytestmark = pytest.mark.slow
-
-
-def clean_env(tmp_path: Path) -> dict[str, str]:
-    """As on a fresh machine: no REDIS_URL or DATABASE_URL, state under tmp_path/var."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "REDIS_URL",
-            "DATABASE_URL",
-            "KINORA_VAR_DIR",
-            "SECRET_KEY",
-            "PROMETHEUS_MULTIPROC_DIR",
-        )
-    }
-    env["MOCK_STEP_SECONDS"] = "0.2"
-    return env
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +55,7 @@ class Up:
             self.process = subprocess.Popen(
                 [str(kinora), "up", "--port", str(port)],
                 cwd=cwd,
-                env=clean_env(cwd),
+                env=fresh_machine_env(MOCK_STEP_SECONDS="0.2"),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

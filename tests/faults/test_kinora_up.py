@@ -5,7 +5,6 @@ is lost, nothing is paid twice, and a watcher resumes exactly where it stopped."
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sqlite3
@@ -22,7 +21,7 @@ import redis
 
 from kinora.embedded import free_port
 from tests.conftest import wait_for
-from tests.helpers import Follower
+from tests.helpers import Follower, fresh_machine_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -30,21 +29,8 @@ PROMPT = "A hot air balloon rising over a valley at dawn"
 
 
 def up_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "REDIS_URL",
-            "DATABASE_URL",
-            "KINORA_VAR_DIR",
-            "SECRET_KEY",
-            "PROMETHEUS_MULTIPROC_DIR",
-        )
-    }
     # Long enough to stop mid-job, short leases so a killed worker's video moves on.
-    env.update(MOCK_STEP_SECONDS="0.6", LEASE_SECONDS="3", SWEEP_INTERVAL_SECONDS="1")
-    return env
+    return fresh_machine_env(MOCK_STEP_SECONDS="0.6", LEASE_SECONDS="3", SWEEP_INTERVAL_SECONDS="1")
 
 
 class Up:
