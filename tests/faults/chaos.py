@@ -21,6 +21,10 @@ it did not complete; the ledger sums to the balance; at most one paid model job 
 video; each watcher's seqs strictly increase, every gap announced by `history_lost`;
 each watcher reaches the outcome; no 500; no request unanswered for 10 s.
 
+A process that exits by itself is started again, as `kinora up` and compose's
+`restart: unless-stopped` do, and counted as a crash restart (Celery 5.7's worker
+exits when its broker connection breaks while it holds an unacknowledged message).
+
     python -m tests.faults.chaos --rounds 200 [--seed N]     (make faults)
 
 prints one line per round and a table; tests/faults/test_chaos.py runs a few rounds.
@@ -122,9 +126,23 @@ class Cluster:
             "worker-1": ["worker", "--concurrency", "2"],
             "worker-2": ["worker", "--concurrency", "2"],
         }
+        # A process that exits by itself is started again, as `kinora up`, compose's
+        # `restart: unless-stopped` or systemd would; each such restart is counted.
+        self.lock = threading.RLock()
+        self.crashes: list[str] = []
+        self._stopping = threading.Event()
         for name in self.commands:
             self.start(name)
         self.wait_api()
+        threading.Thread(target=self._supervise, daemon=True, name="chaos-supervisor").start()
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            with self.lock:
+                for name, process in self.processes.items():
+                    if process.poll() is not None and not self._stopping.is_set():
+                        self.crashes.append(f"{name} exited with {process.returncode}")
+                        self.start(name)
 
     def start(self, name: str) -> None:
         with (self.logs / f"{name}.log").open("ab") as out:
@@ -136,6 +154,13 @@ class Cluster:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
+
+    def restart(self, name: str, pause: float = 0.0) -> None:
+        """SIGKILL, then start again (a fault, not a crash: not counted)."""
+        with self.lock:
+            self.kill(name)
+            time.sleep(pause)
+            self.start(name)
 
     def kill(self, name: str) -> None:
         process = self.processes[name]
@@ -170,6 +195,11 @@ class Cluster:
         return found
 
     def stop(self) -> None:
+        self._stopping.set()
+        with self.lock:
+            self._stop_all()
+
+    def _stop_all(self) -> None:
         for name in self.processes:
             process = self.processes[name]
             if process.poll() is None:
@@ -248,6 +278,7 @@ class Round:
     violations: list[str] = field(default_factory=list)
     events: int = 0
     recovery: float | None = None  # fault over → the next event of a live video
+    crashes: list[str] = field(default_factory=list)  # processes that exited by themselves
     seconds: float = 0.0
 
 
@@ -294,13 +325,9 @@ def inject(cluster: Cluster, fault: str, rng: random.Random, videos: list[int]) 
         for child in worker.children(recursive=True):
             child.kill()
     elif fault == "kill_worker":
-        name = rng.choice(["worker-1", "worker-2"])
-        cluster.kill(name)
-        time.sleep(1)
-        cluster.start(name)
+        cluster.restart(rng.choice(["worker-1", "worker-2"]), pause=1)
     elif fault == "kill_api":
-        cluster.kill("api")
-        cluster.start("api")
+        cluster.restart("api")
         cluster.wait_api()
     elif fault == "pause_redis":
         assert cluster.redis.process is not None
@@ -328,6 +355,7 @@ def inject(cluster: Cluster, fault: str, rng: random.Random, videos: list[int]) 
 def play_round(cluster: Cluster, number: int, rng: random.Random, fault: str) -> Round:
     result = Round(number, fault)
     started = time.monotonic()
+    crashed_before = len(cluster.crashes)
     token = new_user()
     tag = uuid.uuid4().hex[:8]
     prompts = [f"Chaos {number}-{tag}: a paper lantern drifting, take {i}" for i in range(3)]
@@ -372,6 +400,7 @@ def play_round(cluster: Cluster, number: int, rng: random.Random, fault: str) ->
     wait_ended(cluster, videos, deadline)
     result.violations = problems + check(cluster, token, videos, prompts, watchers)
     result.events = sum(len(w.events) for w in watchers)
+    result.crashes = cluster.crashes[crashed_before:]
     result.seconds = time.monotonic() - started
     return result
 
@@ -502,7 +531,8 @@ def run(rounds: int, seed: int, root: Path, out: Any = sys.stdout) -> list[Round
             print(
                 f"round {number:3d}  {result.fault:13s}  videos {len(result.videos)}  "
                 f"events {result.events:4d}  recovery {recovered:>8s}  "
-                f"{result.seconds:5.1f} s  violations {len(result.violations)}",
+                f"{result.seconds:5.1f} s  violations {len(result.violations)}"
+                + (f"  restarted: {', '.join(result.crashes)}" if result.crashes else ""),
                 file=out,
                 flush=True,
             )
@@ -515,8 +545,9 @@ def run(rounds: int, seed: int, root: Path, out: Any = sys.stdout) -> list[Round
 
 def table(results: list[Round]) -> str:
     lines = [
-        "| fault | rounds | videos | events seen | recovery median / max | violations |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| fault | rounds | videos | events seen | recovery median / max | crash restarts "
+        "| violations |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for fault in FAULTS:
         mine = [r for r in results if r.fault == fault]
@@ -526,11 +557,13 @@ def table(results: list[Round]) -> str:
         spread = f"{times[len(times) // 2]:.2f} / {times[-1]:.2f} s" if times else "-"
         lines.append(
             f"| {fault} | {len(mine)} | {sum(len(r.videos) for r in mine)} | "
-            f"{sum(r.events for r in mine)} | {spread} | {sum(len(r.violations) for r in mine)} |"
+            f"{sum(r.events for r in mine)} | {spread} | {sum(len(r.crashes) for r in mine)} | "
+            f"{sum(len(r.violations) for r in mine)} |"
         )
     lines.append(
         f"| all | {len(results)} | {sum(len(r.videos) for r in results)} | "
-        f"{sum(r.events for r in results)} | | {sum(len(r.violations) for r in results)} |"
+        f"{sum(r.events for r in results)} | | {sum(len(r.crashes) for r in results)} | "
+        f"{sum(len(r.violations) for r in results)} |"
     )
     return "\n".join(lines)
 
