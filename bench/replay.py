@@ -7,7 +7,8 @@ The API is run twice in one run: with pages of HISTORY_PAGE_SIZE (200, the defau
 and, as the baseline, with one page as large as the history (every event after
 Last-Event-ID in one write, as before paging; fewer connections, or it would take
 the machine's memory). Prints one JSON object: the API's RSS per stalled connection
-for each, and whether every client then received every event.
+for each, and whether every client then received every event (resuming with
+Last-Event-ID, as EventSource does, when the server ended a response early).
 """
 
 from __future__ import annotations
@@ -37,17 +38,27 @@ async def stalled_then_read(
     await asyncio.sleep(stall)  # the server writes until every socket is full
     stalled_rss = rss()
 
+    reconnects = 0
+
     async def read_all(reader: asyncio.StreamReader) -> int:
-        ids = 0
-        async with asyncio.timeout(120):
+        """Every event, as EventSource reads it: a response that ends early (the
+        server ended it with a `retry:`) is resumed with Last-Event-ID."""
+        nonlocal reconnects
+        seen = 0
+        async with asyncio.timeout(180):
             while True:
                 line = await reader.readline()
                 if not line:
-                    return ids
+                    if seen >= events:
+                        return seen
+                    reconnects += 1
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(request.replace(b"Last-Event-ID: 0", b"Last-Event-ID: %d" % seen))
+                    continue
                 if line.startswith(b"id: "):
-                    ids += 1
-                    if ids == events:
-                        return ids
+                    seen = int(line[4:])
+                    if seen == events:
+                        return seen
 
     started = time.monotonic()
     got = await asyncio.gather(*(read_all(r) for r, _ in opened), return_exceptions=True)
@@ -60,6 +71,7 @@ async def stalled_then_read(
         "every_event_to_every_client": whole == count,
         "clients_with_every_event": whole,
         "read_all_seconds": round(time.monotonic() - started, 1),
+        "resumed_with_last_event_id": reconnects,
     }
 
 

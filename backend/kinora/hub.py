@@ -100,6 +100,7 @@ RESYNC = Item(b"{}", -1, "resync")
 DELIVERY_FLUSH_SECONDS = 1.0
 # The longest any one Redis call of the API may take (connect, or read a reply).
 REDIS_TIMEOUT = 2.0
+POOL_WAIT_SECONDS = 10.0
 # The hub pings Redis this often; without an answer for PROBE_STALE_SECONDS, new
 # streams are refused with a 503 (open ones end with a `retry:` on their own).
 PROBE_SECONDS = 0.5
@@ -329,12 +330,15 @@ class StreamHub:
         # each call bounded: an unreachable or paused Redis is an error within seconds
         # (the API answers 503), never a hang. One retry on a fresh connection, so the
         # first request after Redis restarted does not fail on a dead pooled socket.
+        # Waiting for a free connection is queueing, not an outage (two thousand
+        # streams replaying at once wait their turn): it has a longer bound, and the
+        # request paths refuse at once while the probe says Redis does not answer.
         # from_pool: the client owns the pool and closes its connections in aclose().
         self.redis: aioredis.Redis = aioredis.Redis.from_pool(
             aioredis.BlockingConnectionPool.from_url(
                 redis_url,
                 max_connections=2,
-                timeout=REDIS_TIMEOUT,  # waiting for a free connection
+                timeout=POOL_WAIT_SECONDS,
                 socket_timeout=REDIS_TIMEOUT,
                 socket_connect_timeout=REDIS_TIMEOUT,
                 retry=Retry(NoBackoff(), 1),
