@@ -45,7 +45,7 @@ async def stalled_then_read(
         server ended it with a `retry:`) is resumed with Last-Event-ID."""
         nonlocal reconnects
         seen = 0
-        async with asyncio.timeout(180):
+        async with asyncio.timeout(420):
             while True:
                 line = await reader.readline()
                 if not line:

@@ -100,7 +100,9 @@ RESYNC = Item(b"{}", -1, "resync")
 DELIVERY_FLUSH_SECONDS = 1.0
 # The longest any one Redis call of the API may take (connect, or read a reply).
 REDIS_TIMEOUT = 2.0
-POOL_WAIT_SECONDS = 10.0
+# Waiting this long for a free pooled connection, plus one call's two tries, stays
+# under the 10 s in which every request is answered (CONTRACT §8).
+POOL_WAIT_SECONDS = 5.0
 # The hub pings Redis this often; without an answer for PROBE_STALE_SECONDS, new
 # streams are refused with a 503 (open ones end with a `retry:` on their own).
 PROBE_SECONDS = 0.5
