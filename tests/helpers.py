@@ -144,3 +144,18 @@ def fresh_machine_env(**settings: str) -> dict[str, str]:
         )
     }
     return {**kept, **settings}
+
+
+def pending_video(account: Account, prompt: str = "A red kite flying over green hills") -> int:
+    """A video row that is never queued: it stays pending."""
+    from kinora import jobs
+    from kinora.db import session_scope
+    from kinora.models import User
+
+    with session_scope() as session:
+        user = session.get(User, account.id)
+        assert user is not None
+        video, _ = jobs.create_video(
+            session, user, prompt=prompt, parameters={}, cost=0, task_id="never-queued"
+        )
+    return video.id

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from kinora.api.app import create_app
 from kinora.tokens import sign_scoped
 from tests.conftest import Account, Stack, make_account
-from tests.test_videos import pending_video
+from tests.helpers import pending_video
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from kinora.embedded import free_port
 from tests.conftest import Account, Stack, kinora, stop, wait_for
-from tests.test_ws import pending_video
+from tests.helpers import pending_video
 
 pytestmark = pytest.mark.slow
 

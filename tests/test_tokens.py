@@ -45,7 +45,7 @@ def test_a_scoped_token_opens_one_video_for_one_user_until_it_expires(
 
 @pytest.mark.slow
 def test_an_expired_stream_url_is_401_and_says_what_to_do(stack: Stack, account: Account) -> None:
-    from tests.test_videos import pending_video
+    from tests.helpers import pending_video
 
     video = pending_video(account)
     expired = sign_scoped(video, account.id, ttl_seconds=-1)

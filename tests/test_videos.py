@@ -9,25 +9,14 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from kinora import jobs
 from kinora.db import session_scope
 from kinora.models import CreditEntry, CreditKind, User, Video
 from tests.conftest import Account, Stack, make_account
+from tests.helpers import pending_video
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "A red kite flying over green hills"
-
-
-def pending_video(account: Account, prompt: str = PROMPT) -> int:
-    """A video row that is never queued: it stays pending."""
-    with session_scope() as session:
-        user = session.get(User, account.id)
-        assert user is not None
-        video, _ = jobs.create_video(
-            session, user, prompt=prompt, parameters={}, cost=0, task_id="never-queued"
-        )
-    return video.id
 
 
 def generate(stack: Stack, headers: dict[str, str], body: dict[str, Any]) -> httpx.Response:

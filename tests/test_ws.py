@@ -12,11 +12,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from kinora import jobs
-from kinora.db import session_scope
-from kinora.models import User
 from tests.conftest import Account, Stack, make_account
-from tests.helpers import read_stream, submit
+from tests.helpers import pending_video, read_stream, submit
 
 pytestmark = pytest.mark.slow
 
@@ -49,16 +46,6 @@ def listen(
                     ws.send(json.dumps({"event": "pong"}))
         except ConnectionClosed as closed:
             return messages, closed.rcvd.code if closed.rcvd else None
-
-
-def pending_video(account: Account) -> int:
-    with session_scope() as session:
-        user = session.get(User, account.id)
-        assert user is not None
-        video, _ = jobs.create_video(
-            session, user, prompt="never queued", parameters={}, cost=0, task_id="none"
-        )
-    return video.id
 
 
 def events_in(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

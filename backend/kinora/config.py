@@ -21,7 +21,11 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # env_ignore_empty: `REDIS_URL=` (as compose and .env files write an unset value)
+    # means the default, not an empty URL.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
 
     # Where `kinora up` keeps its state (database, embedded Redis, videos, secret).
     var_dir: Path = Field(default=Path("var"), alias="KINORA_VAR_DIR")
@@ -101,11 +105,6 @@ class Settings(BaseSettings):
     # Proxies (comma-separated addresses, or *) whose X-Forwarded-Proto/-For the API
     # trusts, so that the stream and content URLs it returns use the public scheme.
     forwarded_allow_ips: str = "127.0.0.1"
-
-    @field_validator("database_url", "redis_url", "openai_api_key", "secret_key", mode="before")
-    @classmethod
-    def _blank_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
 
     @field_validator("cors_origins", mode="before")
     @classmethod

@@ -10,8 +10,7 @@ import pytest
 
 from kinora.events import SSELogger
 from tests.conftest import Account, Stack, start_api, stop, wait_for
-from tests.helpers import events_of, read_stream
-from tests.test_videos import pending_video
+from tests.helpers import events_of, pending_video, read_stream
 
 pytestmark = pytest.mark.slow
 

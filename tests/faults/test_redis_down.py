@@ -16,7 +16,7 @@ import pytest
 
 from kinora.embedded import EmbeddedRedis
 from tests.conftest import Account, start_api, stop
-from tests.test_videos import pending_video
+from tests.helpers import pending_video
 
 pytestmark = pytest.mark.slow
 
