@@ -107,6 +107,7 @@ POOL_WAIT_SECONDS = 5.0
 # streams are refused with a 503 (open ones end with a `retry:` on their own).
 PROBE_SECONDS = 0.5
 PROBE_STALE_SECONDS = 2.5
+PROBE_RECHECK_SECONDS = 0.5
 
 
 class SubscribeTimeout(RuntimeError):
@@ -484,8 +485,24 @@ class StreamHub:
         come. A paused Redis stops answering: within PROBE_STALE_SECONDS it shows."""
         return asyncio.get_running_loop().time() - self._last_pong < PROBE_STALE_SECONDS
 
+    async def reachable(self) -> bool:
+        """`redis_reachable`, and when it says no, one quick PING of our own (0.5 s at
+        most): the first request after Redis came back need not wait for the probe."""
+        if self.redis_reachable:
+            return True
+        try:
+            async with asyncio.timeout(PROBE_RECHECK_SECONDS):
+                await self.redis.ping()
+        except (TimeoutError, redis.RedisError, OSError):
+            return False
+        self._last_pong = asyncio.get_running_loop().time()
+        return True
+
     async def _probe(self) -> None:
         while True:
+            # A cancel that lands inside redis-py's command can be swallowed there; the
+            # task still knows it is being cancelled (kinora.cancellation).
+            raise_if_cancelled()
             with contextlib.suppress(redis.RedisError, OSError):
                 await self.redis.ping()
                 self._last_pong = asyncio.get_running_loop().time()

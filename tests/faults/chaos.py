@@ -55,6 +55,7 @@ from typing import Any
 import httpx
 import psutil
 import redis
+from celery import Celery
 
 from kinora.embedded import EmbeddedRedis, free_port
 from kinora.engines.mock import prompt_digest
@@ -342,9 +343,9 @@ def inject(cluster: Cluster, fault: str, rng: random.Random, videos: list[int]) 
     elif fault == "flush_redis":
         cluster.redis_client().flushall()
     elif fault == "redeliver":
-        from kinora.celery_app import make_celery
-
-        app = make_celery()
+        # Not the current app: tasks of this process (the test session's) must stay
+        # bound to the session's broker, not to this cluster's.
+        app = Celery("chaos", broker=cluster.redis.url, set_as_current=False)
         try:
             for video in videos:
                 app.send_task("kinora.generate_video", args=[video], queue="kinora")

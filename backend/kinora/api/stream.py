@@ -240,7 +240,7 @@ async def stream_video(
     after = parse_last_event_id(request.headers.get("last-event-id", last_event_id))
     header = credentials.credentials if credentials else None
     video = await run_in_threadpool(authorize, video_id, header, token)
-    if not hub.redis_reachable:
+    if not await hub.reachable():
         raise redis.ConnectionError("Redis has not answered the hub's pings")  # a 503
     request.app.state.quota.check(video.user_id)
     lost = lost_notice(video_id)

@@ -222,7 +222,7 @@ async def generate(
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=str(exc)) from exc
         if replay is not None:
             return replayed(request, response, user.id, replay)
-    if not hub.redis_reachable:  # a 503 at once, before anything is charged
+    if not await hub.reachable():  # a 503 at once, before anything is charged
         raise redis.ConnectionError("Redis has not answered the hub's pings")
     verdict = await ratelimit.hit(
         hub.redis,
@@ -410,7 +410,7 @@ async def cancel_video(
 async def video_out(request: Request, hub: StreamHub, video: Video) -> VideoOut:
     video_id = video.id
     try:
-        if not hub.redis_reachable:
+        if not await hub.reachable():
             raise redis.ConnectionError("Redis has not answered the hub's pings")
         recent = await hub.recent(video_id, RECENT_LOGS)
     except redis.RedisError as exc:
