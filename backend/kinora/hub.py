@@ -451,18 +451,19 @@ class StreamHub:
 
     async def history(self, video_id: int, after: int, limit: int | None = None) -> list[Item]:
         """At most `limit` (a page) events after seq `after`, oldest first."""
-        raw = await self.redis.zrangebyscore(
-            history_key(video_id), f"({after}", "+inf", start=0, num=limit or self.history_page
-        )
+        raw = await self._page(self.redis, video_id, after, limit)
         return [Item.from_raw(r) for r in cast(list[bytes], raw)]
+
+    def _page(self, client: Any, video_id: int, after: int, limit: int | None = None) -> Any:
+        """ZRANGEBYSCORE of one page after `after`, on a client or a pipeline."""
+        num = limit or self.history_page
+        return client.zrangebyscore(history_key(video_id), f"({after}", "+inf", start=0, num=num)
 
     async def history_state(self, video_id: int, after: int) -> tuple[list[Item], int | None]:
         """The first page of history after `after`, and the video's seq counter (None if
         Redis has none), in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zrangebyscore(
-                history_key(video_id), f"({after}", "+inf", start=0, num=self.history_page
-            )
+            self._page(pipe, video_id, after)
             pipe.get(seq_key(video_id))
             raw, counter = await pipe.execute()
         items = [Item.from_raw(r) for r in cast(list[bytes], raw)]

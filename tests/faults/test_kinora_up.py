@@ -97,6 +97,15 @@ def video_state(base: str, token: str, video: int) -> dict[str, Any]:
     return body
 
 
+def wait_running(base: str, token: str, video: int) -> None:
+    """Until the video's model job runs (step 4, progress 15)."""
+    wait_for(
+        f"video {video}'s model job to run",
+        lambda: video_state(base, token, video)["progress"] >= 15,
+        timeout=60,
+    )
+
+
 def submit(base: str, token: str, prompt: str) -> int:
     response = httpx.post(
         f"{base}/api/v1/videos/generate",
@@ -127,11 +136,7 @@ def test_a_restart_on_the_same_var_loses_nothing_and_pays_nothing_twice(tmp_path
         queued = submit(first.base, token, PROMPT + ", second take")  # one worker: it waits
         watcher = Follower([first.base], running, token)
         watcher.start()
-        wait_for(
-            "the first video's model job to run",
-            lambda: video_state(first.base, token, running)["progress"] >= 15,
-            timeout=30,
-        )
+        wait_running(first.base, token, running)
         model_job = sql(tmp_path, "SELECT model_job_id FROM videos WHERE id = ?", running)[0][0]
         assert model_job
     finally:
@@ -196,11 +201,7 @@ def test_every_part_killed_is_started_again_and_the_video_goes_on(tmp_path: Path
         video = submit(up.base, token, PROMPT)
         watcher = Follower([up.base], video, token)
         watcher.start()
-        wait_for(
-            "the video's model job to run",
-            lambda: video_state(up.base, token, video)["progress"] >= 15,
-            timeout=60,
-        )
+        wait_running(up.base, token, video)
         pool = up.child("worker").children()
         assert pool
         for process in pool:

@@ -32,7 +32,7 @@ router = APIRouter(tags=["stream"])
 CLOSE_BAD_TOKEN = 4401
 CLOSE_NOT_FOUND = 4404
 CLOSE_PONG_TIMEOUT = 4408
-CLOSE_TOO_SLOW = 1013
+# "Try again later" (RFC 6455): too far behind, or too many streams open.
 CLOSE_TRY_LATER = 1013
 
 
@@ -143,4 +143,4 @@ async def serve(websocket: WebSocket, watcher: Watcher) -> None:
     elif finished.result():
         await websocket.close(1000)
     else:
-        await websocket.close(CLOSE_TOO_SLOW, reason="too far behind: reconnect")
+        await websocket.close(CLOSE_TRY_LATER, reason="too far behind: reconnect")
