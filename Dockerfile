@@ -11,14 +11,14 @@ ENV PYTHONUNBUFFERED=1 \
 RUN useradd --create-home --uid 10001 kinora
 WORKDIR /app
 
-# Dependencies first: this layer is rebuilt only when pyproject.toml changes.
-COPY pyproject.toml README.md ./
+# Dependencies first, at the versions in requirements.lock: this layer is rebuilt only
+# when pyproject.toml or the lock changes.
+COPY pyproject.toml README.md requirements.lock ./
 RUN mkdir -p backend/kinora && touch backend/kinora/__init__.py \
-    && pip install -e . && rm -rf backend
+    && pip install -c requirements.lock -e . && rm -rf backend
 
+# The migrations travel inside the package (kinora/core/migrations).
 COPY backend ./backend
-COPY alembic ./alembic
-COPY alembic.ini ./
 RUN pip install --no-deps -e . \
     && mkdir -p /data && chown kinora:kinora /data
 

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import psutil
 
-from kinora.embedded import EmbeddedRedis, free_port
+from kinora.cli.embedded import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SPAWN = multiprocessing.get_context("spawn")
@@ -46,8 +46,9 @@ class World:
 
     def videos(self, count: int) -> list[int]:
         """Fresh videos (rows for the Kinora server; plain ids for the others)."""
-        from kinora import db, jobs
-        from kinora.models import User
+        from kinora.core import db
+        from kinora.core.models import User
+        from kinora.jobs import store as jobs
 
         ids = []
         with db.session_scope() as session:
@@ -78,9 +79,9 @@ def world() -> Iterator[World]:
                 "MAX_STREAMS_PER_USER": "0",
             }
             os.environ.update(env)
-            from kinora import db
-            from kinora.accounts import create_user
-            from kinora.config import get_settings
+            from kinora.core import db
+            from kinora.core.config import get_settings
+            from kinora.jobs.accounts import create_user
 
             get_settings.cache_clear()
             db.get_engine.cache_clear()
@@ -276,7 +277,7 @@ def publisher_process(
     env: dict[str, str], videos: list[int], per_video: int, rate: float, go: MpEvent, done: Any
 ) -> None:
     os.environ.update(env)
-    from kinora.events import SSELogger
+    from kinora.streaming.events import SSELogger
 
     go.wait(120)
     loggers = [SSELogger(v) for v in videos]

@@ -28,7 +28,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from kinora.embedded import EmbeddedRedis
+from kinora.cli.embedded import EmbeddedRedis
 
 
 def measure(name: str, events: int, publish: Callable[[int], Any]) -> dict[str, Any]:
@@ -51,8 +51,8 @@ def measure(name: str, events: int, publish: Callable[[int], Any]) -> dict[str, 
 
 def run(url: str, events: int) -> list[dict[str, Any]]:
     os.environ["REDIS_URL"] = url
-    from kinora.config import get_settings
-    from kinora.events import SSELogger
+    from kinora.core.config import get_settings
+    from kinora.streaming.events import SSELogger
 
     get_settings.cache_clear()
     client = redis.Redis.from_url(url)

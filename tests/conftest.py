@@ -21,10 +21,11 @@ import httpx
 import pytest
 import redis
 
-from kinora import db, events
-from kinora.accounts import create_user
-from kinora.config import get_settings
-from kinora.embedded import EmbeddedRedis, free_port
+from kinora.cli.embedded import EmbeddedRedis, free_port
+from kinora.core import db
+from kinora.core.config import get_settings
+from kinora.jobs.accounts import create_user
+from kinora.streaming import events
 
 # Settings every process of the test session shares (CONTRACT §2 names).
 FAST = {
@@ -211,7 +212,7 @@ class Stack:
 
 
 def worker_ready(env: dict[str, str]) -> bool:
-    from kinora.celery_app import make_celery
+    from kinora.jobs.dispatch import make_celery
 
     app = make_celery()
     try:
@@ -253,7 +254,7 @@ def assert_ledger_matches_balances() -> None:
     every user's credit ledger still sums to their balance."""
     from sqlalchemy import func, select
 
-    from kinora.models import CreditEntry, User
+    from kinora.core.models import CreditEntry, User
 
     with db.session_scope() as session:
         ledger = dict(

@@ -21,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 
-from kinora.media import render_test_pattern
+from kinora.worker.media import render_test_pattern
 
 STEP_SECONDS = 0.2
 SLOW_CREATE_SECONDS = 3.0

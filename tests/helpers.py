@@ -148,9 +148,9 @@ def fresh_machine_env(**settings: str) -> dict[str, str]:
 
 def pending_video(account: Account, prompt: str = "A red kite flying over green hills") -> int:
     """A video row that is never queued: it stays pending."""
-    from kinora import jobs
-    from kinora.db import session_scope
-    from kinora.models import User
+    from kinora.core.db import session_scope
+    from kinora.core.models import User
+    from kinora.jobs import store as jobs
 
     with session_scope() as session:
         user = session.get(User, account.id)

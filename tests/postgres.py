@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psycopg
 
-from kinora.embedded import free_port
+from kinora.cli.embedded import free_port
 
 
 class ThrowawayPostgres:

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from kinora.embedded import free_port
+from kinora.cli.embedded import free_port
 from tests.conftest import wait_for
 from tests.helpers import assert_whole_generation, events_of, fresh_machine_env, read_stream
 

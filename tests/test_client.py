@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kinora.embedded import free_port
+from kinora.cli.embedded import free_port
 from tests.conftest import Account, Stack, start_api, stop, wait_for
 from tests.helpers import submit
 

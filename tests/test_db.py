@@ -8,7 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from kinora.db import Base, make_engine, upgrade
+from kinora.core.db import Base, make_engine, upgrade
 
 
 def test_migrations_match_the_models(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from kinora.config import Settings
+from kinora.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

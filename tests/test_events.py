@@ -6,8 +6,8 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from kinora.events import SSELogger, history_key, parse, seq_key
-from kinora.outbox import OUTBOX
+from kinora.streaming.events import SSELogger, history_key, parse, seq_key
+from kinora.streaming.outbox import OUTBOX
 from tests.conftest import reset_caches
 
 

@@ -15,9 +15,9 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from kinora.db import session_scope
-from kinora.engines.mock import prompt_key
-from kinora.models import CreditEntry, User, Video, VideoStatus
+from kinora.core.db import session_scope
+from kinora.core.models import CreditEntry, User, Video, VideoStatus
+from kinora.worker.engines.mock import prompt_key
 from tests.conftest import Account, Stack, make_account, wait_for
 from tests.helpers import events_of, read_stream, submit
 
@@ -132,9 +132,9 @@ def test_cancel_stops_the_work_and_refunds_once(
     assert events[-1]["status"] == "cancelled"
     assert balance_matches_ledger(account) == (1000, 1000)
     # the worker notices (its claim is gone), stops, and keeps no file
-    from kinora.celery_app import app
+    from kinora.jobs import dispatch
 
-    result = app.AsyncResult(created["task_id"]).get(timeout=20)
+    result = dispatch.celery().AsyncResult(created["task_id"]).get(timeout=20)
     assert result == {"status": "abandoned", "video_id": video_id, "video_status": "cancelled"}
     video = video_row(video_id)
     assert video.status == VideoStatus.CANCELLED
@@ -177,7 +177,7 @@ def test_cancelling_a_completed_video_says_so(stack: Stack, account: Account) ->
 def test_the_task_enqueued_five_times_with_two_workers_runs_once(
     stack: Stack, account: Account, redis_client: redis.Redis
 ) -> None:
-    from kinora.tasks import generate_video
+    from kinora.worker.tasks import generate_video
 
     prompt = f"Five deliveries of one video {account.email}"
     created = submit(stack, account, prompt)

@@ -12,8 +12,8 @@ import pytest
 import redis
 
 from kinora.api.stream import frames
-from kinora.events import SSELogger
-from kinora.hub import StreamHub, Watcher
+from kinora.streaming.events import SSELogger
+from kinora.streaming.hub import StreamHub, Watcher
 from tests.conftest import wait_for
 
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 
 from kinora.api.app import create_app
-from kinora.tokens import sign_scoped
+from kinora.core.tokens import sign_scoped
 from tests.conftest import Account, Stack, make_account
 from tests.helpers import pending_video
 

@@ -8,10 +8,10 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from kinora import jobs
-from kinora.db import session_scope
-from kinora.engines.mock import job_key
-from kinora.models import CreditEntry, CreditKind, User, Video, VideoStatus
+from kinora.core.db import session_scope
+from kinora.core.models import CreditEntry, CreditKind, User, Video, VideoStatus
+from kinora.jobs import store as jobs
+from kinora.worker.engines.mock import job_key
 from tests.conftest import Account, Stack, make_account
 
 
@@ -88,7 +88,7 @@ def test_a_failed_video_is_refunded_exactly_once(account: Account) -> None:
 def test_the_same_task_delivered_twice_generates_one_video(
     stack: Stack, account: Account, redis_client: redis.Redis
 ) -> None:
-    from kinora.tasks import generate_video
+    from kinora.worker.tasks import generate_video
 
     prompt = f"Duplicate delivery check {account.email}"
     video_id = new_video(account, prompt)

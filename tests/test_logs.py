@@ -6,8 +6,8 @@ import io
 import json
 import logging
 
-from kinora import logs
-from kinora.tokens import new_api_token, sign_scoped
+from kinora.core import logs
+from kinora.core.tokens import new_api_token, sign_scoped
 
 
 def capture(fmt: str) -> tuple[logging.Logger, io.StringIO]:

@@ -9,8 +9,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from kinora.db import session_scope
-from kinora.models import Video
+from kinora.core.db import session_scope
+from kinora.core.models import Video
 from tests.conftest import Account, Stack, wait_for
 from tests.helpers import events_of, read_stream, submit
 

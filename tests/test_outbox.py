@@ -14,9 +14,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from kinora.embedded import EmbeddedRedis
-from kinora.events import SSELogger, history_key, parse
-from kinora.outbox import OUTBOX
+from kinora.cli.embedded import EmbeddedRedis
+from kinora.streaming.events import SSELogger, history_key, parse
+from kinora.streaming.outbox import OUTBOX
 from tests.conftest import wait_for
 
 

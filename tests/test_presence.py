@@ -14,7 +14,7 @@ import pytest
 import redis
 from websockets.asyncio.client import ClientConnection, connect
 
-from kinora.embedded import free_port
+from kinora.cli.embedded import free_port
 from tests.conftest import Account, Stack, kinora, stop, wait_for
 from tests.helpers import pending_video
 

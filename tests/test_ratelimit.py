@@ -8,7 +8,7 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from kinora import ratelimit
+from kinora.jobs import ratelimit
 
 
 def test_the_limit_refuses_with_the_time_left_and_opens_again(

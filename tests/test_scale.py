@@ -23,7 +23,7 @@ import psycopg
 import pytest
 import redis
 
-from kinora.embedded import EmbeddedRedis, free_port
+from kinora.cli.embedded import EmbeddedRedis, free_port
 from tests.conftest import FAST, kinora, stop, wait_for
 from tests.helpers import Follower
 from tests.postgres import ThrowawayPostgres

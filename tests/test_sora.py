@@ -18,13 +18,14 @@ import pytest
 import redis
 from PIL import Image
 
-from kinora import generation, jobs
-from kinora.db import session_scope
-from kinora.embedded import free_port
-from kinora.engines.base import ModelJob, PolicyRefusal
-from kinora.engines.sora import SoraEngine
-from kinora.events import history_key, parse
-from kinora.models import User, Video, VideoStatus
+from kinora.cli.embedded import free_port
+from kinora.core.db import session_scope
+from kinora.core.models import User, Video, VideoStatus
+from kinora.jobs import store as jobs
+from kinora.streaming.events import history_key, parse
+from kinora.worker import generation
+from kinora.worker.engines.base import ModelJob, PolicyRefusal
+from kinora.worker.engines.sora import SoraEngine
 from tests.conftest import Account, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def test_a_content_policy_failure_is_final_and_refunded(
 
 
 def test_unknown_job_and_bad_key_are_clear_errors(fake_api: str) -> None:
-    from kinora.engines.base import EngineError
+    from kinora.worker.engines.base import EngineError
 
     with pytest.raises(EngineError, match="not found") as missing:
         engine(fake_api).retrieve("video_does_not_exist")

@@ -19,10 +19,10 @@ import psutil
 import pytest
 import redis
 
-from kinora import jobs
-from kinora.db import session_scope
-from kinora.events import SSELogger
-from kinora.models import User, Video
+from kinora.core.db import session_scope
+from kinora.core.models import User, Video
+from kinora.jobs import store as jobs
+from kinora.streaming.events import SSELogger
 from tests.conftest import Account, Stack, start_api, stop, wait_for
 from tests.helpers import assert_whole_generation, events_of, ids_of, read_stream, submit
 
@@ -288,6 +288,40 @@ def test_a_client_that_stops_reading_is_cut_off_without_slowing_others_and_resum
     assert status == 200
     assert [e["seq"] for e in events_of(rest)] == list(range(len(seqs) + 1, total + 1))
     assert events_of(rest)[-1]["type"] == "complete"
+
+
+def test_a_client_that_never_reads_again_gives_back_its_stream_slot(
+    account: Account, environment: dict[str, str], var_dir: Path
+) -> None:
+    """A client that stops reading for good is disconnected after
+    SSE_SEND_TIMEOUT_SECONDS, and the stream it held no longer counts against its
+    user's cap: with MAX_STREAMS_PER_USER=1, the user can watch again."""
+    video = unqueued_video(account)
+    env = environment | {"MAX_STREAMS_PER_USER": "1", "SSE_SEND_TIMEOUT_SECONDS": "2"}
+    api, base = start_api(env, var_dir / "api-stall.log")
+    try:
+        host, port = base.removeprefix("http://").split(":")
+        path = f"/api/v1/videos/{video.id}/stream?token={account.token}"
+        with socket.socket() as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.connect((host, int(port)))
+            stalled.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            wait_for(
+                "the cap reached",
+                lambda: httpx.get(base + path, timeout=5).status_code == 429,
+                timeout=10,
+            )
+            with SSELogger(video.id) as log:  # 8 MB: far more than the socket buffers hold
+                for i in range(1000):
+                    log.step(5, f"step {i} " + "x" * 8000, progress=i // 10)
+
+            def watchable() -> bool:
+                with httpx.stream("GET", base + path, timeout=5) as response:
+                    return response.status_code == 200
+
+            wait_for("the stalled client's slot given back", watchable, timeout=20)
+    finally:
+        stop(api)
 
 
 def test_sigterm_tells_streams_to_come_back_and_exits_within_ten_seconds(

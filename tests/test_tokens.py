@@ -9,10 +9,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from kinora.accounts import user_for_token
-from kinora.db import session_scope
-from kinora.models import User
-from kinora.tokens import sign_scoped, verify_scoped
+from kinora.core.db import session_scope
+from kinora.core.models import User
+from kinora.core.tokens import sign_scoped, verify_scoped
+from kinora.jobs.accounts import user_for_token
 from tests.conftest import Account, Stack
 
 

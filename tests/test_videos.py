@@ -9,8 +9,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from kinora.db import session_scope
-from kinora.models import CreditEntry, CreditKind, User, Video
+from kinora.core.db import session_scope
+from kinora.core.models import CreditEntry, CreditKind, User, Video
 from tests.conftest import Account, Stack, make_account
 from tests.helpers import pending_video
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from kinora.embedded import free_port
+from kinora.cli.embedded import free_port
 from tests.conftest import Account, make_account, start_api, stop
 
 pytestmark = pytest.mark.slow

@@ -57,8 +57,8 @@ import psutil
 import redis
 from celery import Celery
 
-from kinora.embedded import EmbeddedRedis, free_port
-from kinora.engines.mock import prompt_digest
+from kinora.cli.embedded import EmbeddedRedis, free_port
+from kinora.worker.engines.mock import prompt_digest
 from tests.conftest import reset_caches
 
 FAULTS = (
@@ -312,7 +312,7 @@ def submit(base: str, token: str, prompt: str, key: str, problems: list[str]) ->
 
 
 def new_user(credits: int = 10_000) -> str:
-    from kinora.accounts import create_user
+    from kinora.jobs.accounts import create_user
 
     _user, token = create_user(
         f"chaos-{uuid.uuid4().hex[:12]}@kinora.test", credits=credits, plan="pro"

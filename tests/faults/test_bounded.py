@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kinora.events import SSELogger
+from kinora.streaming.events import SSELogger
 from tests.conftest import Account, Stack, start_api, stop, wait_for
 from tests.helpers import events_of, pending_video, read_stream
 

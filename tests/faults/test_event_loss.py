@@ -15,9 +15,10 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from kinora import event_floor
-from kinora.db import session_scope
-from kinora.events import (
+from kinora.core.db import session_scope
+from kinora.core.models import Video, utcnow
+from kinora.jobs import event_floor
+from kinora.streaming.events import (
     SEQ_JUMP_AFTER_LOSS,
     SSELogger,
     end_key,
@@ -25,7 +26,6 @@ from kinora.events import (
     sent_key,
     seq_key,
 )
-from kinora.models import Video, utcnow
 from tests.conftest import Account, Stack, wait_for
 from tests.helpers import Follower, events_of, read_stream, submit
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import redis
 
-from kinora.embedded import free_port
+from kinora.cli.embedded import free_port
 from tests.conftest import wait_for
 from tests.helpers import Follower, fresh_machine_env
 

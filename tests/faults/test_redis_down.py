@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kinora.embedded import EmbeddedRedis
+from kinora.cli.embedded import EmbeddedRedis
 from tests.conftest import Account, start_api, stop
 from tests.helpers import pending_video
 

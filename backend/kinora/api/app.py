@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from kinora import __version__, logs
+from kinora import __version__
 from kinora.api import ops, stream, videos, ws
 from kinora.api.middleware import (
     TRACE_HEADER,
@@ -28,8 +28,9 @@ from kinora.api.middleware import (
     TraceMiddleware,
 )
 from kinora.api.quota import StreamQuota
-from kinora.config import get_settings
-from kinora.hub import StreamHub
+from kinora.core import logs
+from kinora.core.config import get_settings
+from kinora.streaming.hub import StreamHub
 
 log = logging.getLogger(__name__)
 

@@ -10,11 +10,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from kinora.config import Settings, get_settings
-from kinora.db import get_sessionmaker, session_scope
-from kinora.hub import StreamHub
-from kinora.models import User, Video
-from kinora.tokens import hash_token, is_scoped, verify_scoped
+from kinora.core.config import Settings, get_settings
+from kinora.core.db import get_sessionmaker, session_scope
+from kinora.core.models import User, Video
+from kinora.core.tokens import hash_token, is_scoped, verify_scoped
+from kinora.streaming.hub import StreamHub
 
 
 def get_session() -> Iterator[Session]:

@@ -9,7 +9,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kinora import logs
+from kinora.core import logs
 
 TRACE_HEADER = "X-Trace-Id"
 TRACE_STATE = "trace_id"

@@ -9,10 +9,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select, text
 
-from kinora import metrics
 from kinora.api.deps import HubDep
-from kinora.db import get_engine, session_scope
-from kinora.models import Video, VideoStatus
+from kinora.core import metrics
+from kinora.core.db import get_engine, session_scope
+from kinora.core.models import Video, VideoStatus
 
 router = APIRouter(tags=["operations"])
 

@@ -15,19 +15,20 @@ from collections.abc import AsyncIterator
 import redis
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.types import Message, Send
+from sse_starlette import ServerSentEvent
 
-from kinora import event_floor, logs
 from kinora.api.deps import BearerDep, HubDep, SettingsDep, VideoId, watcher_video
 from kinora.api.middleware import TRACE_HEADER
 from kinora.api.quota import StreamQuota
 from kinora.api.urls import content_url
-from kinora.config import Settings
-from kinora.db import session_scope
-from kinora.events import history_lost, publish_async, terminal_event
-from kinora.hub import Item, LostNotice, StreamHub, SubscribeTimeout, resume_point
-from kinora.models import Video, VideoStatus, utcnow
+from kinora.core import logs
+from kinora.core.config import Settings
+from kinora.core.db import session_scope
+from kinora.core.models import Video, VideoStatus, utcnow
+from kinora.jobs import event_floor
+from kinora.streaming.events import history_lost, publish_async, terminal_event
+from kinora.streaming.hub import Item, LostNotice, StreamHub, SubscribeTimeout, resume_point
+from kinora.streaming.sse import EventStream
 
 log = logging.getLogger(__name__)
 # How long a stream has to say goodbye (`retry:`) on shutdown before it is cancelled;
@@ -56,22 +57,6 @@ def authorize(video_id: int, header: str | None, query: str | None) -> Video:
         video = watcher_video(session, video_id, header, query)
         session.expunge(video)
         return video
-
-
-class EventStream(EventSourceResponse):
-    """sse-starlette's response with its send timeout on heartbeats only.
-
-    The timeout costs a cancel scope and a timer for every send, that is for every
-    event times every watcher: a fifth of the API's CPU under fan-out (bench.fanout).
-    A client that stops reading is still dropped: the heartbeat's send to it times
-    out after `send_timeout` and the response ends.
-    """
-
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        if message.get("body", b"").startswith(b":"):  # a heartbeat (an SSE comment)
-            await super()._send_with_timeout(send, message)
-        else:
-            await send(message)
 
 
 def _ping() -> ServerSentEvent:
@@ -217,7 +202,7 @@ async def find_end(hub: StreamHub, video: Video, video_url: str | None) -> int |
 @router.get(
     "/{video_id}/stream",
     name="stream_video",
-    response_class=EventSourceResponse,
+    response_class=EventStream,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
         204: {"description": "the stream has ended and the client has every event"},
@@ -279,7 +264,7 @@ def event_stream(
         ping_message_factory=_ping,
         sep="\n",
         headers={"Cache-Control": "no-cache", TRACE_HEADER: logs.current_trace_id() or ""},
-        send_timeout=settings.sse_send_timeout_seconds,
+        stall_seconds=settings.sse_send_timeout_seconds,
         # Set by sse-starlette when the server shuts down; the app drains the hub then
         # (app.lifespan), and the streams end on their own with a last `retry:`.
         shutdown_event=request.app.state.shutdown,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from kinora.models import Video, VideoStatus
-from kinora.tokens import sign_scoped
+from kinora.core.models import Video, VideoStatus
+from kinora.core.tokens import sign_scoped
 
 
 def stream_url(request: Request, video_id: int, user_id: int) -> str:

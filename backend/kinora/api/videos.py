@@ -17,7 +17,6 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import func, select
 
-from kinora import event_floor, idempotency, jobs, logs, ratelimit, reference
 from kinora.api.deps import (
     MAX_ID,
     BearerDep,
@@ -30,10 +29,13 @@ from kinora.api.deps import (
     watcher_video,
 )
 from kinora.api.urls import content_url, stream_url
-from kinora.db import session_scope
-from kinora.events import Event, publish_async
-from kinora.hub import StreamHub
-from kinora.models import TERMINAL_STATUSES, Plan, User, Video, VideoStatus
+from kinora.core import logs
+from kinora.core.db import session_scope
+from kinora.core.models import TERMINAL_STATUSES, Plan, User, Video, VideoStatus
+from kinora.jobs import dispatch, event_floor, idempotency, ratelimit, reference
+from kinora.jobs import store as jobs
+from kinora.streaming.events import Event, publish_async
+from kinora.streaming.hub import StreamHub
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/videos", tags=["videos"])
@@ -165,10 +167,7 @@ def _replay(user_id: int, key: str, digest: str) -> idempotency.Replay:
 
 
 def _enqueue(video_id: int, task_id: str, trace_id: str | None) -> None:
-    from kinora.tasks import generate_video
-
-    # The request's trace id follows the job onto every line the worker logs for it.
-    generate_video.apply_async(args=[video_id], kwargs={"trace_id": trace_id}, task_id=task_id)
+    dispatch.generate_video(video_id, trace_id=trace_id, task_id=task_id)
 
 
 def _fail(video_id: int, message: str) -> None:
@@ -374,10 +373,8 @@ def _cancel(video_id: int) -> bool:
 def _revoke(task_id: str) -> None:
     """Best effort: a queued message is dropped; a running attempt notices the
     cancellation itself between steps (its claim is gone)."""
-    from kinora.celery_app import app
-
     try:
-        app.control.revoke(task_id)
+        dispatch.revoke(task_id)
     except Exception as exc:
         log.warning("could not revoke task %s: %s", task_id, exc)
 

@@ -21,10 +21,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from kinora.api.quota import StreamQuota
 from kinora.api.stream import authorize
-from kinora.config import get_settings
-from kinora.events import timestamp
-from kinora.hub import StreamHub, SubscribeTimeout, Watcher
-from kinora.models import Video
+from kinora.core.config import get_settings
+from kinora.core.models import Video
+from kinora.streaming.events import timestamp
+from kinora.streaming.hub import StreamHub, SubscribeTimeout, Watcher
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])

@@ -1,0 +1,231 @@
+"""`kinora up`: every part of Kinora on one machine, started in order, stopped cleanly.
+
+A child that crashes (the worker, the API, the embedded Redis) is started again,
+with backoff, and a line says so; a crash loop stops everything. Each child runs in
+its own session (process group), so a Ctrl-C in the terminal reaches only us and we
+stop the children in order: SIGTERM first, then SIGKILL of
+their whole group (Celery's pool processes, uvicorn's) if they have not gone within
+the grace period. Redis stops last, so the worker and the API can still publish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from kinora.cli.embedded import EmbeddedRedis
+from kinora.core.config import METRICS_DIR_ENV, Settings, get_settings
+from kinora.core.db import upgrade
+from kinora.jobs.accounts import DuplicateUser, create_user, rotate_token, user_for_token
+
+DEMO_EMAIL = "demo@kinora.local"
+REDIS = "the embedded Redis"
+GRACE_SECONDS = 6.0  # then SIGKILL: all of it is gone well within CONTRACT's 10 s
+
+
+class Stop(Exception):
+    pass
+
+
+def demo_token(settings: Settings) -> str:
+    """The demo user's API token, created on first start and kept under var/ (0600)."""
+    path = settings.var_dir / "demo-token"
+    if path.exists():
+        token = path.read_text().strip()
+        if user_for_token(token) is not None:
+            return token
+    try:
+        _user, token = create_user(DEMO_EMAIL, credits=settings.demo_credits, plan="pro")
+    except DuplicateUser:
+        rotated = rotate_token(DEMO_EMAIL)
+        assert rotated is not None
+        token = rotated
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return token
+
+
+def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`kinora <args>` as a child in its own process group."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kinora", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+# A child that crashes is started again after a pause that doubles with each crash in
+# a row (0.5 s, 1 s, 2 s ... at most 10 s); this many crashes within CRASH_WINDOW
+# seconds is a crash loop, and `kinora up` gives up rather than spin.
+CRASH_LOOP = 5
+CRASH_WINDOW = 60.0
+MAX_BACKOFF = 10.0
+
+
+class Child:
+    """One supervised part: a `kinora` subcommand, or the embedded Redis."""
+
+    def __init__(
+        self,
+        name: str,
+        start: Callable[[], subprocess.Popen[bytes] | None],
+    ) -> None:
+        self.name = name
+        self._start = start
+        self.process: subprocess.Popen[bytes] | None = None
+        self.crashes: list[float] = []
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = self._start()
+        self.restart_at = None
+
+    def exited(self) -> int | None:
+        """The exit code if the child has gone (and no restart is pending)."""
+        if self.process is None or self.restart_at is not None:
+            return None
+        return self.process.poll()
+
+    def crashed(self, code: int) -> float:
+        """Note a crash; returns the pause before the restart. Raises Stop on a loop."""
+        now = time.monotonic()
+        self.crashes = [t for t in self.crashes if now - t < CRASH_WINDOW] + [now]
+        if len(self.crashes) >= CRASH_LOOP:
+            raise Stop(
+                f"{self.name} crashed {len(self.crashes)} times within "
+                f"{CRASH_WINDOW:.0f} s (last exit code {code}): giving up"
+            )
+        pause = min(MAX_BACKOFF, 0.5 * 2.0 ** (len(self.crashes) - 1))
+        self.restart_at = now + pause
+        return pause
+
+
+def wait_healthy(url: str, children: list[Child], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children:
+            code = child.exited()
+            if code is not None:
+                raise Stop(f"{child.name} exited with code {code} at start")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise Stop(f"the API did not answer {url} within {timeout:.0f} s")
+
+
+def supervise(children: list[Child]) -> None:
+    """Run until a signal: a child that exits is said so and started again, with
+    backoff; a crash loop stops everything (Stop)."""
+    while True:
+        now = time.monotonic()
+        for child in children:
+            if child.restart_at is not None and now >= child.restart_at:
+                try:
+                    child.start()
+                except Exception as exc:  # the embedded Redis did not come up
+                    pause = child.crashed(-1)
+                    print(f"{child.name} did not start ({exc}); again in {pause:g} s",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    continue
+                print(f"{child.name} started again", file=sys.stderr, flush=True)
+                continue
+            code = child.exited()
+            if code is not None:
+                pause = child.crashed(code)
+                print(
+                    f"{child.name} exited with code {code}; starting it again in {pause:g} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        time.sleep(0.2)
+
+
+def stop_children(children: list[subprocess.Popen[bytes]]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + GRACE_SECONDS
+    for child in children:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(max(0.0, deadline - time.monotonic()))
+    for child in children:
+        # The whole group: a worker's pool processes go with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        if child.poll() is None:
+            child.wait(2)
+
+
+def run_all(*, host: str, port: int, workers: int) -> int:
+    settings = get_settings()
+    var = settings.var_dir.resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, KINORA_VAR_DIR=str(var), PYTHONUNBUFFERED="1")
+    if METRICS_DIR_ENV not in env:
+        # One directory of metric files for the API and the worker: the API's /metrics
+        # shows the worker's task outcomes and model latency too.
+        metrics_dir = var / "metrics" / "up"
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        env[METRICS_DIR_ENV] = str(metrics_dir)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        raise Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    embedded: EmbeddedRedis | None = None
+    children: list[Child] = []
+    code = 0
+    try:
+        if not settings.redis_url:
+            embedded = EmbeddedRedis(Path(var) / "redis")
+            redis_server = embedded  # for the closure: started again on the same port
+
+            def start_redis() -> subprocess.Popen[bytes] | None:
+                return redis_server.start().process
+
+            children.append(Child(REDIS, start_redis))
+            children[-1].start()
+            env["REDIS_URL"] = embedded.url
+            print(f"Redis: embedded at {embedded.url} (data in {var / 'redis'})", flush=True)
+        upgrade()
+        token = demo_token(settings)
+        worker_args = ["worker", "--concurrency", str(workers)]
+        api_args = ["api", "--host", host, "--port", str(port)]
+        children.append(Child("kinora worker", lambda: spawn(worker_args, env)))
+        children.append(Child("kinora api", lambda: spawn(api_args, env)))
+        for child in children[-2:]:
+            child.start()
+        base = f"http://{host}:{port}"
+        wait_healthy(f"{base}/healthz", children)
+        print(f"Open {base}/?token={token}", flush=True)
+        print(f"Token: {token}", flush=True)
+        supervise(children)
+    except Stop as reason:
+        text = str(reason)
+        code = 0 if text in ("SIGTERM", "SIGINT") else 1
+        print(f"Stopping ({text})...", file=sys.stderr, flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Redis last: the worker and the API can still publish while they stop.
+        stop_children([c.process for c in children if c.process and c.name != REDIS])
+        if embedded is not None:
+            embedded.stop()
+    return code

@@ -1,0 +1,169 @@
+"""The database's truth: users and their credits, videos and their jobs, the credit ledger."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from kinora.core.db import Base
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _enum(cls: type[StrEnum]) -> Enum:
+    """A StrEnum column stored as its plain value (a VARCHAR, no database enum type),
+    read back as the enum member."""
+    return Enum(
+        cls,
+        native_enum=False,
+        create_constraint=False,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+    )
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware datetime on every backend (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given; use kinora.core.models.utcnow()")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Plan(StrEnum):
+    FREE = "free"
+    PRO = "pro"
+
+
+class VideoStatus(StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({VideoStatus.COMPLETED, VideoStatus.FAILED, VideoStatus.CANCELLED})
+
+
+class CreditKind(StrEnum):
+    GRANT = "grant"
+    CHARGE = "charge"
+    REFUND = "refund"
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    # SHA-256 of the API token: tokens are 256-bit random, so a fast hash is enough
+    # and lets the lookup be an index hit.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    credits: Mapped[int] = mapped_column(Integer, default=0)
+    plan: Mapped[Plan] = mapped_column(_enum(Plan), default=Plan.FREE)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    videos: Mapped[list[Video]] = relationship(back_populates="user")
+
+
+class Video(Base):
+    __tablename__ = "videos"
+    __table_args__ = (
+        Index("ix_videos_user_created", "user_id", "created_at"),
+        Index("ix_videos_status_lease", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    status: Mapped[VideoStatus] = mapped_column(_enum(VideoStatus), default=VideoStatus.PENDING)
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    prompt: Mapped[str] = mapped_column(Text)
+    # seconds, size, image_url: what the model is asked for.
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    cost: Mapped[int] = mapped_column(Integer)
+    task_id: Mapped[str] = mapped_column(String(64))
+    model_job_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    # Set just before the model's create call: if the worker dies before the job id is
+    # stored, the next attempt looks for a job created since then instead of paying
+    # for a second one.
+    model_submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # The claim: which worker holds the job, and until when (renewed while it works).
+    claimed_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The seq of the last event known published for the video (a floor: Redis may lose
+    # its counter, and a new event must never reuse a seq a client has seen), and the
+    # seq of its `complete` event once that is published (CONTRACT §8).
+    last_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    end_seq: Mapped[int | None] = mapped_column(Integer, default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    file_path: Mapped[str | None] = mapped_column(String(1024), default=None)
+    thumbnail_path: Mapped[str | None] = mapped_column(String(1024), default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    user: Mapped[User] = relationship(back_populates="videos")
+
+
+class CreditEntry(Base):
+    """One change of a user's credits. The rows of a user sum to their balance."""
+
+    __tablename__ = "credit_entries"
+    # A video is charged once and refunded at most once, whatever races.
+    __table_args__ = (UniqueConstraint("video_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    video_id: Mapped[int | None] = mapped_column(ForeignKey("videos.id"), default=None)
+    kind: Mapped[CreditKind] = mapped_column(_enum(CreditKind))
+    amount: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """A submit's `Idempotency-Key`: the same key and body return the same video."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("user_id", "key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    key: Mapped[str] = mapped_column(String(255))
+    # sha256 of the canonical request body: same key with another body is a 422.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    video_id: Mapped[int | None] = mapped_column(ForeignKey("videos.id"), default=None)
+    credits_remaining: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,55 @@
+"""Creating users: a hashed API token, a plan, and the opening credit grant."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from kinora.core.db import session_scope
+from kinora.core.models import Plan, User
+from kinora.core.tokens import hash_token, new_api_token
+from kinora.jobs import store as jobs
+
+
+class DuplicateUser(Exception):
+    pass
+
+
+def create_user(email: str, *, credits: int, plan: str | Plan) -> tuple[User, str]:
+    """Create a user with `credits` (a ledger grant); returns it and its API token, which
+    is shown once and stored only as a hash."""
+    token = new_api_token()
+    with session_scope() as session:
+        if session.scalar(select(User.id).where(User.email == email)) is not None:
+            raise DuplicateUser(f"a user {email} exists already: pick another email")
+        user = User(email=email, token_hash=hash_token(token), credits=0, plan=Plan(plan))
+        session.add(user)
+        try:
+            session.flush()
+        except IntegrityError as exc:
+            raise DuplicateUser(f"a user {email} exists already: pick another email") from exc
+        if credits:
+            jobs.grant(session, user, credits, reason="account opened")
+        session.flush()
+        session.refresh(user)
+        session.expunge(user)
+    return user, token
+
+
+def user_for_token(token: str) -> User | None:
+    with session_scope() as session:
+        user = session.scalar(select(User).where(User.token_hash == hash_token(token)))
+        if user is not None:
+            session.expunge(user)
+        return user
+
+
+def rotate_token(email: str) -> str | None:
+    """Give the user a new API token (the old one stops working); None if no such user."""
+    token = new_api_token()
+    with session_scope() as session:
+        user = session.scalar(select(User).where(User.email == email))
+        if user is None:
+            return None
+        user.token_hash = hash_token(token)
+    return token

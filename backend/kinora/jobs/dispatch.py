@@ -1,0 +1,81 @@
+"""Work for the worker is queued BY NAME through this module, so that nothing imports
+the worker to enqueue (the API process never loads PyAV, Pillow or openai) and there
+is no import cycle through Celery. The worker's tasks register under these names
+(`kinora.worker.tasks`); `kinora.worker.celery_app` configures this same app object
+with the worker's signals.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from celery import Celery
+
+from kinora.core.config import get_settings
+
+QUEUE = "kinora"
+GENERATE_VIDEO = "kinora.generate_video"
+
+
+def make_celery() -> Celery:
+    """A Celery app configured from Settings (tests make their own to ping a worker)."""
+    settings = get_settings()
+    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    app = Celery("kinora", broker=url, backend=url)
+    # The Redis broker redelivers unacknowledged messages after this long; it must
+    # exceed the longest generation or a running job would be delivered twice.
+    visibility = {"visibility_timeout": settings.video_timeout_seconds + 600}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_expires=86400,
+        # A message is acknowledged only once its task has finished, and handed back
+        # if the worker dies, so a crash never loses a video (CONTRACT §7).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=visibility,
+        result_backend_transport_options=visibility,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        task_default_queue=QUEUE,
+    )
+    return app
+
+
+@cache
+def celery() -> Celery:
+    """This process's one Celery app."""
+    app = make_celery()
+    # The current app is per thread; make this one the default too, so that
+    # `shared_task` resolves to it in every thread.
+    app.set_default()
+    return app
+
+
+def generate_video(
+    video_id: int,
+    *,
+    trace_id: str | None = None,
+    task_id: str | None = None,
+    countdown: float | None = None,
+    retries: int = 0,
+) -> None:
+    """Queue one attempt at a video. The request's trace id follows the job onto every
+    line the worker logs for it; `retries` carries a task's retry count over when it
+    queues itself again."""
+    celery().send_task(
+        GENERATE_VIDEO,
+        args=[video_id],
+        kwargs={"trace_id": trace_id},
+        task_id=task_id,
+        countdown=countdown,
+        retries=retries,
+        queue=QUEUE,
+    )
+
+
+def revoke(task_id: str) -> None:
+    """Drop a queued message (a running attempt notices a cancellation itself)."""
+    celery().control.revoke(task_id)

@@ -1,0 +1,35 @@
+"""The database's record of where a video's events stand (CONTRACT §8).
+
+Redis numbers a video's events, but Redis can lose its data; the database keeps the
+floor (the last seq known used) and the seq of the `complete` event. Publishers pass
+the floor to the publish script, so a new event never reuses a seq a client has seen,
+and streams decide `204` from the database's end, not from what Redis still holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kinora.core.db import session_scope
+from kinora.core.models import Video
+from kinora.jobs import store as jobs
+
+
+def floor(video_id: int) -> int:
+    with session_scope() as session:
+        video = session.get(Video, video_id)
+        return video.last_seq if video else 0
+
+
+def record(video_id: int, seq: int, *, end: bool = False) -> None:
+    with session_scope() as session:
+        jobs.record_seq(session, video_id, seq, end=end)
+
+
+def end_recorder(video_id: int) -> Callable[[int], None]:
+    """An `SSELogger(on_complete=...)` that records the video's end."""
+
+    def on_complete(seq: int) -> None:
+        record(video_id, seq, end=True)
+
+    return on_complete

@@ -1,0 +1,369 @@
+"""The database rules of a job: charge, claim, lease, progress, finish, refund.
+
+Every rule is one conditional statement, so it holds whatever races it: two
+workers, a retry and a redelivery, a cancel and a completion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Result, case, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from kinora.core.models import (
+    CreditEntry,
+    CreditKind,
+    User,
+    Video,
+    VideoStatus,
+    utcnow,
+)
+from kinora.jobs import idempotency
+
+
+def _changed_one(result: Result[Any]) -> bool:
+    """Whether the UPDATE/INSERT touched exactly one row: the conditional statements
+    below say yes to exactly one caller."""
+    return cast("CursorResult[Any]", result).rowcount == 1
+
+
+class InsufficientCredits(Exception):
+    def __init__(self, needed: int, available: int) -> None:
+        super().__init__(f"this video costs {needed} credits and you have {available}")
+        self.needed = needed
+        self.available = available
+
+
+def grant(session: Session, user: User, amount: int, reason: str = "grant") -> None:
+    """Add credits to a user, with its ledger row, in the caller's transaction."""
+    session.execute(update(User).where(User.id == user.id).values(credits=User.credits + amount))
+    session.add(CreditEntry(user_id=user.id, kind=CreditKind.GRANT, amount=amount, reason=reason))
+
+
+def create_video(
+    session: Session,
+    user: User,
+    *,
+    prompt: str,
+    parameters: dict[str, Any],
+    cost: int,
+    task_id: str,
+    idempotency_key: str | None = None,
+    request_hash: str = "",
+) -> tuple[Video, int]:
+    """Charge the user and create the video in one transaction (committed here).
+
+    Returns the video and the credits left. The charge is a conditional update, so
+    two requests at once can never take the balance below zero. With an
+    `idempotency_key`, the key is reserved first in the same transaction
+    (idempotency.KeyTaken if another request has it).
+    """
+    key_row = None
+    if idempotency_key is not None:
+        key_row = idempotency.reserve(session, user.id, idempotency_key, request_hash)
+    charged = session.execute(
+        update(User)
+        .where(User.id == user.id, User.credits >= cost)
+        .values(credits=User.credits - cost)
+        .returning(User.credits)
+    ).scalar_one_or_none()
+    if charged is None:
+        session.rollback()
+        available = session.scalar(select(User.credits).where(User.id == user.id)) or 0
+        raise InsufficientCredits(cost, available)
+    video = Video(
+        user_id=user.id,
+        prompt=prompt,
+        parameters=parameters,
+        cost=cost,
+        task_id=task_id,
+        status=VideoStatus.PENDING,
+    )
+    session.add(video)
+    session.flush()
+    session.add(
+        CreditEntry(
+            user_id=user.id,
+            video_id=video.id,
+            kind=CreditKind.CHARGE,
+            amount=-cost,
+            reason="video generation",
+        )
+    )
+    if key_row is not None:
+        key_row.video_id = video.id
+        key_row.credits_remaining = charged
+    session.commit()
+    return video, charged
+
+
+def claim(session: Session, video_id: int, owner: str, lease_seconds: float) -> bool:
+    """pending → processing for exactly one caller; everyone else gets False. A video
+    whose claim has expired (its worker died) can be claimed again."""
+    now = utcnow()
+    result = session.execute(
+        update(Video)
+        .where(
+            Video.id == video_id,
+            (Video.status == VideoStatus.PENDING)
+            | ((Video.status == VideoStatus.PROCESSING) & (Video.lease_expires_at < now)),
+        )
+        .values(
+            status=VideoStatus.PROCESSING,
+            claimed_by=owner,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Video.attempts + 1,
+            updated_at=now,
+        )
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def lease_left(session: Session, video_id: int, owner_suffix: str) -> float | None:
+    """Seconds until the live claim of an owner ending in `owner_suffix` runs out; None
+    if the video is not processing under such a claim."""
+    video = session.get(Video, video_id, populate_existing=True)
+    if (
+        video is None
+        or video.status != VideoStatus.PROCESSING
+        or not (video.claimed_by or "").endswith(owner_suffix)
+        or video.lease_expires_at is None
+    ):
+        return None
+    left = (video.lease_expires_at - utcnow()).total_seconds()
+    return left if left > 0 else None
+
+
+def _owned(video_id: int, owner: str) -> Any:
+    return (
+        Video.id == video_id,
+        Video.status == VideoStatus.PROCESSING,
+        Video.claimed_by == owner,
+    )
+
+
+def record_progress(
+    session: Session,
+    video_id: int,
+    owner: str,
+    progress: int,
+    lease_seconds: float,
+    seq: int = 0,
+) -> bool:
+    """Store progress (never backwards) and the seq of the last event published, and
+    renew the lease. False: the job is no longer ours (cancelled, or taken over), so
+    the caller should stop."""
+    now = utcnow()
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(
+            progress=case((Video.progress < progress, progress), else_=Video.progress),
+            last_seq=case((Video.last_seq < seq, seq), else_=Video.last_seq),
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            updated_at=now,
+        )
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def record_seq(session: Session, video_id: int, seq: int, *, end: bool = False) -> None:
+    """Raise the video's seq floor to `seq`; with `end`, `seq` is its `complete` event's
+    (kept once: the first complete published is the only one)."""
+    values: dict[str, Any] = {"last_seq": case((Video.last_seq < seq, seq), else_=Video.last_seq)}
+    if end:
+        values["end_seq"] = case((Video.end_seq.is_(None), seq), else_=Video.end_seq)
+    session.execute(update(Video).where(Video.id == video_id).values(**values))
+    session.commit()
+
+
+def renew(session: Session, video_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend the claim; False if the video is no longer this owner's."""
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def release(session: Session, video_id: int, owner: str) -> bool:
+    """processing → pending, for a retry: the model job id stays, so the next attempt
+    resumes that job."""
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(
+            status=VideoStatus.PENDING, claimed_by=None, lease_expires_at=None, updated_at=utcnow()
+        )
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def mark_submitting(session: Session, video_id: int, owner: str) -> bool:
+    """Note the time just before the model's create call (see Video.model_submitted_at)."""
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner), Video.model_job_id.is_(None))
+        .values(model_submitted_at=utcnow())
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def set_model_job(session: Session, video_id: int, owner: str, job_id: str) -> bool:
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(model_job_id=job_id, updated_at=utcnow())
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def complete(
+    session: Session, video_id: int, owner: str, *, file_path: str, thumbnail_path: str | None
+) -> bool:
+    now = utcnow()
+    result = session.execute(
+        update(Video)
+        .where(*_owned(video_id, owner))
+        .values(
+            status=VideoStatus.COMPLETED,
+            progress=100,
+            file_path=file_path,
+            thumbnail_path=thumbnail_path,
+            completed_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+    )
+    session.commit()
+    return _changed_one(result)
+
+
+def cancel(session: Session, video_id: int) -> bool:
+    """pending/processing → cancelled and refunded, in one transaction. False if the
+    video had already ended (completed, failed or cancelled before)."""
+    return _end(session, video_id, VideoStatus.CANCELLED, "cancelled by its owner")
+
+
+def fail(session: Session, video_id: int, message: str, *, owner: str | None = None) -> bool:
+    """Mark a live video failed and refund it, in one transaction. False if the video
+    had already ended (or, with `owner`, is no longer that worker's)."""
+    return _end(session, video_id, VideoStatus.FAILED, message, owner=owner)
+
+
+def _end(
+    session: Session,
+    video_id: int,
+    status: VideoStatus,
+    message: str,
+    *,
+    owner: str | None = None,
+) -> bool:
+    now = utcnow()
+    conditions: list[Any] = [
+        Video.id == video_id,
+        Video.status.in_([VideoStatus.PENDING, VideoStatus.PROCESSING]),
+    ]
+    if owner is not None:
+        conditions.append(Video.claimed_by == owner)
+    result = session.execute(
+        update(Video)
+        .where(*conditions)
+        .values(
+            status=status,
+            error_message=message[:2000],
+            completed_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+    )
+    if not _changed_one(result):
+        session.rollback()
+        return False
+    _refund_in_transaction(session, video_id)
+    session.commit()
+    return True
+
+
+def _refund_in_transaction(session: Session, video_id: int) -> bool:
+    video = session.get(Video, video_id, populate_existing=True)
+    if video is None:
+        return False
+    # One statement that inserts the refund row unless the unique (video_id, kind)
+    # says this video was refunded already: at most one refund, whatever races.
+    dialect_insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    inserted = session.execute(
+        dialect_insert(CreditEntry)
+        .values(
+            user_id=video.user_id,
+            video_id=video_id,
+            kind=CreditKind.REFUND,
+            amount=video.cost,
+            reason=f"video {video.status}",
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["video_id", "kind"])
+        # RETURNING, not rowcount: with RETURNING (which SQLAlchemy adds on
+        # PostgreSQL) the driver's rowcount does not say whether a row went in.
+        .returning(CreditEntry.id)
+    ).scalar_one_or_none()
+    if inserted is None:
+        return False
+    session.execute(
+        update(User).where(User.id == video.user_id).values(credits=User.credits + video.cost)
+    )
+    return True
+
+
+@dataclass(frozen=True)
+class Sweep:
+    timed_out: list[int]  # failed and refunded: past VIDEO_TIMEOUT_SECONDS
+    requeue: list[int]  # pending again (expired claim) or pending too long: queue again
+
+
+def sweep(session: Session, *, video_timeout: float, stale_pending: float) -> Sweep:
+    """What a periodic sweep finds: videos past their deadline, claims whose worker
+    died, and pending videos whose message may be lost. Each change is conditional, so
+    any number of sweepers can run at once."""
+    now = utcnow()
+    live = [VideoStatus.PENDING, VideoStatus.PROCESSING]
+    overdue = session.scalars(
+        select(Video.id).where(
+            Video.status.in_(live), Video.created_at < now - timedelta(seconds=video_timeout)
+        )
+    ).all()
+    session.rollback()
+    timed_out = [
+        video_id
+        for video_id in overdue
+        if fail(session, video_id, f"generation took longer than {video_timeout:g} s")
+    ]
+    expired = session.scalars(
+        update(Video)
+        .where(Video.status == VideoStatus.PROCESSING, Video.lease_expires_at < now)
+        .values(status=VideoStatus.PENDING, claimed_by=None, lease_expires_at=None, updated_at=now)
+        .returning(Video.id)
+    ).all()
+    stale = session.scalars(
+        update(Video)
+        .where(
+            Video.status == VideoStatus.PENDING,
+            Video.updated_at < now - timedelta(seconds=stale_pending),
+        )
+        .values(updated_at=now)
+        .returning(Video.id)
+    ).all()
+    session.commit()
+    return Sweep(timed_out=timed_out, requeue=sorted({*expired, *stale}))

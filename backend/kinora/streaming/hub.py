@@ -1,0 +1,595 @@
+"""StreamHub: one Redis subscriber per API process, fanned out to every watcher.
+
+A watcher registers for a video, then (once the channel's subscription is live)
+reads the video's history after its last seen `seq`, then the live events; both
+are merged by `seq`, so an event published while the history is being read
+arrives exactly once. A video's live events are kept once, in a bounded log its
+watchers hold cursors into, and each watcher takes everything new in one batch
+(one write to its client however many events arrived); a watcher that falls more
+than `queue_size` events behind is cut off (it resumes with `Last-Event-ID`)
+instead of holding memory.
+
+Order of operations matters (ARCHITECTURE, known traps):
+- register first, then subscribe, so concurrent first watchers of a channel all
+  receive its events (the `broadcaster` race);
+- subscribe, then read history, so nothing published in between is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, cast
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from kinora.core import metrics
+from kinora.streaming.cancellation import raise_if_cancelled
+from kinora.streaming.events import (
+    Event,
+    channel,
+    end_key,
+    history_key,
+    history_lost,
+    parse,
+    seq_key,
+)
+from kinora.streaming.presence import Presence
+
+log = logging.getLogger(__name__)
+
+
+# The WebSocket name of each event type (CONTRACT §5).
+WS_EVENT_NAMES = {"progress": "progress_update", "stage": "stage_change"}
+
+
+class Item:
+    """One event as the hub carries it: parsed once, framed once per transport."""
+
+    __slots__ = ("_sse", "_ws", "raw", "seq", "type")
+
+    def __init__(self, raw: bytes, seq: int, type_: str) -> None:
+        self.raw = raw
+        self.seq = seq
+        self.type = type_
+        self._sse: bytes | None = None
+        self._ws: str | None = None
+
+    @classmethod
+    def from_raw(cls, raw: bytes) -> Item:
+        data = orjson.loads(raw)
+        return cls(raw, int(data["seq"]), str(data["type"]))
+
+    @property
+    def event(self) -> Event:
+        return parse(self.raw)
+
+    @property
+    def terminal(self) -> bool:
+        return self.type == "complete"
+
+    @property
+    def ws(self) -> str:
+        """The WebSocket message (CONTRACT §5), built once per event."""
+        if self._ws is None:
+            name = WS_EVENT_NAMES.get(self.type, self.type)
+            self._ws = f'{{"event":"{name}","data":{self.raw.decode()}}}'
+        return self._ws
+
+    @property
+    def sse(self) -> bytes:
+        """The SSE frame, built once per event however many clients receive it."""
+        if self._sse is None:
+            self._sse = b"id: %d\ndata: %s\n\n" % (self.seq, self.raw)
+        return self._sse
+
+
+# Put in a topic's log after the subscriber reconnected: its watchers re-read history.
+RESYNC = Item(b"{}", -1, "resync")
+
+
+DELIVERY_FLUSH_SECONDS = 1.0
+# The longest any one Redis call of the API may take (connect, or read a reply).
+REDIS_TIMEOUT = 2.0
+# Waiting this long for a free pooled connection, plus one call's two tries, stays
+# under the 10 s in which every request is answered (CONTRACT §8).
+POOL_WAIT_SECONDS = 5.0
+# The hub pings Redis this often; without an answer for PROBE_STALE_SECONDS, new
+# streams are refused with a 503 (open ones end with a `retry:` on their own).
+PROBE_SECONDS = 0.5
+PROBE_STALE_SECONDS = 2.5
+PROBE_RECHECK_SECONDS = 0.5
+
+
+class SubscribeTimeout(RuntimeError):
+    pass
+
+
+class Topic:
+    """One video's live events in this process, shared by all its watchers.
+
+    `log` keeps the most recent events (at most twice the hub's queue size); each
+    watcher only holds a cursor into it, so an event costs one append however many
+    watch it, and memory is bounded per video, not per watcher.
+    """
+
+    __slots__ = ("base", "log", "ready", "waiting", "watchers")
+
+    def __init__(self) -> None:
+        self.watchers: set[Watcher] = set()
+        self.ready = asyncio.Event()
+        self.log: list[Item] = []
+        self.base = 0  # the position of log[0] among every event this topic received
+        self.waiting: list[asyncio.Future[None]] = []  # watchers asleep until the next event
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.log)
+
+    def append(self, item: Item, keep: int) -> list[Watcher]:
+        """Add an event and wake the waiting watchers; returns the watchers that fell
+        more than `keep` events behind (they are cut off)."""
+        self.log.append(item)
+        self.wake()
+        if len(self.log) <= 2 * keep:
+            return []
+        drop = len(self.log) - keep
+        self.log = self.log[drop:]  # a new list: a reader's slice of the old one stays valid
+        self.base += drop
+        return [w for w in self.watchers if w.cursor < self.base]
+
+    def wake(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            if not future.done():
+                future.set_result(None)
+
+
+# History is read in pages of this many events, each written before the next is read:
+# the transport's flow control then bounds a replaying connection's memory, whatever the
+# history's length (CONTRACT §8).
+HISTORY_PAGE = 200
+
+# Builds the `history_lost` notice for (after, resume): the caller (the API) adds the
+# video's state from its database; the hub alone knows only the seqs.
+LostNotice = Callable[[int, int], Awaitable[bytes]]
+
+
+def resume_point(after: int, history: list[Item], counter: int | None, floor: int) -> int | None:
+    """Where a stream resumes when events after `after` can no longer be replayed, or
+    None when nothing is missing. `counter` is Redis's seq counter (None: gone), `floor`
+    the highest seq the database knows was used."""
+    if history:
+        first = history[0].seq
+        return first - 1 if first > after + 1 else None
+    known = max(counter or 0, floor)
+    if known > after:
+        return known  # events after `after` were used, and none is left
+    if counter is None and after > 0:
+        return after  # Redis lost the video's events: say so, with the state
+    return None
+
+
+class Watcher:
+    """One client's registration for one video: a cursor into its topic's log."""
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        video_id: int,
+        topic: Topic,
+        after: int,
+        transport: str = "sse",
+        *,
+        floor: int = 0,
+        lost: LostNotice | None = None,
+    ) -> None:
+        self.hub = hub
+        self.floor = floor
+        self.lost = lost
+        self.transport = transport
+        self.video_id = video_id
+        self.topic = topic
+        self.cursor = topic.end  # the live events it has taken from the topic
+        self.last_seq = after
+        self.cut = False  # set when it fell too far behind: the client is too slow
+        self.expired = False
+        self.drained = False  # set when the process shuts down: the client should reconnect
+
+    @property
+    def backlog(self) -> int:
+        """Live events received for it and not yet taken by its client."""
+        return self.topic.end - self.cursor
+
+    def cut_off(self) -> None:
+        if self.cut:
+            return
+        self.cut = True
+        self.hub.slow_cuts += 1
+        metrics.CLIENTS_CUT.labels(self.transport).inc()
+        self.hub.detach(self)
+        self.topic.wake()
+        log.info("watcher of video %s cut off: %d events behind", self.video_id, self.backlog)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.topic.wake()
+
+    async def notice(self, resume: int) -> Item:
+        """The `history_lost` notice; the stream goes on after `resume`."""
+        if self.lost is not None:
+            raw = await self.lost(self.last_seq, resume)
+        else:
+            raw = history_lost(self.video_id, self.last_seq, resume)
+        self.last_seq = max(self.last_seq, resume)
+        return Item(raw, resume, "log")
+
+    def _took(self, batch: list[Item]) -> list[Item]:
+        self.last_seq = max(self.last_seq, batch[-1].seq)
+        self.hub.delivered[self.transport] += len(batch)
+        return batch
+
+    async def replay(self, *, check_lost: bool = True) -> AsyncIterator[list[Item]]:
+        """History after `last_seq`, a page at a time, told of a gap first if the events
+        it asks for are gone."""
+        history, counter = await self.hub.history_state(self.video_id, self.last_seq)
+        if check_lost:
+            resume = resume_point(self.last_seq, history, counter, self.floor)
+            if resume is not None:
+                yield self._took([await self.notice(resume)])
+        elif history and history[0].seq > self.last_seq + 1:
+            yield self._took([await self.notice(history[0].seq - 1)])
+        while history:
+            yield self._took(history)
+            if len(history) < self.hub.history_page:
+                return
+            history = await self.hub.history(self.video_id, self.last_seq)
+
+    async def batches(self, deadline: float | None = None) -> AsyncIterator[list[Item]]:
+        """History after `last_seq`, then live events, in seq order, none twice, in
+        batches: everything that arrived since the client last took some.
+
+        Ends when the client fell too far behind (it resumes with Last-Event-ID) or
+        at `deadline` (loop time).
+        """
+        loop = asyncio.get_running_loop()
+        timer = None if deadline is None else loop.call_at(deadline, self._expire)
+        try:
+            async for page in self.replay():
+                yield page
+            topic = self.topic
+            while not (self.cut or self.expired):
+                if self.cursor == topic.end:
+                    future: asyncio.Future[None] = loop.create_future()
+                    topic.waiting.append(future)
+                    await future
+                    continue
+                if self.cursor < topic.base:
+                    self.cut_off()
+                    return
+                items = topic.log[self.cursor - topic.base :]
+                self.cursor = topic.end
+                batch: list[Item] = []
+                for item in items:
+                    if item is RESYNC or item.seq > self.last_seq + 1:
+                        # A gap (the subscriber reconnected, events raced, or Redis lost
+                        # data and numbering jumped): fill it from history, or say that
+                        # it cannot be filled.
+                        if batch:
+                            yield self._took(batch)
+                            batch = []
+                        async for page in self.replay(check_lost=False):
+                            yield page
+                    if item is not RESYNC and item.seq > self.last_seq:
+                        self.last_seq = item.seq
+                        batch.append(item)
+                if batch:
+                    yield self._took(batch)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def events(self, deadline: float | None = None) -> AsyncIterator[Item]:
+        """The same as `batches`, one event at a time."""
+        async for batch in self.batches(deadline):
+            for item in batch:
+                yield item
+
+
+class StreamHub:
+    """Owns one pub/sub connection and one small command pool for history reads."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        queue_size: int = 256,
+        subscribe_timeout: float = 10.0,
+        presence_ttl: float = 15.0,
+        history_page: int = HISTORY_PAGE,
+    ) -> None:
+        self.redis_url = redis_url
+        self.history_page = history_page
+        self.queue_size = queue_size
+        self.subscribe_timeout = subscribe_timeout
+        self.slow_cuts = 0
+        self._last_pong = 0.0
+        self._topics: dict[bytes, Topic] = {}
+        # SUBSCRIBEs sent whose confirmation has not come back, per channel.
+        self._pending: defaultdict[bytes, int] = defaultdict(int)
+        self._ops: asyncio.Queue[tuple[Literal["sub", "unsub"], bytes]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.delivered: dict[str, int] = {"sse": 0, "websocket": 0}
+        # Commands (history, presence, rate limit, publish) on two connections at most,
+        # each call bounded: an unreachable or paused Redis is an error within seconds
+        # (the API answers 503), never a hang. One retry on a fresh connection, so the
+        # first request after Redis restarted does not fail on a dead pooled socket.
+        # Waiting for a free connection is queueing, not an outage (two thousand
+        # streams replaying at once wait their turn): it has a longer bound, and the
+        # request paths refuse at once while the probe says Redis does not answer.
+        # from_pool: the client owns the pool and closes its connections in aclose().
+        self.redis: aioredis.Redis = aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(
+                redis_url,
+                max_connections=2,
+                timeout=POOL_WAIT_SECONDS,
+                socket_timeout=REDIS_TIMEOUT,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                retry=Retry(NoBackoff(), 1),
+            )
+        )
+        # The subscriber on a connection of its own, with no read timeout: it waits for
+        # events as long as none come. Three connections per process in all.
+        self._subscriber: aioredis.Redis = aioredis.Redis.from_pool(
+            aioredis.ConnectionPool.from_url(
+                redis_url,
+                max_connections=1,
+                socket_connect_timeout=REDIS_TIMEOUT,
+                socket_keepalive=True,
+            )
+        )
+        self._pubsub: PubSub = self._subscriber.pubsub()
+        self.presence = Presence(self.redis, presence_ttl)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._last_pong = asyncio.get_running_loop().time()
+        await self._pubsub.connect()  # type: ignore[no-untyped-call]
+        await self.presence.start()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="hub-listen"),
+            asyncio.create_task(self._control(), name="hub-control"),
+            asyncio.create_task(self._count_deliveries(), name="hub-metrics"),
+            asyncio.create_task(self._probe(), name="hub-probe"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self.flush_deliveries()
+        await self.presence.stop()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._subscriber.aclose()
+        await self.redis.aclose()
+
+    # -- watching -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def watch(
+        self,
+        video_id: int,
+        after: int = 0,
+        transport: str = "sse",
+        *,
+        floor: int = 0,
+        lost: LostNotice | None = None,
+    ) -> AsyncIterator[Watcher]:
+        """Register a watcher of `video_id` that has seen every event up to `after`.
+        `floor`: the highest seq known used (a database's record); `lost` builds the
+        `history_lost` notice when events it asks for are gone."""
+        name = channel(video_id).encode()
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = self._topics[name] = Topic()
+            self._pending[name] += 1
+            self._ops.put_nowait(("sub", name))
+        watcher = Watcher(self, video_id, topic, after, transport, floor=floor, lost=lost)
+        topic.watchers.add(watcher)  # registered before the subscription can go live
+        self.presence.joined(video_id)
+        clients = metrics.CLIENTS.labels(transport)
+        clients.inc()
+        try:
+            try:
+                async with asyncio.timeout(self.subscribe_timeout):
+                    await topic.ready.wait()
+            except TimeoutError:
+                raise SubscribeTimeout(f"no subscription to {name.decode()} from Redis") from None
+            yield watcher
+        finally:
+            clients.dec()
+            self.detach(watcher)
+
+    def detach(self, watcher: Watcher) -> None:
+        """Forget a watcher; the last one of a video unsubscribes. Never awaits, so it
+        is safe in a cancelled stream's cleanup."""
+        name = channel(watcher.video_id).encode()
+        topic = self._topics.get(name)
+        if topic is None or watcher not in topic.watchers:
+            return
+        topic.watchers.discard(watcher)
+        self.presence.left(watcher.video_id)
+        if not topic.watchers:
+            del self._topics[name]
+            self._ops.put_nowait(("unsub", name))
+
+    def drain(self) -> int:
+        """End every watcher's stream (the process is shutting down); each client is
+        told to come back, to another process. Returns how many were ended."""
+        ended = 0
+        for topic in self._topics.values():
+            for watcher in topic.watchers:
+                watcher.drained = watcher.expired = True
+                ended += 1
+            topic.wake()
+        if ended:
+            log.info("shutting down: %d streams told to reconnect", ended)
+        return ended
+
+    async def history(self, video_id: int, after: int, limit: int | None = None) -> list[Item]:
+        """At most `limit` (a page) events after seq `after`, oldest first."""
+        raw = await self._page(self.redis, video_id, after, limit)
+        return [Item.from_raw(r) for r in cast(list[bytes], raw)]
+
+    def _page(self, client: Any, video_id: int, after: int, limit: int | None = None) -> Any:
+        """ZRANGEBYSCORE of one page after `after`, on a client or a pipeline."""
+        num = limit or self.history_page
+        return client.zrangebyscore(history_key(video_id), f"({after}", "+inf", start=0, num=num)
+
+    async def history_state(self, video_id: int, after: int) -> tuple[list[Item], int | None]:
+        """The first page of history after `after`, and the video's seq counter (None if
+        Redis has none), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._page(pipe, video_id, after)
+            pipe.get(seq_key(video_id))
+            raw, counter = await pipe.execute()
+        items = [Item.from_raw(r) for r in cast(list[bytes], raw)]
+        return items, None if counter is None else int(counter)
+
+    async def end_seq(self, video_id: int) -> int | None:
+        """The seq of the video's `complete` event, if Redis still knows it."""
+        value = await self.redis.get(end_key(video_id))
+        return None if value is None else int(value)
+
+    async def recent(self, video_id: int, count: int) -> list[Item]:
+        """The last `count` events of a video's history, oldest first."""
+        raw = await self.redis.zrange(history_key(video_id), -count, -1)
+        return [Item.from_raw(r) for r in cast(list[bytes], raw)]
+
+    @property
+    def redis_reachable(self) -> bool:
+        """Whether Redis answered a PING lately: a new stream is refused at once (503)
+        while it does not, rather than opened to wait for a subscription that cannot
+        come. A paused Redis stops answering: within PROBE_STALE_SECONDS it shows."""
+        return asyncio.get_running_loop().time() - self._last_pong < PROBE_STALE_SECONDS
+
+    async def reachable(self) -> bool:
+        """`redis_reachable`, and when it says no, one quick PING of our own (0.5 s at
+        most): the first request after Redis came back need not wait for the probe."""
+        if self.redis_reachable:
+            return True
+        try:
+            async with asyncio.timeout(PROBE_RECHECK_SECONDS):
+                await self.redis.ping()
+        except (TimeoutError, redis.RedisError, OSError):
+            return False
+        self._last_pong = asyncio.get_running_loop().time()
+        return True
+
+    async def _probe(self) -> None:
+        while True:
+            # A cancel that lands inside redis-py's command can be swallowed there; the
+            # task still knows it is being cancelled (kinora.streaming.cancellation).
+            raise_if_cancelled()
+            with contextlib.suppress(redis.RedisError, OSError):
+                await self.redis.ping()
+                self._last_pong = asyncio.get_running_loop().time()
+            await asyncio.sleep(PROBE_SECONDS)
+
+    async def _count_deliveries(self) -> None:
+        while True:
+            await asyncio.sleep(DELIVERY_FLUSH_SECONDS)
+            self.flush_deliveries()
+
+    def flush_deliveries(self) -> None:
+        """Deliveries are counted in plain ints on the event path and added to the
+        Prometheus counter once a second: with metric files shared between processes
+        each increment is a locked write, and one a client write cost 15 % of the
+        API's CPU under fan-out (bench.fanout)."""
+        for transport, count in self.delivered.items():
+            if count:
+                metrics.DELIVERIES.labels(transport).inc(count)
+                self.delivered[transport] = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "videos": len(self._topics),
+            "watchers": sum(len(t.watchers) for t in self._topics.values()),
+            "slow_cuts": self.slow_cuts,
+        }
+
+    # -- the two hub tasks ------------------------------------------------------------
+
+    async def _control(self) -> None:
+        """Sends SUBSCRIBE/UNSUBSCRIBE in the order they were asked for, batching runs
+        of the same kind (many watchers joining at once cost one command)."""
+        while True:
+            raise_if_cancelled()
+            ops = [await self._ops.get()]
+            while not self._ops.empty():
+                ops.append(self._ops.get_nowait())
+            for op, run in itertools.groupby(ops, key=lambda o: o[0]):
+                names = [name for _, name in run]
+                try:
+                    if op == "sub":
+                        await self._pubsub.subscribe(*names)
+                    else:
+                        await self._pubsub.unsubscribe(*names)
+                except Exception:
+                    log.exception("redis %s of %d channels failed; retrying", op, len(names))
+                    await asyncio.sleep(0.5)
+                    for name in names:
+                        self._ops.put_nowait((op, name))
+
+    async def _listen(self) -> None:
+        while True:
+            raise_if_cancelled()
+            try:
+                message = await self._pubsub.get_message(timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # redis-py reconnects on the next read and resubscribes every channel;
+                # `_dispatch` then tells the watchers to re-read history.
+                log.warning("redis subscriber connection lost (%s); reconnecting", exc)
+                await asyncio.sleep(0.5)
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        name: bytes = message["channel"]
+        if kind == "message":
+            topic = self._topics.get(name)
+            if topic is not None:
+                for watcher in topic.append(Item.from_raw(message["data"]), self.queue_size):
+                    watcher.cut_off()
+        elif kind == "subscribe":
+            pending = max(0, self._pending.get(name, 0) - 1)
+            if pending:
+                self._pending[name] = pending
+            else:
+                self._pending.pop(name, None)
+            topic = self._topics.get(name)
+            if topic is None or pending:
+                return
+            if topic.ready.is_set():
+                # A re-subscription after a reconnect: events may have been missed.
+                for watcher in topic.append(RESYNC, self.queue_size):
+                    watcher.cut_off()
+            else:
+                topic.ready.set()

@@ -1,0 +1,120 @@
+"""Presence: how many clients watch a video, across every API process (CONTRACT §3).
+
+Each process keeps its own counts in memory (the hub changes them as watchers come
+and go, without awaiting) and writes the changed ones to Redis twice a second: one
+hash per video, `presence:video:<id>`, a field per process. A process proves it is
+alive with a key that expires after PRESENCE_TTL_SECONDS unless renewed; the fields
+of a process whose key is gone (it crashed) are not counted, and are removed the
+next time someone asks. Every count is written again each third of the TTL, so a
+Redis that lost its data is right again within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import Counter
+from typing import cast
+
+import redis.asyncio as aioredis
+
+from kinora.streaming.cancellation import raise_if_cancelled
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.5
+
+
+def video_key(video_id: int) -> str:
+    return f"presence:video:{video_id}"
+
+
+def alive_key(process: str) -> str:
+    return f"presence:alive:{process}"
+
+
+class Presence:
+    def __init__(self, client: aioredis.Redis, ttl_seconds: float) -> None:
+        self.client = client
+        self.ttl = max(1, round(ttl_seconds))
+        self.process = uuid.uuid4().hex
+        self.counts: Counter[int] = Counter()
+        self._dirty: set[int] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    def joined(self, video_id: int) -> None:
+        self.counts[video_id] += 1
+        self._dirty.add(video_id)
+
+    def left(self, video_id: int) -> None:
+        self.counts[video_id] -= 1
+        if self.counts[video_id] <= 0:
+            del self.counts[video_id]
+        self._dirty.add(video_id)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="presence")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):  # best effort: the TTL cleans up anyway
+            pipe = self.client.pipeline(transaction=False)
+            for video_id in self.counts:
+                pipe.hdel(video_key(video_id), self.process)
+            pipe.delete(alive_key(self.process))
+            await pipe.execute()
+
+    async def connections(self, video_id: int) -> int:
+        fields = cast(dict[bytes, bytes], await self.client.hgetall(video_key(video_id)))
+        if not fields:
+            return 0
+        processes = [p.decode() for p in fields]
+        pipe = self.client.pipeline(transaction=False)
+        for process in processes:
+            pipe.exists(alive_key(process))
+        alive = await pipe.execute()
+        dead = [p for p, ok in zip(processes, alive, strict=True) if not ok]
+        if dead:
+            await self.client.hdel(video_key(video_id), *dead)
+        return sum(int(fields[p.encode()]) for p, ok in zip(processes, alive, strict=True) if ok)
+
+    async def _run(self) -> None:
+        renew_every = max(1, int(self.ttl / 3 / FLUSH_SECONDS))
+        ticks = 0
+        while True:
+            raise_if_cancelled()
+            try:
+                if ticks % renew_every == 0:
+                    await self.client.set(alive_key(self.process), 1, ex=self.ttl)
+                    # Every count again, not only the changed ones: a Redis that lost
+                    # its data (restarted empty, failed over) learns them back.
+                    self._dirty |= set(self.counts)
+                await self._flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("presence not written to Redis (%s); trying again", exc)
+            ticks += 1
+            await asyncio.sleep(FLUSH_SECONDS)
+
+    async def _flush(self) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        pipe = self.client.pipeline(transaction=False)
+        for video_id in dirty:
+            count = self.counts.get(video_id, 0)
+            if count:
+                pipe.hset(video_key(video_id), self.process, count)
+            else:
+                pipe.hdel(video_key(video_id), self.process)
+        try:
+            await pipe.execute()
+        except Exception:
+            self._dirty |= dirty  # written next time
+            raise

@@ -1,0 +1,47 @@
+"""What the generation asks of a video model, in the shape of the OpenAI videos API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from kinora.jobs.errors import EngineError, PolicyRefusal, TransientEngineError
+
+__all__ = [
+    "EngineError",
+    "JobStatus",
+    "ModelJob",
+    "PolicyRefusal",
+    "TransientEngineError",
+    "VideoEngine",
+]
+
+JobStatus = Literal["queued", "in_progress", "completed", "failed"]
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    id: str
+    status: JobStatus
+    progress: int = 0
+    error_code: str | None = None
+    error_message: str | None = None
+    # The server's hint for when to ask again (openai-poll-after-ms), in seconds.
+    poll_after: float | None = None
+
+
+class VideoEngine(Protocol):
+    def create(
+        self, *, prompt: str, seconds: int, size: str, reference: bytes | None = None
+    ) -> ModelJob: ...
+
+    def find(self, *, prompt: str, since: float) -> ModelJob | None:
+        """A job for `prompt` created at or after `since` (epoch seconds), if any: a
+        create whose outcome is unknown (a timeout, a crash) is looked up here before
+        any second, paid, create."""
+        ...
+
+    def retrieve(self, job_id: str) -> ModelJob: ...
+
+    def download(self, job_id: str, dest: Path) -> None: ...
