@@ -38,10 +38,14 @@ lint: $(VENV)/.installed-test
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
 
-# The whole suite on SQLite, then the database-heavy tests again on a throwaway
-# PostgreSQL server that the tests start themselves (initdb/pg_ctl on 127.0.0.1).
-DB_TESTS := tests/test_db.py tests/test_jobs.py tests/test_videos.py tests/test_generation.py \
+# The database's rules (claims, charges, refunds, idempotency, the event floor) run
+# again on a throwaway PostgreSQL server that the tests start themselves (initdb and
+# pg_ctl on 127.0.0.1): the in-process tests of those rules, not the mock's sleeping.
+DB_TESTS := tests/core/test_db.py tests/jobs tests/worker/test_steps.py tests/api/test_videos.py \
   tests/faults/test_event_loss.py
+
+# Each part of `make test` says how long it took.
+timed = @t0=$$(date +%s); $(2) || exit $$?; echo "== $(1): $$(( $$(date +%s) - t0 )) s"
 
 # The browser tests drive Debian's Chromium; install it when it is missing.
 CHROMIUM := /usr/bin/chromium
@@ -68,9 +72,19 @@ compose-config:
 	  docker-compose config --quiet && echo "docker-compose.yml: valid (docker-compose)"; \
 	fi
 
-test: lint typecheck compose-config $(CHROMIUM)
-	$(BIN)/pytest
-	KINORA_TEST_DB=postgres $(BIN)/pytest $(DB_TESTS)
+# The fast tier: in-process (the steps against the mock engine, the hub against a real
+# Redis, the API through an in-process client), no worker, no uvicorn: under a minute.
+test-fast: $(VENV)/.installed-test
+	$(call timed,fast tier,$(BIN)/pytest -m "not slow" --durations=5)
+
+# Everything: lint, types, both tiers on SQLite, the database's rules on PostgreSQL.
+test: $(VENV)/.installed-test $(CHROMIUM)
+	$(call timed,lint,$(MAKE) --no-print-directory lint)
+	$(call timed,typecheck,$(MAKE) --no-print-directory typecheck)
+	$(call timed,compose check,$(MAKE) --no-print-directory compose-config)
+	$(call timed,fast tier,$(BIN)/pytest -m "not slow" --durations=5)
+	$(call timed,end-to-end tier,$(BIN)/pytest -m slow --durations=10)
+	$(call timed,PostgreSQL,KINORA_TEST_DB=postgres $(BIN)/pytest $(DB_TESTS) --durations=5)
 
 # The benchmarks (minutes; each prints one JSON object). Figures in README.
 bench: $(VENV)/.installed-test

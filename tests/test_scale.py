@@ -24,9 +24,10 @@ import pytest
 import redis
 
 from kinora.cli.embedded import EmbeddedRedis, free_port
-from tests.conftest import FAST, kinora, stop, wait_for
-from tests.helpers import Follower
-from tests.postgres import ThrowawayPostgres
+from tests.utils.clients import Follower
+from tests.utils.postgres import ThrowawayPostgres
+from tests.utils.processes import kinora, stop, wait_for
+from tests.utils.settings import FAST
 
 pytestmark = pytest.mark.slow
 

@@ -59,7 +59,7 @@ from celery import Celery
 
 from kinora.cli.embedded import EmbeddedRedis, free_port
 from kinora.worker.engines.mock import prompt_digest
-from tests.conftest import reset_caches
+from tests.utils.settings import reset_caches
 
 FAULTS = (
     "kill_pool",

@@ -9,8 +9,9 @@ import httpx
 import pytest
 
 from kinora.streaming.events import SSELogger
-from tests.conftest import Account, Stack, start_api, stop, wait_for
-from tests.helpers import events_of, pending_video, read_stream
+from tests.utils.accounts import Account
+from tests.utils.clients import events_of, pending_video, read_stream
+from tests.utils.processes import Stack, start_api, stop, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -26,8 +26,9 @@ from kinora.streaming.events import (
     sent_key,
     seq_key,
 )
-from tests.conftest import Account, Stack, wait_for
-from tests.helpers import Follower, events_of, read_stream, submit
+from tests.utils.accounts import Account
+from tests.utils.clients import Follower, events_of, read_stream, submit
+from tests.utils.processes import Stack, wait_for
 
 
 def forget(client: redis.Redis, video_id: int) -> None:

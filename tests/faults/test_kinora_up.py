@@ -20,8 +20,8 @@ import pytest
 import redis
 
 from kinora.cli.embedded import free_port
-from tests.conftest import wait_for
-from tests.helpers import Follower, fresh_machine_env
+from tests.utils.clients import Follower, fresh_machine_env
+from tests.utils.processes import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -15,8 +15,9 @@ import httpx
 import pytest
 
 from kinora.cli.embedded import EmbeddedRedis
-from tests.conftest import Account, start_api, stop
-from tests.helpers import pending_video
+from tests.utils.accounts import Account
+from tests.utils.clients import pending_video
+from tests.utils.processes import start_api, stop
 
 pytestmark = pytest.mark.slow
 

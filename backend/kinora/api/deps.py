@@ -7,13 +7,14 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy.orm import Session
 
 from kinora.core.config import Settings, get_settings
 from kinora.core.db import get_sessionmaker, session_scope
 from kinora.core.models import User, Video
-from kinora.core.tokens import hash_token, is_scoped, verify_scoped
+from kinora.core.tokens import is_scoped, verify_scoped
+from kinora.jobs import accounts
 from kinora.streaming.hub import StreamHub
 
 
@@ -40,6 +41,13 @@ _bearer = HTTPBearer(auto_error=False, description="Your API token")
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, parsed as HTTPBearer
+    parses it for the HTTP routes (the WebSocket route reads the header itself)."""
+    scheme, token = get_authorization_scheme_param(authorization)
+    return token if scheme.lower() == "bearer" and token else None
+
+
 def unauthorized(detail: str) -> HTTPException:
     return HTTPException(
         status.HTTP_401_UNAUTHORIZED, detail=detail, headers={"WWW-Authenticate": "Bearer"}
@@ -47,7 +55,7 @@ def unauthorized(detail: str) -> HTTPException:
 
 
 def user_by_token(session: Session, token: str) -> User:
-    user = session.scalar(select(User).where(User.token_hash == hash_token(token)))
+    user = accounts.find_by_token(session, token)
     if user is None:
         raise unauthorized("invalid API token: check the token `kinora users create` printed")
     return user

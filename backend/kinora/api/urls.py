@@ -3,10 +3,13 @@ public scheme and host behind a proxy), each with a token scoped to its one vide
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import Request
 
 from kinora.core.models import Video, VideoStatus
 from kinora.core.tokens import sign_scoped
+from kinora.jobs.lifecycle import content_path
 
 
 def stream_url(request: Request, video_id: int, user_id: int) -> str:
@@ -14,8 +17,11 @@ def stream_url(request: Request, video_id: int, user_id: int) -> str:
     return f"{url}?token={sign_scoped(video_id, user_id)}"
 
 
-def content_url(request: Request, video: Video, route: str = "video_content") -> str | None:
+def content_url(
+    request: Request, video: Video, what: Literal["content", "thumbnail"] = "content"
+) -> str | None:
+    """The `video_url` of the `complete` event (lifecycle.content_path), made absolute
+    against the URL the client used (its root path behind a proxy included)."""
     if video.status != VideoStatus.COMPLETED:
         return None
-    url = request.url_for(route, video_id=video.id)
-    return f"{url}?token={sign_scoped(video.id, video.user_id)}"
+    return str(request.base_url).rstrip("/") + content_path(video.id, video.user_id, what)

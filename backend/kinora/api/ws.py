@@ -19,6 +19,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect, status
 from fastapi.concurrency import run_in_threadpool
 
+from kinora.api.deps import bearer_token
 from kinora.api.quota import StreamQuota
 from kinora.api.stream import authorize
 from kinora.core.config import get_settings
@@ -48,8 +49,7 @@ def message(event: str, data: object) -> str:
 async def progress(websocket: WebSocket, video_id: int, token: str | None = None) -> None:
     # Accept first: a close before accepting is an HTTP 403 and loses the close code.
     await websocket.accept()
-    header = websocket.headers.get("authorization", "")
-    bearer = header[7:] if header.lower().startswith("bearer ") else None
+    bearer = bearer_token(websocket.headers.get("authorization"))
     try:
         video = await run_in_threadpool(authorize, video_id, bearer, token)
     except HTTPException as exc:

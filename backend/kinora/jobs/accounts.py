@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from kinora.core.db import session_scope
 from kinora.core.models import Plan, User
@@ -36,9 +37,14 @@ def create_user(email: str, *, credits: int, plan: str | Plan) -> tuple[User, st
     return user, token
 
 
+def find_by_token(session: Session, token: str) -> User | None:
+    """The user whose API token this is (tokens are stored only as hashes)."""
+    return session.scalar(select(User).where(User.token_hash == hash_token(token)))
+
+
 def user_for_token(token: str) -> User | None:
     with session_scope() as session:
-        user = session.scalar(select(User).where(User.token_hash == hash_token(token)))
+        user = find_by_token(session, token)
         if user is not None:
             session.expunge(user)
         return user

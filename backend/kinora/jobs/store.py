@@ -2,6 +2,10 @@
 
 Every rule is one conditional statement, so it holds whatever races it: two
 workers, a retry and a redelivery, a cancel and a completion.
+
+Who commits: each function here is one transaction and commits it before it returns
+(so a rule's outcome is durable the moment its caller learns it); the caller's
+`session_scope` then has nothing left to commit. Nothing else writes these rows.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ def _changed_one(result: Result[Any]) -> bool:
     """Whether the UPDATE/INSERT touched exactly one row: the conditional statements
     below say yes to exactly one caller."""
     return cast("CursorResult[Any]", result).rowcount == 1
+
+
+def _update_one(session: Session, *conditions: Any, **values: Any) -> bool:
+    """One conditional UPDATE of a video, committed: True for the one caller whose
+    conditions held, False for everyone else."""
+    result = session.execute(update(Video).where(*conditions).values(**values))
+    session.commit()
+    return _changed_one(result)
 
 
 class InsufficientCredits(Exception):
@@ -106,23 +118,17 @@ def claim(session: Session, video_id: int, owner: str, lease_seconds: float) -> 
     """pending → processing for exactly one caller; everyone else gets False. A video
     whose claim has expired (its worker died) can be claimed again."""
     now = utcnow()
-    result = session.execute(
-        update(Video)
-        .where(
-            Video.id == video_id,
-            (Video.status == VideoStatus.PENDING)
-            | ((Video.status == VideoStatus.PROCESSING) & (Video.lease_expires_at < now)),
-        )
-        .values(
-            status=VideoStatus.PROCESSING,
-            claimed_by=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempts=Video.attempts + 1,
-            updated_at=now,
-        )
+    return _update_one(
+        session,
+        Video.id == video_id,
+        (Video.status == VideoStatus.PENDING)
+        | ((Video.status == VideoStatus.PROCESSING) & (Video.lease_expires_at < now)),
+        status=VideoStatus.PROCESSING,
+        claimed_by=owner,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        attempts=Video.attempts + 1,
+        updated_at=now,
     )
-    session.commit()
-    return _changed_one(result)
 
 
 def lease_left(session: Session, video_id: int, owner_suffix: str) -> float | None:
@@ -160,18 +166,14 @@ def record_progress(
     renew the lease. False: the job is no longer ours (cancelled, or taken over), so
     the caller should stop."""
     now = utcnow()
-    result = session.execute(
-        update(Video)
-        .where(*_owned(video_id, owner))
-        .values(
-            progress=case((Video.progress < progress, progress), else_=Video.progress),
-            last_seq=case((Video.last_seq < seq, seq), else_=Video.last_seq),
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            updated_at=now,
-        )
+    return _update_one(
+        session,
+        *_owned(video_id, owner),
+        progress=case((Video.progress < progress, progress), else_=Video.progress),
+        last_seq=case((Video.last_seq < seq, seq), else_=Video.last_seq),
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        updated_at=now,
     )
-    session.commit()
-    return _changed_one(result)
 
 
 def record_seq(session: Session, video_id: int, seq: int, *, end: bool = False) -> None:
@@ -180,75 +182,60 @@ def record_seq(session: Session, video_id: int, seq: int, *, end: bool = False) 
     values: dict[str, Any] = {"last_seq": case((Video.last_seq < seq, seq), else_=Video.last_seq)}
     if end:
         values["end_seq"] = case((Video.end_seq.is_(None), seq), else_=Video.end_seq)
-    session.execute(update(Video).where(Video.id == video_id).values(**values))
-    session.commit()
+    _update_one(session, Video.id == video_id, **values)
 
 
 def renew(session: Session, video_id: int, owner: str, lease_seconds: float) -> bool:
     """Extend the claim; False if the video is no longer this owner's."""
-    result = session.execute(
-        update(Video)
-        .where(*_owned(video_id, owner))
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    return _update_one(
+        session,
+        *_owned(video_id, owner),
+        lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
     )
-    session.commit()
-    return _changed_one(result)
 
 
 def release(session: Session, video_id: int, owner: str) -> bool:
     """processing → pending, for a retry: the model job id stays, so the next attempt
     resumes that job."""
-    result = session.execute(
-        update(Video)
-        .where(*_owned(video_id, owner))
-        .values(
-            status=VideoStatus.PENDING, claimed_by=None, lease_expires_at=None, updated_at=utcnow()
-        )
+    return _update_one(
+        session,
+        *_owned(video_id, owner),
+        status=VideoStatus.PENDING,
+        claimed_by=None,
+        lease_expires_at=None,
+        updated_at=utcnow(),
     )
-    session.commit()
-    return _changed_one(result)
 
 
 def mark_submitting(session: Session, video_id: int, owner: str) -> bool:
     """Note the time just before the model's create call (see Video.model_submitted_at)."""
-    result = session.execute(
-        update(Video)
-        .where(*_owned(video_id, owner), Video.model_job_id.is_(None))
-        .values(model_submitted_at=utcnow())
+    return _update_one(
+        session,
+        *_owned(video_id, owner),
+        Video.model_job_id.is_(None),
+        model_submitted_at=utcnow(),
     )
-    session.commit()
-    return _changed_one(result)
 
 
 def set_model_job(session: Session, video_id: int, owner: str, job_id: str) -> bool:
-    result = session.execute(
-        update(Video)
-        .where(*_owned(video_id, owner))
-        .values(model_job_id=job_id, updated_at=utcnow())
-    )
-    session.commit()
-    return _changed_one(result)
+    return _update_one(session, *_owned(video_id, owner), model_job_id=job_id, updated_at=utcnow())
 
 
 def complete(
     session: Session, video_id: int, owner: str, *, file_path: str, thumbnail_path: str | None
 ) -> bool:
     now = utcnow()
-    result = session.execute(
-        update(Video)
-        .where(*_owned(video_id, owner))
-        .values(
-            status=VideoStatus.COMPLETED,
-            progress=100,
-            file_path=file_path,
-            thumbnail_path=thumbnail_path,
-            completed_at=now,
-            updated_at=now,
-            lease_expires_at=None,
-        )
+    return _update_one(
+        session,
+        *_owned(video_id, owner),
+        status=VideoStatus.COMPLETED,
+        progress=100,
+        file_path=file_path,
+        thumbnail_path=thumbnail_path,
+        completed_at=now,
+        updated_at=now,
+        lease_expires_at=None,
     )
-    session.commit()
-    return _changed_one(result)
 
 
 def cancel(session: Session, video_id: int) -> bool:

@@ -22,31 +22,16 @@ from typing import Any, Literal, NotRequired, Self, TypedDict
 import orjson
 import redis
 import redis.asyncio
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from kinora.core import logs, metrics
 from kinora.core.config import get_settings
+from kinora.streaming.connect import sync_redis
 from kinora.streaming.outbox import OUTBOX, Pending
 
 log = logging.getLogger(__name__)
 
 EventType = Literal["log", "progress", "stage", "error", "complete"]
 Stage = Literal["preparing", "generating", "finalizing"]
-
-# Step numbers of a generation (CONTRACT §4) and the stage each belongs to.
-STEP_NAMES = {
-    0: "queued",
-    1: "validating",
-    2: "reference image",
-    3: "model job submitted",
-    4: "waiting",
-    5: "processing",
-    6: "downloading",
-    7: "saving",
-    8: "thumbnail",
-    9: "done",
-}
 
 
 class Event(TypedDict):
@@ -228,15 +213,7 @@ def sync_client() -> redis.Redis:
         with _sync_lock:
             client = _sync_clients.get(pid)
             if client is None:
-                client = redis.Redis.from_url(
-                    get_settings().required_redis_url,
-                    # Short: a job waits at most this long on a Redis that is gone or
-                    # paused; its events wait in the outbox meanwhile.
-                    socket_connect_timeout=1,
-                    socket_timeout=2,
-                    retry=Retry(NoBackoff(), 1),  # redis-py's default waits seconds more
-                    health_check_interval=30,
-                )
+                client = sync_redis(get_settings().required_redis_url)
                 _sync_clients.clear()
                 _sync_clients[pid] = client
     return client
@@ -245,9 +222,10 @@ def sync_client() -> redis.Redis:
 class SSELogger:
     """Publishes the steps of one video's job; usable as a context manager.
 
-    `retryable(exc)` tells whether an exception will be retried; with `retry_count`
-    and `max_retries` it decides whether an exception leaving the block is final
-    (then a `complete` event with status `failed` follows the `error` event).
+    `will_retry(exc)` tells whether an exception leaving the block will be retried
+    (the job's retry policy decides); if not, it is final and a `complete` event with
+    status `failed` follows the `error` event. `retry_count` and `max_retries` are
+    told on the error event.
     `last_seq` is the highest seq the caller knows was used (the database's floor):
     no event gets a seq at or below it. `on_complete(seq)` is called once the
     `complete` event is published, to record where the video's events end.
@@ -259,7 +237,7 @@ class SSELogger:
         *,
         retry_count: int = 0,
         max_retries: int = 0,
-        retryable: Callable[[BaseException], bool] | None = None,
+        will_retry: Callable[[BaseException], bool] | None = None,
         client: redis.Redis | None = None,
         last_seq: int = 0,
         on_complete: Callable[[int], None] | None = None,
@@ -267,7 +245,7 @@ class SSELogger:
         self.video_id = video_id
         self.retry_count = retry_count
         self.max_retries = max_retries
-        self._retryable = retryable or (lambda _exc: False)
+        self._will_retry = will_retry or (lambda _exc: False)
         self._client = client
         self._script: Any = None
         self.stage_name: str | None = None
@@ -289,7 +267,7 @@ class SSELogger:
             # Success; a KeyboardInterrupt/SystemExit; or an exception marked `silent`
             # (the job was taken away, and whoever took it tells the watchers).
             return False
-        will_retry = self._retryable(exc) and self.retry_count < self.max_retries
+        will_retry = self._will_retry(exc)
         self.error(
             describe_error(exc),
             error_code=getattr(exc, "code", None) or type(exc).__name__,

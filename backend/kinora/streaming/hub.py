@@ -29,11 +29,10 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from kinora.core import metrics
 from kinora.streaming.cancellation import raise_if_cancelled
+from kinora.streaming.connect import quick_retry
 from kinora.streaming.events import (
     Event,
     channel,
@@ -344,7 +343,7 @@ class StreamHub:
                 timeout=POOL_WAIT_SECONDS,
                 socket_timeout=REDIS_TIMEOUT,
                 socket_connect_timeout=REDIS_TIMEOUT,
-                retry=Retry(NoBackoff(), 1),
+                retry=quick_retry(),
             )
         )
         # The subscriber on a connection of its own, with no read timeout: it waits for

@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 
 
 class EventStream(EventSourceResponse):
-    def __init__(self, content: Any, *, stall_seconds: float, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
+    def __init__(
+        self, content: Any, status_code: int = 200, *, stall_seconds: float, **kwargs: Any
+    ) -> None:
+        # status_code named: FastAPI reads its default off this signature for /docs.
+        super().__init__(content, status_code, **kwargs)
         self.stall_seconds = stall_seconds
         self.stalled = False
 

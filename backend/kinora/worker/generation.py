@@ -27,19 +27,24 @@ from kinora.core import logs
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.core.models import Video, utcnow
-from kinora.core.tokens import sign_scoped
 from kinora.jobs import dispatch, event_floor
 from kinora.jobs import store as jobs
+from kinora.jobs.errors import RetryPolicy, VideoTimeout
+from kinora.jobs.lifecycle import (
+    LOADING_REFERENCE,
+    PROGRESS,
+    Step,
+    VideoParameters,
+    content_path,
+    model_progress,
+)
 from kinora.jobs.reference import load as load_reference
 from kinora.streaming.events import SSELogger, describe_error
 from kinora.worker import handback, media, reference
-from kinora.worker.engines import EngineError, ModelJob, PolicyRefusal, VideoEngine, get_engine
+from kinora.worker.engines import ModelJob, PolicyRefusal, VideoEngine, get_engine
 from kinora.worker.engines.timed import TimedEngine
 
 log = logging.getLogger(__name__)
-
-SIZES = ("1280x720", "720x1280")
-SECONDS = (4, 8, 12)
 
 
 class JobLost(Exception):
@@ -68,19 +73,6 @@ class WaitForLease(Exception):
         self.seconds = seconds
 
 
-class VideoTimeout(EngineError):
-    def __init__(self, limit: float) -> None:
-        super().__init__(f"generation took longer than {limit:g} s", code="timeout")
-
-
-def is_retryable(exc: BaseException) -> bool:
-    """Transient model errors and unknown exceptions are retried; timeouts, bad input
-    and content-policy refusals are final (CONTRACT §7)."""
-    if isinstance(exc, EngineError):
-        return exc.retryable
-    return not isinstance(exc, JobLost)
-
-
 @dataclass(frozen=True)
 class Job:
     """What a generation needs to know about its video, read once at the claim."""
@@ -89,9 +81,7 @@ class Job:
     user_id: int
     owner: str
     prompt: str
-    seconds: int
-    size: str
-    image_url: str | None
+    params: VideoParameters
     deadline: datetime
     progress: int
     model_job_id: str | None
@@ -104,10 +94,6 @@ def worker_identity(task_id: str) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{task_id}"
 
 
-def content_url(video_id: int, user_id: int) -> str:
-    return f"/api/v1/videos/{video_id}/content?token={sign_scoped(video_id, user_id)}"
-
-
 def _claim(video_id: int, owner: str) -> Job | None:
     settings = get_settings()
     with session_scope() as session:
@@ -115,15 +101,12 @@ def _claim(video_id: int, owner: str) -> Job | None:
             return None
         video = session.get(Video, video_id, populate_existing=True)
         assert video is not None  # just claimed
-        params = video.parameters
         return Job(
             video_id=video_id,
             user_id=video.user_id,
             owner=owner,
             prompt=video.prompt,
-            seconds=int(params.get("seconds", 4)),
-            size=str(params.get("size", SIZES[0])),
-            image_url=params.get("image_url"),
+            params=VideoParameters.of(video.parameters),
             deadline=video.created_at + timedelta(seconds=settings.video_timeout_seconds),
             progress=video.progress,
             model_job_id=video.model_job_id,
@@ -143,6 +126,7 @@ def run(
 ) -> dict[str, Any]:
     """One attempt at a video, unless someone else holds it. Returns the task's result,
     or raises `Retry` when the task should try again later."""
+    policy = RetryPolicy(max_retries, get_settings().retry_countdown_seconds)
     owner = worker_identity(task_id)
     job = _claim(video_id, owner)
     if job is None:
@@ -160,12 +144,12 @@ def run(
         video_id,
         retry_count=retry_count,
         max_retries=max_retries,
-        retryable=is_retryable,
+        will_retry=lambda exc: policy.will_retry(exc, retry_count),
         last_seq=job.last_seq,
         on_complete=event_floor.end_recorder(video_id),
     )
     events.progress = job.progress
-    events.stage_name = "preparing"  # opened by the API with step 0
+    events.stage_name = Step.QUEUED.stage  # opened by the API with step 0
     log.info(
         "video %s claimed: attempt %d%s", video_id, job.attempt,
         f", resuming model job {job.model_job_id}" if job.model_job_id else "",
@@ -180,7 +164,7 @@ def run(
                 # The database first, so a client that reads the events (published by
                 # the logger as the exception leaves the block) finds the same story.
                 with session_scope() as session:
-                    if is_retryable(exc) and retry_count < max_retries:
+                    if policy.will_retry(exc, retry_count):
                         ours = jobs.release(session, video_id, owner)
                     else:
                         ours = jobs.fail(session, video_id, describe_error(exc), owner=owner)
@@ -194,7 +178,7 @@ def run(
         log.info("video %s was taken from this worker (now %s); stopped", video_id, status)
         return {"status": "abandoned", "video_id": video_id, "video_status": status}
     except Exception as exc:
-        if is_retryable(exc) and retry_count < max_retries:
+        if policy.will_retry(exc, retry_count):
             raise Retry(exc) from exc
         log.warning("video %s failed: %s", video_id, describe_error(exc))
         return {"status": "failed", "video_id": video_id, "error": describe_error(exc)}
@@ -268,7 +252,7 @@ class Generation:
     def run(self) -> None:
         if self.job.model_job_id:
             # A retry or a redelivery: the model already has the job; resume it.
-            self.events.stage("generating", f"Resuming model job {self.job.model_job_id}")
+            self.events.stage(Step.SUBMITTED.stage, f"Resuming model job {self.job.model_job_id}")
             model_job = self.poll(self.engine.retrieve(self.job.model_job_id))
         else:
             ref = self.prepare()
@@ -277,8 +261,10 @@ class Generation:
 
     # -- helpers -------------------------------------------------------------------
 
-    def step(self, step: int, message: str, progress: int) -> None:
-        """Record progress (renewing the lease), then tell the watchers."""
+    def step(self, step: Step, message: str, progress: int | None = None) -> None:
+        """Record progress (renewing the lease), then tell the watchers. The progress
+        is the step's own (lifecycle.PROGRESS) unless given."""
+        progress = PROGRESS[step] if progress is None else progress
         self.check()
         with session_scope() as session:
             if not jobs.record_progress(
@@ -306,22 +292,24 @@ class Generation:
 
     def prepare(self) -> bytes | None:
         job = self.job
-        self.step(1, "Validating request parameters...", 3)
-        if job.size not in SIZES or job.seconds not in SECONDS:
+        params = job.params
+        self.step(Step.VALIDATING, "Validating request parameters...")
+        if not params.supported:
             raise PolicyRefusal(
-                f"unsupported size {job.size} or length {job.seconds}s", code="invalid_request"
+                f"unsupported size {params.size} or length {params.seconds}s",
+                code="invalid_request",
             )
-        if not job.image_url:
-            self.step(2, "No reference image", 10)
+        if not params.image_url:
+            self.step(Step.REFERENCE_IMAGE, "No reference image")
             return None
-        self.step(2, "Loading reference image...", 6)
-        ref = reference.prepare(load_reference(job.image_url), job.size)
-        self.step(2, f"Reference image ready ({job.size})", 10)
+        self.step(Step.REFERENCE_IMAGE, "Loading reference image...", LOADING_REFERENCE)
+        ref = reference.prepare(load_reference(params.image_url), params.size)
+        self.step(Step.REFERENCE_IMAGE, f"Reference image ready ({params.size})")
         return ref
 
     def submit(self, ref: bytes | None) -> ModelJob:
         job = self.job
-        self.events.stage("generating", "Generating video")
+        self.events.stage(Step.SUBMITTED.stage, "Generating video")
         model_job = None
         if job.model_submitted_at is not None:
             # An earlier attempt called create but never learned the outcome.
@@ -335,13 +323,13 @@ class Generation:
                 if not jobs.mark_submitting(session, job.video_id, job.owner):
                     raise JobLost(job.video_id)
             model_job = self.engine.create(
-                prompt=job.prompt, seconds=job.seconds, size=job.size, reference=ref
+                prompt=job.prompt, seconds=job.params.seconds, size=job.params.size, reference=ref
             )
         with session_scope() as session:
             if not jobs.set_model_job(session, job.video_id, job.owner, model_job.id):
                 raise JobLost(job.video_id)
-        self.step(3, f"Model job {model_job.id} submitted", 12)
-        self.step(4, "Waiting for the model to start...", 15)
+        self.step(Step.SUBMITTED, f"Model job {model_job.id} submitted")
+        self.step(Step.WAITING, "Waiting for the model to start...")
         return model_job
 
     def poll(self, model_job: ModelJob) -> ModelJob:
@@ -352,31 +340,33 @@ class Generation:
             model_job = self.engine.retrieve(model_job.id)
             if model_job.status == "in_progress" and model_job.progress != reported:
                 reported = model_job.progress
-                self.step(5, self.processing_message(reported), self.scaled(reported))
+                self.step(
+                    Step.PROCESSING, self.processing_message(reported), model_progress(reported)
+                )
         if model_job.status == "failed":
             message = model_job.error_message or "the model could not generate this video"
             raise PolicyRefusal(message, code=model_job.error_code or "model_failed")
-        self.step(5, self.processing_message(100), 85)
+        self.step(Step.PROCESSING, self.processing_message(100))
         return model_job
 
     def finalize(self, model_job: ModelJob) -> None:
         job = self.job
         self.finalizing = True
-        self.events.stage("finalizing", "Finalizing video")
+        self.events.stage(Step.DOWNLOADING.stage, "Finalizing video")
         storage = self.settings.resolved_storage_dir
         storage.mkdir(parents=True, exist_ok=True)
         download = storage / f"{job.video_id}.download.mp4"
         final = storage / f"{job.video_id}.mp4"
         thumb = storage / f"{job.video_id}.jpg"
-        self.step(6, "Downloading video...", 88)
+        self.step(Step.DOWNLOADING, "Downloading video...")
         try:
             self.engine.download(model_job.id, download)
-            self.step(7, "Saving video...", 92)
+            self.step(Step.SAVING, "Saving video...")
             width, height, duration, codec = media.probe(download)
             download.replace(final)
         finally:
             download.unlink(missing_ok=True)  # nothing half-written is left behind
-        self.step(8, "Creating thumbnail...", 96)
+        self.step(Step.THUMBNAIL, "Creating thumbnail...")
         media.write_thumbnail(final, thumb)
         with session_scope() as session:
             done = jobs.complete(
@@ -386,19 +376,16 @@ class Generation:
             _remove(final, thumb)
             raise JobLost(job.video_id)
         self.events.step(
-            9,
+            Step.DONE,
             f"Done: {width}x{height}, {duration:.1f} s, {codec}",
-            progress=100,
+            progress=PROGRESS[Step.DONE],
             status="completed",
         )
-        self.events.complete(video_url=content_url(job.video_id, job.user_id))
+        self.events.complete(video_url=content_path(job.video_id, job.user_id))
 
-    def scaled(self, model_progress: int) -> int:
-        return 15 + model_progress * 70 // 100
-
-    def processing_message(self, model_progress: int) -> str:
-        done = self.job.seconds * model_progress / 100
-        return f"Processing video... ({done:g}/{self.job.seconds}s elapsed)"
+    def processing_message(self, model_percent: int) -> str:
+        seconds = self.job.params.seconds
+        return f"Processing video... ({seconds * model_percent / 100:g}/{seconds}s elapsed)"
 
 
 def _remove(*paths: Path) -> None:

@@ -23,8 +23,9 @@ from kinora.core.db import session_scope
 from kinora.core.models import User, Video
 from kinora.jobs import store as jobs
 from kinora.streaming.events import SSELogger
-from tests.conftest import Account, Stack, start_api, stop, wait_for
-from tests.helpers import assert_whole_generation, events_of, ids_of, read_stream, submit
+from tests.utils.accounts import Account
+from tests.utils.clients import assert_whole_generation, events_of, ids_of, read_stream, submit
+from tests.utils.processes import Stack, start_api, stop, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from tests.conftest import Account, Stack, make_account
-from tests.helpers import pending_video, read_stream, submit
+from tests.utils.accounts import Account, make_account
+from tests.utils.clients import pending_video, read_stream, submit
+from tests.utils.processes import Stack
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,11 @@ from sqlalchemy import select
 from kinora.core.db import session_scope
 from kinora.core.models import CreditEntry, CreditKind, User, Video, VideoStatus
 from kinora.jobs import store as jobs
+from kinora.jobs.errors import PolicyRefusal, RetryPolicy, TransientEngineError, VideoTimeout
+from kinora.jobs.reference import BadReference
 from kinora.worker.engines.mock import job_key
-from tests.conftest import Account, Stack, make_account
+from tests.utils.accounts import Account, make_account
+from tests.utils.processes import Stack
 
 
 def new_video(account: Account, prompt: str = "A quiet harbour at dawn", cost: int = 100) -> int:
@@ -109,3 +112,15 @@ def test_the_same_task_delivered_twice_generates_one_video(
         assert video.status == VideoStatus.COMPLETED
         assert video.attempts == 1
     assert credits_of(account) == 900  # charged once
+
+
+def test_the_retry_policy_retries_transient_and_unknown_failures_only() -> None:
+    """CONTRACT §7, decided in one place (jobs.errors.RetryPolicy)."""
+    policy = RetryPolicy(max_retries=3, countdown_seconds=60)
+    transient = TransientEngineError("the model service is unavailable")
+    assert policy.will_retry(transient, 0)
+    assert policy.will_retry(RuntimeError("a bug we did not foresee"), 2)
+    assert not policy.will_retry(transient, 3)  # the last allowed attempt failed
+    assert not policy.will_retry(PolicyRefusal("refused"), 0)
+    assert not policy.will_retry(VideoTimeout(1200), 0)
+    assert not policy.will_retry(BadReference("not an image"), 0)

@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Account, Stack, make_account, start_api, stop, wait_for
-from tests.helpers import events_of, read_stream
+from tests.utils.accounts import Account, make_account
+from tests.utils.clients import events_of, read_stream
+from tests.utils.processes import Stack, start_api, stop, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def test_every_response_has_a_trace_id_and_errors_quote_it(stack: Stack, account
     assert "prompt" in invalid.json()["detail"]
     assert mine.headers["X-Trace-Id"] == "lb-0123456789"  # a proxy's id is kept
     # The stream too (its header is set by the stream itself, not the middleware).
-    from tests.helpers import pending_video
+    from tests.utils.clients import pending_video
 
     video = pending_video(account)
     with (
@@ -160,7 +161,7 @@ def test_a_job_logs_its_trace_id_and_no_token_is_ever_logged(
 def test_urls_use_the_public_scheme_and_host_a_trusted_proxy_forwards(
     stack: Stack, account: Account
 ) -> None:
-    from tests.helpers import pending_video
+    from tests.utils.clients import pending_video
 
     video = pending_video(account)
     with stack.client(account) as client:

@@ -5,23 +5,22 @@ its trace id too. A retried submit is answered before the rate limit."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
-import pytest
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from kinora.api.app import create_app
 from kinora.core.tokens import sign_scoped
-from tests.conftest import Account, Stack, make_account
-from tests.helpers import pending_video
-
-pytestmark = pytest.mark.slow
+from tests.utils.accounts import Account, make_account
+from tests.utils.clients import pending_video
 
 PROMPT = "A paper boat drifting down a rainy street"
 TOO_BIG = str(2**63)  # one past the largest 64-bit id
 
 
-def assert_clean_4xx(response: httpx.Response, what: str) -> None:
+def assert_clean_4xx(response: Any, what: str) -> None:
     assert 400 <= response.status_code < 500, (what, response.status_code, response.text)
     body = response.json()
     assert body["detail"], what
@@ -30,44 +29,40 @@ def assert_clean_4xx(response: httpx.Response, what: str) -> None:
 
 
 def test_crafted_ids_headers_tokens_and_prompts_get_a_4xx_with_a_trace_id(
-    stack: Stack, account: Account
+    api: TestClient, account: Account
 ) -> None:
     video = pending_video(account)
     scoped = sign_scoped(video, account.id)
-    with stack.client(account) as client:
-        cases: dict[str, httpx.Response] = {
-            "id past 2^63-1": client.get(f"/api/v1/videos/{TOO_BIG}"),
-            "stream id past 2^63-1": client.get(f"/api/v1/videos/{TOO_BIG}/stream"),
-            "cancel id past 2^63-1": client.post(f"/api/v1/videos/{TOO_BIG}/cancel"),
-            "content id past 2^63-1": client.get(f"/api/v1/videos/{TOO_BIG}/content"),
-            "connections id past 2^63-1": client.get(f"/api/v1/videos/{TOO_BIG}/connections"),
-            "id zero": client.get("/api/v1/videos/0"),
-            "negative id": client.get("/api/v1/videos/-5"),
-            "offset past 2^63-1": client.get("/api/v1/videos", params={"offset": TOO_BIG}),
-            "superscript Last-Event-ID": client.get(
-                f"/api/v1/videos/{video}/stream",
-                headers={b"Last-Event-ID": "\u00b2".encode("latin-1")},
-            ),
-            "Arabic-Indic Last-Event-ID": client.get(
-                f"/api/v1/videos/{video}/stream", params={"last_event_id": "\u0661"}
-            ),
-            "non-ASCII scoped token": httpx.get(
-                f"{stack.base_url}/api/v1/videos/{video}/stream",
-                params={"token": scoped[:-1] + "\u00e9"},
-                timeout=10,
-            ),
-            "malformed bearer": client.get(
-                "/api/v1/videos",
-                headers={b"Authorization": "Bearer \u00e9\u00e9".encode("latin-1")},
-            ),
-            "zero-width prompt": client.post(
-                "/api/v1/videos/generate", json={"prompt": "\u200b" * 40}
-            ),
-            "bidi-mark prompt": client.post(
-                "/api/v1/videos/generate", json={"prompt": "\u200e\u2060 \u3000" * 10 + "abc"}
-            ),
-            "GET on generate": client.get("/api/v1/videos/generate"),
-        }
+    anonymous = api.get(f"/api/v1/videos/{video}/stream", params={"token": scoped[:-1] + "\u00e9"})
+    client = api
+    client.headers.update(account.headers)
+    cases: dict[str, Any] = {
+        "non-ASCII scoped token": anonymous,
+        "id past 2^63-1": client.get(f"/api/v1/videos/{TOO_BIG}"),
+        "stream id past 2^63-1": client.get(f"/api/v1/videos/{TOO_BIG}/stream"),
+        "cancel id past 2^63-1": client.post(f"/api/v1/videos/{TOO_BIG}/cancel"),
+        "content id past 2^63-1": client.get(f"/api/v1/videos/{TOO_BIG}/content"),
+        "connections id past 2^63-1": client.get(f"/api/v1/videos/{TOO_BIG}/connections"),
+        "id zero": client.get("/api/v1/videos/0"),
+        "negative id": client.get("/api/v1/videos/-5"),
+        "offset past 2^63-1": client.get("/api/v1/videos", params={"offset": TOO_BIG}),
+        "superscript Last-Event-ID": client.get(
+            f"/api/v1/videos/{video}/stream",
+            headers={b"Last-Event-ID": "\u00b2".encode("latin-1")},
+        ),
+        "Arabic-Indic Last-Event-ID": client.get(
+            f"/api/v1/videos/{video}/stream", params={"last_event_id": "\u0661"}
+        ),
+        "malformed bearer": client.get(
+            "/api/v1/videos",
+            headers={b"Authorization": "Bearer \u00e9\u00e9".encode("latin-1")},
+        ),
+        "zero-width prompt": client.post("/api/v1/videos/generate", json={"prompt": "\u200b" * 40}),
+        "bidi-mark prompt": client.post(
+            "/api/v1/videos/generate", json={"prompt": "\u200e\u2060 \u3000" * 10 + "abc"}
+        ),
+        "GET on generate": client.get("/api/v1/videos/generate"),
+    }
     for what, response in cases.items():
         assert_clean_4xx(response, what)
     assert cases["id past 2^63-1"].status_code == 422
@@ -78,8 +73,7 @@ def test_crafted_ids_headers_tokens_and_prompts_get_a_4xx_with_a_trace_id(
     assert cases["GET on generate"].status_code == 405
     assert cases["GET on generate"].headers["Allow"] == "POST"
     # Nothing was charged for the refused prompts.
-    with stack.client(account) as client:
-        assert client.get("/api/v1/videos").json()["total"] == 1  # the pending one
+    assert client.get("/api/v1/videos").json()["total"] == 1  # the pending one
 
 
 def test_an_unexpected_error_is_a_500_that_quotes_its_trace_id() -> None:
@@ -102,27 +96,28 @@ def test_an_unexpected_error_is_a_500_that_quotes_its_trace_id() -> None:
 
 
 def test_a_retried_submit_is_replayed_before_the_rate_limit_and_never_counted(
-    stack: Stack,
+    api: TestClient,
 ) -> None:
     # Credits for one video: the keyed submit makes it; the unkeyed ones after it are
     # 402s that still count against the limit of 30 a minute.
     user = make_account(credits=100)
     key = {"Idempotency-Key": "retry-after-a-burst"}
-    with stack.client(user) as client:
-        first = client.post("/api/v1/videos/generate", json={"prompt": PROMPT}, headers=key)
-        assert first.status_code == 202, first.text
-        burst = [
-            client.post("/api/v1/videos/generate", json={"prompt": PROMPT}).status_code
-            for _ in range(29)
-        ]
-        limited = client.post("/api/v1/videos/generate", json={"prompt": PROMPT})
-        retries = [
-            client.post("/api/v1/videos/generate", json={"prompt": PROMPT}, headers=key)
-            for _ in range(5)
-        ]
-        other_body = client.post(
-            "/api/v1/videos/generate", json={"prompt": PROMPT + " at night"}, headers=key
-        )
+    client = api
+    client.headers.update(user.headers)
+    first = client.post("/api/v1/videos/generate", json={"prompt": PROMPT}, headers=key)
+    assert first.status_code == 202, first.text
+    burst = [
+        client.post("/api/v1/videos/generate", json={"prompt": PROMPT}).status_code
+        for _ in range(29)
+    ]
+    limited = client.post("/api/v1/videos/generate", json={"prompt": PROMPT})
+    retries = [
+        client.post("/api/v1/videos/generate", json={"prompt": PROMPT}, headers=key)
+        for _ in range(5)
+    ]
+    other_body = client.post(
+        "/api/v1/videos/generate", json={"prompt": PROMPT + " at night"}, headers=key
+    )
     assert burst == [402] * 29
     assert limited.status_code == 429
     for retry in retries:

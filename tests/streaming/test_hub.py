@@ -14,7 +14,7 @@ import redis
 from kinora.api.stream import frames
 from kinora.streaming.events import SSELogger
 from kinora.streaming.hub import StreamHub, Watcher
-from tests.conftest import wait_for
+from tests.utils.processes import wait_for
 
 
 def run(

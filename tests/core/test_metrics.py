@@ -11,8 +11,9 @@ from sqlalchemy import func, select
 
 from kinora.core.db import session_scope
 from kinora.core.models import Video
-from tests.conftest import Account, Stack, wait_for
-from tests.helpers import events_of, read_stream, submit
+from tests.utils.accounts import Account
+from tests.utils.clients import events_of, read_stream, submit
+from tests.utils.processes import Stack, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -14,13 +14,13 @@ import psutil
 import pytest
 
 from kinora.cli.embedded import free_port
-from tests.conftest import wait_for
-from tests.helpers import assert_whole_generation, events_of, fresh_machine_env, read_stream
+from tests.utils.clients import assert_whole_generation, events_of, fresh_machine_env, read_stream
+from tests.utils.processes import wait_for
 
 pytestmark = pytest.mark.slow
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_users_create_prints_the_token_last(
     )
     token = result.stdout.strip().splitlines()[-1]
     assert token.startswith("kin_")
-    from tests.conftest import Stack
+    from tests.utils.processes import Stack
 
     assert isinstance(stack, Stack)
     with httpx.Client(base_url=stack.base_url, timeout=10) as client:

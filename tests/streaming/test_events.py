@@ -6,9 +6,10 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from kinora.streaming.connect import sync_redis
 from kinora.streaming.events import SSELogger, history_key, parse, seq_key
 from kinora.streaming.outbox import OUTBOX
-from tests.conftest import reset_caches
+from tests.utils.settings import reset_caches
 
 
 def history(client: redis.Redis, video_id: int) -> list[dict[str, object]]:
@@ -79,7 +80,7 @@ def test_an_exception_leaving_the_block_is_published_then_propagates(
 def test_a_retried_failure_is_not_final(redis_client: redis.Redis, video_id: int) -> None:
     with (
         pytest.raises(ConnectionError),
-        SSELogger(video_id, retry_count=1, max_retries=3, retryable=lambda _e: True),
+        SSELogger(video_id, retry_count=1, max_retries=3, will_retry=lambda _e: True),
     ):
         raise ConnectionError("model unreachable")
     (error,) = history(redis_client, video_id)
@@ -89,13 +90,13 @@ def test_a_retried_failure_is_not_final(redis_client: redis.Redis, video_id: int
 
 
 def test_publishing_never_breaks_the_task_when_redis_is_down(video_id: int) -> None:
-    down = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    down = sync_redis("redis://127.0.0.1:1")  # the worker's own bounded client
     failed_before = not_published()
     with SSELogger(video_id, client=down) as log:
         assert log.step(1, "Validating request parameters...", progress=3) is None
         assert log.complete() is None
     assert not_published() == failed_before + 2  # counted in /metrics
-    assert OUTBOX.clear() == 2  # kept for when Redis is back (tests/test_outbox.py)
+    assert OUTBOX.clear() == 2  # kept for when Redis is back (tests/streaming/test_outbox.py)
 
 
 def not_published() -> float:

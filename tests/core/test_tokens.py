@@ -13,7 +13,8 @@ from kinora.core.db import session_scope
 from kinora.core.models import User
 from kinora.core.tokens import sign_scoped, verify_scoped
 from kinora.jobs.accounts import user_for_token
-from tests.conftest import Account, Stack
+from tests.utils.accounts import Account
+from tests.utils.processes import Stack
 
 
 def test_the_database_holds_a_hash_never_the_token(account: Account) -> None:
@@ -45,7 +46,7 @@ def test_a_scoped_token_opens_one_video_for_one_user_until_it_expires(
 
 @pytest.mark.slow
 def test_an_expired_stream_url_is_401_and_says_what_to_do(stack: Stack, account: Account) -> None:
-    from tests.helpers import pending_video
+    from tests.utils.clients import pending_video
 
     video = pending_video(account)
     expired = sign_scoped(video, account.id, ttl_seconds=-1)

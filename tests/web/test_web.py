@@ -14,7 +14,8 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from kinora.cli.embedded import free_port
-from tests.conftest import Account, make_account, start_api, stop
+from tests.utils.accounts import Account, make_account
+from tests.utils.processes import start_api, stop
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import Account, Stack
+from tests.utils.accounts import Account
+from tests.utils.processes import Stack
 
 
 def submit(stack: Stack, account: Account, prompt: str, **body: Any) -> dict[str, Any]:

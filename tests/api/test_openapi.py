@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
 from schemathesis.generation import GenerationMode
 
-from tests.conftest import Stack, make_account
+from tests.utils.accounts import make_account
+from tests.utils.processes import Stack
 
 pytestmark = pytest.mark.slow
 

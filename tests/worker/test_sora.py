@@ -26,16 +26,17 @@ from kinora.streaming.events import history_key, parse
 from kinora.worker import generation
 from kinora.worker.engines.base import ModelJob, PolicyRefusal
 from kinora.worker.engines.sora import SoraEngine
-from tests.conftest import Account, stop, wait_for
+from tests.utils.accounts import Account
+from tests.utils.processes import stop, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def fake_api(environment: dict[str, str]) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.fake_videos_api:create_app", "--factory",
+        [sys.executable, "-m", "uvicorn", "tests.utils.fake_videos_api:create_app", "--factory",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
         cwd=ROOT,
         env=environment,

@@ -2,55 +2,54 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from kinora.core.db import session_scope
-from kinora.core.models import CreditEntry, CreditKind, User, Video
-from tests.conftest import Account, Stack, make_account
-from tests.helpers import pending_video
-
-pytestmark = pytest.mark.slow
+from kinora.core.models import CreditEntry, CreditKind, User, Video, VideoStatus
+from kinora.core.tokens import verify_scoped
+from kinora.jobs.lifecycle import content_path
+from tests.utils.accounts import Account, make_account
+from tests.utils.clients import pending_video
+from tests.utils.inprocess import InProcessApi
 
 PROMPT = "A red kite flying over green hills"
 
 
-def generate(stack: Stack, headers: dict[str, str], body: dict[str, Any]) -> httpx.Response:
-    return httpx.post(
-        f"{stack.base_url}/api/v1/videos/generate", json=body, headers=headers, timeout=10
-    )
+def generate(app: InProcessApi, headers: dict[str, str], body: dict[str, Any]) -> Any:
+    with app.client() as client:
+        return client.post("/api/v1/videos/generate", json=body, headers=headers)
 
 
-def test_missing_or_bad_token_is_401(stack: Stack) -> None:
-    missing = generate(stack, {}, {"prompt": PROMPT})
+def test_missing_or_bad_token_is_401(app: InProcessApi) -> None:
+    missing = generate(app, {}, {"prompt": PROMPT})
     assert missing.status_code == 401
     assert missing.headers["www-authenticate"] == "Bearer"
     assert "Authorization: Bearer" in missing.json()["detail"]
 
-    bad = generate(stack, {"Authorization": "Bearer kin_not-a-token"}, {"prompt": PROMPT})
+    bad = generate(app, {"Authorization": "Bearer kin_not-a-token"}, {"prompt": PROMPT})
     assert bad.status_code == 401
 
 
-def test_free_plan_is_403_and_charged_nothing(stack: Stack, environment: object) -> None:
+def test_free_plan_is_403_and_charged_nothing(app: InProcessApi, environment: object) -> None:
     free = make_account(plan="free", credits=1000)
-    response = generate(stack, free.headers, {"prompt": PROMPT})
+    response = generate(app, free.headers, {"prompt": PROMPT})
     assert response.status_code == 403
     assert "pro plan" in response.json()["detail"]
     with session_scope() as session:
         assert session.get(User, free.id).credits == 1000  # type: ignore[union-attr]
 
 
-def test_too_few_credits_is_402_and_creates_nothing(stack: Stack, environment: object) -> None:
+def test_too_few_credits_is_402_and_creates_nothing(app: InProcessApi, environment: object) -> None:
     poor = make_account(credits=150)
-    first = generate(stack, poor.headers, {"prompt": PROMPT})
+    first = generate(app, poor.headers, {"prompt": PROMPT})
     assert first.status_code == 202
     assert first.json()["credits_remaining"] == 50
 
-    second = generate(stack, poor.headers, {"prompt": PROMPT})
+    second = generate(app, poor.headers, {"prompt": PROMPT})
     assert second.status_code == 402
     assert "costs 100 credits and you have 50" in second.json()["detail"]
 
@@ -80,19 +79,19 @@ def test_too_few_credits_is_402_and_creates_nothing(stack: Stack, environment: o
     ],
 )
 def test_invalid_body_is_422_naming_the_field(
-    stack: Stack, account: Account, body: dict[str, Any], field: str
+    app: InProcessApi, account: Account, body: dict[str, Any], field: str
 ) -> None:
-    response = generate(stack, account.headers, body)
+    response = generate(app, account.headers, body)
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert detail.startswith(f"{field}: "), detail
     assert response.json()["errors"][0]["field"] == field
 
 
-def test_unknown_and_foreign_videos_are_404_alike(stack: Stack, account: Account) -> None:
+def test_unknown_and_foreign_videos_are_404_alike(app: InProcessApi, account: Account) -> None:
     other = make_account()
     theirs = pending_video(other)
-    with stack.client(account) as client:
+    with app.client(account) as client:
         foreign = client.get(f"/api/v1/videos/{theirs}")
         unknown = client.get("/api/v1/videos/999999")
         stream = client.get(f"/api/v1/videos/{theirs}/stream")
@@ -105,11 +104,11 @@ def test_unknown_and_foreign_videos_are_404_alike(stack: Stack, account: Account
     assert stream.status_code == content.status_code == 404
 
 
-def test_scoped_token_opens_only_its_own_video(stack: Stack, account: Account) -> None:
-    created = generate(stack, account.headers, {"prompt": PROMPT}).json()
+def test_scoped_token_opens_only_its_own_video(app: InProcessApi, account: Account) -> None:
+    created = generate(app, account.headers, {"prompt": PROMPT}).json()
     token = created["stream_url"].split("token=")[1]
     other = pending_video(account)
-    with stack.client() as client:
+    with app.client() as client:
         own = client.get(f"/api/v1/videos/{created['video_id']}/content?token={token}")
         wrong = client.get(f"/api/v1/videos/{other}/content?token={token}")
         forged = client.get(f"/api/v1/videos/{created['video_id']}/content?token={token[:-2]}xx")
@@ -123,18 +122,18 @@ def test_scoped_token_opens_only_its_own_video(stack: Stack, account: Account) -
     assert api.status_code == 401
 
 
-def test_content_is_409_until_completed(stack: Stack, account: Account) -> None:
+def test_content_is_409_until_completed(app: InProcessApi, account: Account) -> None:
     video_id = pending_video(account)
-    with stack.client(account) as client:
+    with app.client(account) as client:
         response = client.get(f"/api/v1/videos/{video_id}/content")
     assert response.status_code == 409
     assert "pending" in response.json()["detail"]
 
 
-def test_list_is_newest_first_with_paging(stack: Stack, environment: object) -> None:
+def test_list_is_newest_first_with_paging(app: InProcessApi, environment: object) -> None:
     owner = make_account()
     ids = [pending_video(owner, f"{PROMPT} number {i}") for i in range(3)]
-    with stack.client(owner) as client:
+    with app.client(owner) as client:
         page = client.get("/api/v1/videos", params={"limit": 2}).json()
         rest = client.get("/api/v1/videos", params={"limit": 2, "offset": 2}).json()
         bad = client.get("/api/v1/videos", params={"limit": 0})
@@ -146,24 +145,19 @@ def test_list_is_newest_first_with_paging(stack: Stack, environment: object) -> 
 
 
 def test_many_concurrent_requests_do_not_exhaust_the_database_pool(
-    stack: Stack, account: Account
+    app: InProcessApi, account: Account
 ) -> None:
     """Regression: auth and handler each took a pooled connection, so 20 requests at
     once deadlocked until the pool timed out."""
     video_id = pending_video(account)
 
-    async def burst() -> list[int]:
-        async with httpx.AsyncClient(base_url=stack.base_url, headers=account.headers) as c:
-            responses = await asyncio.gather(
-                *(c.get(f"/api/v1/videos/{video_id}", timeout=10) for _ in range(40))
-            )
-        return [r.status_code for r in responses]
-
-    assert asyncio.run(burst()) == [200] * 40
+    with app.client(account) as client:
+        responses = client.at_once(40, "GET", f"/api/v1/videos/{video_id}")
+    assert [r.status_code for r in responses] == [200] * 40
 
 
-def test_health_and_readiness(stack: Stack) -> None:
-    with stack.client() as client:
+def test_health_and_readiness(app: InProcessApi) -> None:
+    with app.client() as client:
         assert client.get("/healthz").json() == {"status": "ok"}
         ready = client.get("/readyz")
     assert ready.status_code == 200
@@ -171,22 +165,16 @@ def test_health_and_readiness(stack: Stack) -> None:
 
 
 def test_twenty_concurrent_submits_with_one_idempotency_key_make_one_video(
-    stack: Stack, environment: object
+    app: InProcessApi, environment: object
 ) -> None:
     owner = make_account(credits=1000)
     body = {"prompt": f"Idempotent lighthouse {owner.email}", "seconds": 4}
     headers = {**owner.headers, "Idempotency-Key": "retry-me-7"}
 
-    async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as client:
-            return await asyncio.gather(
-                *(
-                    client.post("/api/v1/videos/generate", json=body, headers=headers)
-                    for _ in range(20)
-                )
-            )
-
-    responses = asyncio.run(burst())
+    with app.client() as client:
+        responses = client.at_once(
+            20, "POST", "/api/v1/videos/generate", json=body, headers=headers
+        )
 
     assert [r.status_code for r in responses] == [202] * 20
     ids = {r.json()["video_id"] for r in responses}
@@ -205,24 +193,51 @@ def test_twenty_concurrent_submits_with_one_idempotency_key_make_one_video(
     assert len(videos) == 1
     assert len(charges) == 1
 
-    later = generate(stack, headers, body)
+    later = generate(app, headers, body)
     assert later.status_code == 202
     assert later.json()["video_id"] in ids
 
-    other_body = generate(stack, headers, {**body, "seconds": 8})
+    other_body = generate(app, headers, {**body, "seconds": 8})
     assert other_body.status_code == 422
     assert "different request body" in other_body.json()["detail"]
 
     # keys belong to their user: another user's same key is another request
     stranger = make_account()
-    theirs = generate(stack, {**stranger.headers, "Idempotency-Key": "retry-me-7"}, body)
+    theirs = generate(app, {**stranger.headers, "Idempotency-Key": "retry-me-7"}, body)
     assert theirs.status_code == 202
     assert theirs.json()["video_id"] not in ids
 
 
-def test_an_oversized_idempotency_key_is_422(stack: Stack, account: Account) -> None:
-    response = generate(
-        stack, {**account.headers, "Idempotency-Key": "k" * 300}, {"prompt": PROMPT}
-    )
+def test_an_oversized_idempotency_key_is_422(app: InProcessApi, account: Account) -> None:
+    response = generate(app, {**account.headers, "Idempotency-Key": "k" * 300}, {"prompt": PROMPT})
     assert response.status_code == 422
     assert response.json()["detail"].startswith("Idempotency-Key: ")
+
+
+def test_get_gives_the_complete_events_video_url_made_absolute(
+    app: InProcessApi, account: Account
+) -> None:
+    """One builder for the content URL (jobs.lifecycle.content_path): the `complete`
+    event carries the path, GET the same path on the host the client used."""
+    video_id = pending_video(account)
+    with session_scope() as session:
+        session.execute(
+            update(Video).where(Video.id == video_id).values(status=VideoStatus.COMPLETED)
+        )
+    event_url = urlsplit(content_path(video_id, account.id))
+    with app.client(account) as client:
+        video = client.get(f"/api/v1/videos/{video_id}").json()
+    got = urlsplit(video["video_url"])
+    assert (got.scheme, got.netloc) == ("http", "kinora.test")
+    assert got.path == event_url.path == f"/api/v1/videos/{video_id}/content"
+    assert verify_scoped(parse_qs(got.query)["token"][0], video_id) == account.id
+    assert urlsplit(video["thumbnail_url"]).path == f"/api/v1/videos/{video_id}/thumbnail"
+
+
+def test_the_openapi_document_describes_the_stream(app: InProcessApi) -> None:
+    """/docs is drawn from it (regression: the SSE response's signature once broke it)."""
+    with app.client() as client:
+        response = client.get("/openapi.json")
+    assert response.status_code == 200
+    stream = response.json()["paths"]["/api/v1/videos/{video_id}/stream"]["get"]
+    assert "text/event-stream" in stream["responses"]["200"]["content"]

@@ -15,8 +15,9 @@ import redis
 from websockets.asyncio.client import ClientConnection, connect
 
 from kinora.cli.embedded import free_port
-from tests.conftest import Account, Stack, kinora, stop, wait_for
-from tests.helpers import pending_video
+from tests.utils.accounts import Account
+from tests.utils.clients import pending_video
+from tests.utils.processes import Stack, kinora, stop, wait_for
 
 pytestmark = pytest.mark.slow
 

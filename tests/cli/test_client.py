@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from kinora.cli.embedded import free_port
-from tests.conftest import Account, Stack, start_api, stop, wait_for
-from tests.helpers import submit
+from tests.utils.accounts import Account
+from tests.utils.clients import submit
+from tests.utils.processes import Stack, start_api, stop, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,9 @@ from sqlalchemy import func, select
 from kinora.core.db import session_scope
 from kinora.core.models import CreditEntry, User, Video, VideoStatus
 from kinora.worker.engines.mock import prompt_key
-from tests.conftest import Account, Stack, make_account, wait_for
-from tests.helpers import events_of, read_stream, submit
+from tests.utils.accounts import Account, make_account
+from tests.utils.clients import events_of, read_stream, submit
+from tests.utils.processes import Stack, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from redis.retry import Retry
 from kinora.cli.embedded import EmbeddedRedis
 from kinora.streaming.events import SSELogger, history_key, parse
 from kinora.streaming.outbox import OUTBOX
-from tests.conftest import wait_for
+from tests.utils.processes import wait_for
 
 
 @pytest.fixture

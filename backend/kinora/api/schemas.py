@@ -1,0 +1,116 @@
+"""The JSON the videos API takes and gives (CONTRACT §3)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kinora.core.models import VideoStatus
+from kinora.jobs import reference
+from kinora.jobs.lifecycle import DEFAULT_SECONDS, DEFAULT_SIZE, Seconds, Size, VideoParameters
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=10, max_length=2000, description="What the video shows")
+    image_url: str | None = Field(
+        default=None, description="http(s) or data: URL of a PNG/JPEG reference image"
+    )
+    seconds: Seconds = DEFAULT_SECONDS
+    size: Size = DEFAULT_SIZE
+
+    @field_validator("prompt")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if _CONTROL.search(value):
+            raise ValueError("must not contain control characters")
+        if visible_length(value) < 10:
+            raise ValueError(
+                "needs at least 10 visible characters (spaces and invisible ones do not count)"
+            )
+        return value
+
+    @field_validator("image_url")
+    @classmethod
+    def _image_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if value.startswith("data:"):
+            if not re.match(r"data:image/(png|jpeg);base64,", value):
+                raise ValueError("a data: URL must be data:image/png or data:image/jpeg, base64")
+            # Checked here, before anything is charged; an http(s) image is fetched
+            # (with the same limits) by the worker, which refunds if it is unusable.
+            try:
+                reference.check(reference.load(value))
+            except reference.BadReference as exc:
+                raise ValueError(str(exc)) from None
+        elif not re.match(r"https?://[^\s/]+", value):
+            raise ValueError("must be an http(s):// or data:image/... URL")
+        return value
+
+    @property
+    def parameters(self) -> VideoParameters:
+        return VideoParameters(seconds=self.seconds, size=self.size, image_url=self.image_url)
+
+
+# Unicode categories that draw nothing: controls, format characters (zero-width
+# spaces and joiners, bidi marks) and separators.
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def visible_length(text: str) -> int:
+    return sum(1 for ch in text if unicodedata.category(ch) not in _INVISIBLE)
+
+
+class GenerateResponse(BaseModel):
+    video_id: int
+    status: VideoStatus
+    task_id: str
+    stream_url: str
+    credits_remaining: int
+
+
+class VideoOut(BaseModel):
+    id: int
+    status: VideoStatus
+    progress: int
+    prompt: str
+    seconds: int
+    size: str
+    error_message: str | None
+    video_url: str | None
+    thumbnail_url: str | None
+    stream_url: str
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    last_event_id: str | None
+    logs: list[dict[str, Any]]
+
+
+class VideoSummary(BaseModel):
+    id: int
+    status: VideoStatus
+    progress: int
+    prompt: str
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class VideoList(BaseModel):
+    videos: list[VideoSummary]
+    total: int
+    limit: int
+    offset: int
+
+
+class Connections(BaseModel):
+    video_id: int
+    connections: int

@@ -1,0 +1,34 @@
+"""Settings every process of the test session shares (CONTRACT §2 names), and
+forgetting what was cached from the old ones."""
+
+from __future__ import annotations
+
+from kinora.core import db
+from kinora.core.config import get_settings
+from kinora.streaming import events
+
+FAST = {
+    "MOCK_STEP_SECONDS": "0.2",
+    "SSE_PING_SECONDS": "0.5",
+    "SSE_SEND_TIMEOUT_SECONDS": "2",
+    "STREAM_QUEUE_SIZE": "64",
+    "SECRET_KEY": "test-secret-key",
+    "VIDEO_COST": "100",
+    "LEASE_SECONDS": "3",
+    "SWEEP_INTERVAL_SECONDS": "1",
+    "RETRY_COUNTDOWN_SECONDS": "1",
+    "VIDEO_TIMEOUT_SECONDS": "12",
+    "WS_PING_SECONDS": "0.5",
+    "WS_PONG_TIMEOUT_SECONDS": "1.5",
+    "PRESENCE_TTL_SECONDS": "2",
+}
+
+
+def reset_caches() -> None:
+    """Forget cached settings, engines and clients after the environment changed."""
+    get_settings.cache_clear()
+    if db.get_engine.cache_info().currsize:
+        db.get_engine().dispose()
+    db.get_engine.cache_clear()
+    db.get_sessionmaker.cache_clear()
+    events._sync_clients.clear()
