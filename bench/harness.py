@@ -48,14 +48,14 @@ class World:
         """Fresh videos (rows for the Kinora server; plain ids for the others)."""
         from kinora.core import db
         from kinora.core.models import User
-        from kinora.jobs import store as jobs
+        from kinora.jobs import store
 
         ids = []
         with db.session_scope() as session:
             user = session.get(User, self.user_id)
             assert user is not None
             for _ in range(count):
-                video, _ = jobs.create_video(
+                video, _ = store.create_video(
                     session, user, prompt="bench", parameters={}, cost=0, task_id="bench"
                 )
                 ids.append(video.id)
@@ -277,7 +277,7 @@ def publisher_process(
     env: dict[str, str], videos: list[int], per_video: int, rate: float, go: MpEvent, done: Any
 ) -> None:
     os.environ.update(env)
-    from kinora.streaming.events import SSELogger
+    from kinora.streaming.logger import SSELogger
 
     go.wait(120)
     loggers = [SSELogger(v) for v in videos]

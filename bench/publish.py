@@ -52,7 +52,7 @@ def measure(name: str, events: int, publish: Callable[[int], Any]) -> dict[str, 
 def run(url: str, events: int) -> list[dict[str, Any]]:
     os.environ["REDIS_URL"] = url
     from kinora.core.config import get_settings
-    from kinora.streaming.events import SSELogger
+    from kinora.streaming.logger import SSELogger
 
     get_settings.cache_clear()
     client = redis.Redis.from_url(url)

@@ -76,7 +76,7 @@ async def stalled_then_read(
 
 
 def history(w: World, events: int, size: int) -> int:
-    from kinora.streaming.events import SSELogger
+    from kinora.streaming.logger import SSELogger
 
     (video,) = w.videos(1)
     log = SSELogger(video)

@@ -1,6 +1,7 @@
 """The public name of the worker's logger (CONTRACT §6, §9):
 `from kinora.events import SSELogger`. It lives in `kinora.streaming.events`."""
 
-from kinora.streaming.events import Event, SSELogger
+from kinora.streaming.events import Event
+from kinora.streaming.logger import SSELogger
 
 __all__ = ["Event", "SSELogger"]

@@ -21,8 +21,8 @@ import redis
 
 from kinora.core.db import session_scope
 from kinora.core.models import User, Video
-from kinora.jobs import store as jobs
-from kinora.streaming.events import SSELogger
+from kinora.jobs import store
+from kinora.streaming.logger import SSELogger
 from tests.utils.accounts import Account
 from tests.utils.clients import assert_whole_generation, events_of, ids_of, read_stream, submit
 from tests.utils.processes import Stack, start_api, stop, wait_for
@@ -191,7 +191,7 @@ def unqueued_video(account: Account) -> Video:
     with session_scope() as session:
         user = session.get(User, account.id)
         assert user is not None
-        video, _ = jobs.create_video(
+        video, _ = store.create_video(
             session, user, prompt="never queued", parameters={}, cost=0, task_id="none"
         )
         return video
@@ -250,37 +250,36 @@ def test_a_client_that_stops_reading_is_cut_off_without_slowing_others_and_resum
         return int(response.json()["connections"])
 
     # The slow client: a small receive window, and it reads nothing after connecting.
-    slow = socket.socket()
-    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    slow.settimeout(10)
-    slow.connect((host, int(port)))
-    slow.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-    wait_for("the slow client watching", lambda: watching() == 1, timeout=10)
+    with socket.socket() as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(10)
+        slow.connect((host, int(port)))
+        slow.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        wait_for("the slow client watching", lambda: watching() == 1, timeout=10)
 
-    total = 1500  # 2 KB each: far more than the socket buffers hold
-    with ThreadPoolExecutor(1) as pool:
-        fast = pool.submit(read_stream, url, timeout=60)
-        wait_for("both clients watching", lambda: watching() == 2, timeout=10)
-        with SSELogger(video.id) as log:
-            for i in range(total - 1):
-                log.step(5, f"step {i} " + "x" * 2000, progress=i * 100 // total)
-            log.complete(video_url="/media/1.mp4")
-        status, lines = fast.result(timeout=60)
+        total = 1500  # 2 KB each: far more than the socket buffers hold
+        with ThreadPoolExecutor(1) as pool:
+            fast = pool.submit(read_stream, url, timeout=60)
+            wait_for("both clients watching", lambda: watching() == 2, timeout=10)
+            with SSELogger(video.id) as log:
+                for i in range(total - 1):
+                    log.step(5, f"step {i} " + "x" * 2000, progress=i * 100 // total)
+                log.complete(video_url="/media/1.mp4")
+            status, lines = fast.result(timeout=60)
 
-    # The reading client got everything, in order, while the other read nothing.
-    assert status == 200
-    assert [e["seq"] for e in events_of(lines)] == list(range(1, total + 1))
-    # The slow one was cut off (it no longer counts), its memory let go.
-    wait_for("the slow client cut off", lambda: watching() == 0, timeout=10)
+        # The reading client got everything, in order, while the other read nothing.
+        assert status == 200
+        assert [e["seq"] for e in events_of(lines)] == list(range(1, total + 1))
+        # The slow one was cut off (it no longer counts), its memory let go.
+        wait_for("the slow client cut off", lambda: watching() == 0, timeout=10)
 
-    # What it reads now is what was written before the cut; then the response ends.
-    received = b""
-    deadline = time.monotonic() + 30
-    with contextlib.suppress(ConnectionError):
-        while chunk := slow.recv(1 << 16):
-            received += chunk
-            assert time.monotonic() < deadline, "the cut client's response never ended"
-    slow.close()
+        # What it reads now is what was written before the cut; then the response ends.
+        received = b""
+        deadline = time.monotonic() + 30
+        with contextlib.suppress(ConnectionError):
+            while chunk := slow.recv(1 << 16):
+                received += chunk
+                assert time.monotonic() < deadline, "the cut client's response never ended"
     seqs = [int(line[4:]) for line in received.split(b"\n") if line.startswith(b"id: ")]
     assert seqs == list(range(1, len(seqs) + 1))
     assert 0 < len(seqs) < total  # cut before the end

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kinora.streaming.events import SSELogger
+from kinora.streaming.logger import SSELogger
 from tests.utils.accounts import Account
 from tests.utils.clients import events_of, pending_video, read_stream
 from tests.utils.processes import Stack, start_api, stop, wait_for

@@ -18,14 +18,8 @@ from sqlalchemy import update
 from kinora.core.db import session_scope
 from kinora.core.models import Video, utcnow
 from kinora.jobs import event_floor
-from kinora.streaming.events import (
-    SEQ_JUMP_AFTER_LOSS,
-    SSELogger,
-    end_key,
-    history_key,
-    sent_key,
-    seq_key,
-)
+from kinora.streaming.events import SEQ_JUMP_AFTER_LOSS, end_key, history_key, sent_key, seq_key
+from kinora.streaming.logger import SSELogger
 from tests.utils.accounts import Account
 from tests.utils.clients import Follower, events_of, read_stream, submit
 from tests.utils.processes import Stack, wait_for

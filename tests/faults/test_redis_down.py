@@ -17,7 +17,7 @@ import pytest
 from kinora.cli.embedded import EmbeddedRedis
 from tests.utils.accounts import Account
 from tests.utils.clients import pending_video
-from tests.utils.processes import start_api, stop
+from tests.utils.processes import start_api, stop, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +50,13 @@ def test_a_paused_redis_gets_503s_within_seconds_and_the_first_submit_after_is_a
         with httpx.Client(base_url=base, headers=account.headers, timeout=15) as client:
             assert own_redis.process is not None
             os.kill(own_redis.process.pid, signal.SIGSTOP)
+            # At once: the API has not noticed yet, so its Redis calls time out.
             submit, submit_took = timed(
                 lambda: client.post("/api/v1/videos/generate", json={"prompt": PROMPT})
             )
+            # Once its probe has noticed (a stream opened before that instant is a 200
+            # that ends with `retry:` as soon as its subscription fails).
+            wait_for("the API to notice", lambda: client.get("/readyz").status_code == 503, 10)
             stream, stream_took = timed(lambda: client.get(f"/api/v1/videos/{video}/stream"))
             read, read_took = timed(lambda: client.get(f"/api/v1/videos/{video}"))
             ready, ready_took = timed(lambda: client.get("/readyz"))

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from kinora.core.db import session_scope
 from kinora.core.models import CreditEntry, CreditKind, User, Video, VideoStatus
-from kinora.jobs import store as jobs
+from kinora.jobs import store
 from kinora.jobs.errors import PolicyRefusal, RetryPolicy, TransientEngineError, VideoTimeout
 from kinora.jobs.reference import BadReference
 from kinora.worker.engines.mock import job_key
@@ -22,7 +22,7 @@ def new_video(account: Account, prompt: str = "A quiet harbour at dawn", cost: i
     with session_scope() as session:
         user = session.get(User, account.id)
         assert user is not None
-        video, _ = jobs.create_video(
+        video, _ = store.create_video(
             session, user, prompt=prompt, parameters={}, cost=cost, task_id="t"
         )
     return video.id
@@ -40,7 +40,7 @@ def test_claim_succeeds_for_exactly_one_of_many(account: Account) -> None:
 
     def claim(i: int) -> bool:
         with session_scope() as session:
-            return jobs.claim(session, video_id, f"worker-{i}", 60)
+            return store.claim(session, video_id, f"worker-{i}", 60)
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(claim, range(16)))
@@ -53,7 +53,7 @@ def test_concurrent_charges_never_overdraw(environment: dict[str, str]) -> None:
     def charge(_i: int) -> bool:
         try:
             new_video(account)
-        except jobs.InsufficientCredits:
+        except store.InsufficientCredits:
             return False
         return True
 
@@ -69,7 +69,7 @@ def test_a_failed_video_is_refunded_exactly_once(account: Account) -> None:
 
     def fail(_i: int) -> bool:
         with session_scope() as session:
-            return jobs.fail(session, video_id, "model exploded")
+            return store.fail(session, video_id, "model exploded")
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(fail, range(8)))
@@ -115,7 +115,7 @@ def test_the_same_task_delivered_twice_generates_one_video(
 
 
 def test_the_retry_policy_retries_transient_and_unknown_failures_only() -> None:
-    """CONTRACT §7, decided in one place (jobs.errors.RetryPolicy)."""
+    """CONTRACT §7, decided in one place (store.errors.RetryPolicy)."""
     policy = RetryPolicy(max_retries=3, countdown_seconds=60)
     transient = TransientEngineError("the model service is unavailable")
     assert policy.will_retry(transient, 0)

@@ -7,7 +7,8 @@ import redis
 from prometheus_client import REGISTRY
 
 from kinora.streaming.connect import sync_redis
-from kinora.streaming.events import SSELogger, history_key, parse, seq_key
+from kinora.streaming.events import history_key, parse, seq_key
+from kinora.streaming.logger import SSELogger
 from kinora.streaming.outbox import OUTBOX
 from tests.utils.settings import reset_caches
 

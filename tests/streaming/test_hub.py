@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from kinora.api.stream import frames
-from kinora.streaming.events import SSELogger
-from kinora.streaming.hub import StreamHub, Watcher
+from kinora.streaming.hub import StreamHub
+from kinora.streaming.logger import SSELogger
+from kinora.streaming.watcher import Watcher
 from tests.utils.processes import wait_for
 
 

@@ -15,7 +15,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kinora.cli.embedded import EmbeddedRedis
-from kinora.streaming.events import SSELogger, history_key, parse
+from kinora.streaming.events import history_key, parse
+from kinora.streaming.logger import SSELogger
 from kinora.streaming.outbox import OUTBOX
 from tests.utils.processes import wait_for
 

@@ -151,12 +151,12 @@ def pending_video(account: Account, prompt: str = "A red kite flying over green 
     """A video row that is never queued: it stays pending."""
     from kinora.core.db import session_scope
     from kinora.core.models import User
-    from kinora.jobs import store as jobs
+    from kinora.jobs import store
 
     with session_scope() as session:
         user = session.get(User, account.id)
         assert user is not None
-        video, _ = jobs.create_video(
+        video, _ = store.create_video(
             session, user, prompt=prompt, parameters={}, cost=0, task_id="never-queued"
         )
     return video.id

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from kinora.core import db
 from kinora.core.config import get_settings
-from kinora.streaming import events
+from kinora.streaming import logger
 
 FAST = {
     "MOCK_STEP_SECONDS": "0.2",
     "SSE_PING_SECONDS": "0.5",
-    "SSE_SEND_TIMEOUT_SECONDS": "2",
+    "SSE_SEND_TIMEOUT_SECONDS": "5",
     "STREAM_QUEUE_SIZE": "64",
     "SECRET_KEY": "test-secret-key",
     "VIDEO_COST": "100",
@@ -31,4 +31,4 @@ def reset_caches() -> None:
         db.get_engine().dispose()
     db.get_engine.cache_clear()
     db.get_sessionmaker.cache_clear()
-    events._sync_clients.clear()
+    logger._sync_clients.clear()

@@ -21,9 +21,9 @@ from PIL import Image
 from kinora.cli.embedded import free_port
 from kinora.core.db import session_scope
 from kinora.core.models import User, Video, VideoStatus
-from kinora.jobs import store as jobs
+from kinora.jobs import store
 from kinora.streaming.events import history_key, parse
-from kinora.worker import generation
+from kinora.worker import attempt
 from kinora.worker.engines.base import ModelJob, PolicyRefusal
 from kinora.worker.engines.sora import SoraEngine
 from tests.utils.accounts import Account
@@ -71,7 +71,7 @@ def new_video(account: Account, prompt: str, **parameters: Any) -> int:
     with session_scope() as session:
         user = session.get(User, account.id)
         assert user is not None
-        video, _ = jobs.create_video(
+        video, _ = store.create_video(
             session,
             user,
             prompt=prompt,
@@ -119,7 +119,7 @@ def test_a_whole_generation_through_the_sora_engine(
     prompt = f"A red square comes alive {account.email}"
     video_id = new_video(account, prompt, image_url=data_url)
 
-    result = generation.run(video_id, task_id="sora-1", engine=engine(fake_api))
+    result = attempt.run(video_id, task_id="sora-1", engine=engine(fake_api))
 
     assert result == {"status": "completed", "video_id": video_id}
     assert video_row(video_id).status == VideoStatus.COMPLETED
@@ -139,10 +139,10 @@ def test_a_500_on_create_is_retried_without_a_second_job(
     video_id = new_video(account, prompt)
     sora = engine(fake_api)
 
-    with pytest.raises(generation.Retry):
-        generation.run(video_id, task_id="sora-2", retry_count=0, max_retries=3, engine=sora)
+    with pytest.raises(attempt.Retry):
+        attempt.run(video_id, task_id="sora-2", retry_count=0, max_retries=3, engine=sora)
     assert video_row(video_id).status == VideoStatus.PENDING
-    result = generation.run(video_id, task_id="sora-2", retry_count=1, max_retries=3, engine=sora)
+    result = attempt.run(video_id, task_id="sora-2", retry_count=1, max_retries=3, engine=sora)
 
     assert result["status"] == "completed"
     numbers = stats(fake_api)
@@ -159,9 +159,9 @@ def test_a_create_that_times_out_is_found_not_repeated(fake_api: str, account: A
     video_id = new_video(account, prompt)
     sora = engine(fake_api, timeout=1.0)
 
-    with pytest.raises(generation.Retry):
-        generation.run(video_id, task_id="sora-3", retry_count=0, max_retries=3, engine=sora)
-    result = generation.run(video_id, task_id="sora-3", retry_count=1, max_retries=3, engine=sora)
+    with pytest.raises(attempt.Retry):
+        attempt.run(video_id, task_id="sora-3", retry_count=0, max_retries=3, engine=sora)
+    result = attempt.run(video_id, task_id="sora-3", retry_count=1, max_retries=3, engine=sora)
 
     assert result["status"] == "completed"
     numbers = stats(fake_api)
@@ -174,7 +174,7 @@ def test_a_content_policy_failure_is_final_and_refunded(
     prompt = f"[fake:policy] something refused {account.email}"
     video_id = new_video(account, prompt)
 
-    result = generation.run(
+    result = attempt.run(
         video_id, task_id="sora-4", retry_count=0, max_retries=3, engine=engine(fake_api)
     )
 

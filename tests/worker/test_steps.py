@@ -1,4 +1,4 @@
-"""Every way an attempt at a video can go, in-process: `generation.run` against the
+"""Every way an attempt at a video can go, in-process: `attempt.run` against the
 mock engine with no broker (CONTRACT §7), a real Redis and the session's database.
 
 The end-to-end versions of these (tests/worker/test_generation.py) go through a real
@@ -20,8 +20,9 @@ from kinora.core.db import session_scope
 from kinora.core.models import CreditEntry, CreditKind, User, Video, VideoStatus, utcnow
 from kinora.jobs import store
 from kinora.streaming.events import history_key, parse
-from kinora.worker import generation
+from kinora.worker import attempt
 from kinora.worker.engines.mock import MockEngine, prompt_key
+from kinora.worker.job import worker_identity
 from tests.utils.accounts import Account
 from tests.utils.processes import wait_for
 
@@ -39,8 +40,8 @@ def new_video(account: Account, prompt: str, **parameters: Any) -> int:
         return video.id
 
 
-def attempt(video_id: int, *, task_id: str = "t0", retry: int = 0, max_retries: int = 3) -> Any:
-    return generation.run(
+def run_once(video_id: int, *, task_id: str = "t0", retry: int = 0, max_retries: int = 3) -> Any:
+    return attempt.run(
         video_id,
         task_id=task_id,
         retry_count=retry,
@@ -82,7 +83,7 @@ def test_a_video_runs_every_step_to_completed(account: Account, redis_client: re
     prompt = "A paper boat drifting down a rain gutter"
     video_id = new_video(account, prompt)
 
-    assert attempt(video_id) == {"status": "completed", "video_id": video_id}
+    assert run_once(video_id) == {"status": "completed", "video_id": video_id}
 
     events = story(redis_client, video_id)
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
@@ -106,14 +107,14 @@ def test_a_transient_failure_gives_the_video_back_and_the_retry_resumes_it(
     prompt = "[mock:transient] A lighthouse keeper's cat at dawn"
     video_id = new_video(account, prompt)
 
-    with pytest.raises(generation.Retry):
-        attempt(video_id, retry=0)
+    with pytest.raises(attempt.Retry):
+        run_once(video_id, retry=0)
     assert row(video_id).status == VideoStatus.PENDING  # given back, not failed
     error = [e for e in story(redis_client, video_id) if e["type"] == "error"]
     assert error[-1]["is_retryable"] is True
     assert (error[-1]["retry_count"], error[-1]["max_retries"]) == (0, 3)
 
-    assert attempt(video_id, retry=1)["status"] == "completed"
+    assert run_once(video_id, retry=1)["status"] == "completed"
     assert row(video_id).status == VideoStatus.COMPLETED
     assert model_jobs(redis_client, prompt) == 1  # the mock refused the first create
     assert credits_and_refunds(account) == (1000 - COST, 0)
@@ -124,7 +125,7 @@ def test_the_last_allowed_retry_failing_is_final_and_refunded(
 ) -> None:
     video_id = new_video(account, "[mock:transient] The last try of a busy model")
 
-    result = attempt(video_id, retry=3, max_retries=3)
+    result = run_once(video_id, retry=3, max_retries=3)
 
     assert result["status"] == "failed"
     events = story(redis_client, video_id)
@@ -139,7 +140,7 @@ def test_a_content_policy_refusal_fails_at_once_and_is_refunded(
 ) -> None:
     video_id = new_video(account, "[mock:policy] Something the model refuses")
 
-    result = attempt(video_id, retry=0, max_retries=3)
+    result = run_once(video_id, retry=0, max_retries=3)
 
     assert result["status"] == "failed"
     error = next(e for e in story(redis_client, video_id) if e["type"] == "error")
@@ -161,7 +162,7 @@ def test_a_stalled_model_job_times_out_without_retry_and_is_refunded(
             .values(created_at=utcnow() - timedelta(seconds=timeout - 0.3))
         )
 
-    result = attempt(video_id, retry=0, max_retries=3)
+    result = run_once(video_id, retry=0, max_retries=3)
 
     assert result["status"] == "failed"
     error = next(e for e in story(redis_client, video_id) if e["type"] == "error")
@@ -177,7 +178,7 @@ def test_a_cancel_mid_generation_stops_the_attempt_and_refunds_once(
     prompt = "A kite above a windy hill, cancelled"
     video_id = new_video(account, prompt)
     results: list[Any] = []
-    worker = threading.Thread(target=lambda: results.append(attempt(video_id)))
+    worker = threading.Thread(target=lambda: results.append(run_once(video_id)))
     worker.start()
     # Cancel once the model job is running (the attempt is polling it).
     wait_for("the model job", lambda: row(video_id).model_job_id, timeout=10)
@@ -199,11 +200,11 @@ def test_a_duplicate_delivery_is_skipped_while_the_first_runs(
     prompt = "Two couriers, one parcel"
     video_id = new_video(account, prompt)
     results: list[Any] = []
-    first = threading.Thread(target=lambda: results.append(attempt(video_id, task_id="a")))
+    first = threading.Thread(target=lambda: results.append(run_once(video_id, task_id="a")))
     first.start()
     wait_for("the claim", lambda: row(video_id).status == VideoStatus.PROCESSING, timeout=10)
 
-    assert attempt(video_id, task_id="b") == {"status": "skipped", "video_id": video_id}
+    assert run_once(video_id, task_id="b") == {"status": "skipped", "video_id": video_id}
     first.join(timeout=30)
     assert results == [{"status": "completed", "video_id": video_id}]
     assert model_jobs(redis_client, prompt) == 1
@@ -216,11 +217,11 @@ def test_the_same_task_redelivered_while_its_lease_lives_waits_for_it(
     once. It must wait out the lease, not be skipped as a duplicate."""
     video_id = new_video(account, "A task that comes back too soon")
     with session_scope() as session:
-        owner = generation.worker_identity("same-task")
+        owner = worker_identity("same-task")
         assert store.claim(session, video_id, owner, lease_seconds=30)
 
-    with pytest.raises(generation.WaitForLease) as waiting:
-        attempt(video_id, task_id="same-task")
+    with pytest.raises(attempt.WaitForLease) as waiting:
+        run_once(video_id, task_id="same-task")
     assert 25 < waiting.value.seconds <= 30
     assert story(redis_client, video_id)[-1]["message"].startswith(
         "Its worker stopped answering: resuming in"

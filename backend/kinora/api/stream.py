@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator
+from typing import cast
 
 import redis
 from fastapi import APIRouter, HTTPException, Request, Response, status
@@ -24,11 +25,13 @@ from kinora.api.urls import content_url
 from kinora.core import logs
 from kinora.core.config import Settings
 from kinora.core.db import session_scope
-from kinora.core.models import Video, VideoStatus, utcnow
+from kinora.core.models import TERMINAL_STATUSES, Video, utcnow
 from kinora.jobs import event_floor
-from kinora.streaming.events import history_lost, publish_async, terminal_event
-from kinora.streaming.hub import Item, LostNotice, StreamHub, SubscribeTimeout, resume_point
+from kinora.streaming.events import Outcome, ending, history_lost, publish_async, terminal_event
+from kinora.streaming.frames import Item
+from kinora.streaming.hub import StreamHub, SubscribeTimeout
 from kinora.streaming.sse import EventStream
+from kinora.streaming.watcher import LostNotice, resume_point
 
 log = logging.getLogger(__name__)
 # How long a stream has to say goodbye (`retry:`) on shutdown before it is cancelled;
@@ -124,27 +127,19 @@ async def ended_frames(
                 break
             history = await hub.history(video.id, seen)
         if seen < end:
-            yield Item(ending(video, end, url), end, "complete").sse
+            rebuilt = terminal_event(
+                video.id, end, outcome(video), reason=video.error_message, video_url=url
+            )
+            yield Item(rebuilt, end, "complete").sse
     except redis.RedisError as exc:
         log.warning("stream of video %s ended: Redis unreachable (%s)", video.id, exc)
         yield b"retry: %d\n\n" % retry_ms
 
 
-def ending(video: Video, seq: int, video_url: str | None) -> bytes:
-    """The `complete` event of an ended video, as the database tells it."""
-    status_ = str(video.status)
-    if video.status == VideoStatus.FAILED:
-        message = f"Generation failed: {video.error_message or 'unknown error'}"
-    else:
-        message = f"Video {status_}"
-    return terminal_event(
-        video.id,
-        seq,
-        status=status_,
-        message=message,
-        video_url=video_url if video.status == VideoStatus.COMPLETED else None,
-        progress=100 if video.status == VideoStatus.COMPLETED else None,
-    )
+def outcome(video: Video) -> Outcome:
+    """An ended video's status, as its `complete` event says it."""
+    assert video.status in TERMINAL_STATUSES
+    return cast(Outcome, str(video.status))
 
 
 def lost_notice(video_id: int) -> LostNotice:
@@ -182,15 +177,9 @@ async def find_end(hub: StreamHub, video: Video, video_url: str | None) -> int |
     end = await hub.end_seq(video.id)
     ended_at = video.completed_at or video.updated_at
     if end is None and (utcnow() - ended_at).total_seconds() > REPAIR_AFTER_SECONDS:
-        status_ = str(video.status)
+        message, fields = ending(outcome(video), reason=video.error_message, video_url=video_url)
         end = await publish_async(
-            hub.redis,
-            video.id,
-            "complete",
-            f"Video {status_}",
-            floor=video.last_seq,
-            status=status_,
-            video_url=video_url if video.status == VideoStatus.COMPLETED else None,
+            hub.redis, video.id, "complete", message, floor=video.last_seq, **fields
         )
         if end is None:  # someone else published it meanwhile
             end = await hub.end_seq(video.id)

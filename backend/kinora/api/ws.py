@@ -25,7 +25,8 @@ from kinora.api.stream import authorize
 from kinora.core.config import get_settings
 from kinora.core.models import Video
 from kinora.streaming.events import timestamp
-from kinora.streaming.hub import StreamHub, SubscribeTimeout, Watcher
+from kinora.streaming.hub import StreamHub, SubscribeTimeout
+from kinora.streaming.watcher import Watcher
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])

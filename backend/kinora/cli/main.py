@@ -95,14 +95,15 @@ def share_metrics(default: Path) -> None:
     Celery's), so one scrape sees them all (kinora.core.metrics). An operator's
     PROMETHEUS_MULTIPROC_DIR wins; `kinora up` sets one for all its children. It must
     be set before prometheus_client is imported, which is why it is done here."""
-    from kinora.core.config import METRICS_DIR_ENV
+    from kinora.core.config import metrics_dir, share_metrics_dir
 
-    directory = Path(os.environ.get(METRICS_DIR_ENV) or default)
-    if METRICS_DIR_ENV not in os.environ:
+    given = metrics_dir()
+    directory = Path(given or default)
+    if given is None:
         # Our own directory: the files of an earlier run are not ours to add up.
         shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
-    os.environ[METRICS_DIR_ENV] = str(directory)
+    share_metrics_dir(directory)
 
 
 @main.group()

@@ -24,7 +24,7 @@ from types import FrameType
 import httpx
 
 from kinora.cli.embedded import EmbeddedRedis
-from kinora.core.config import METRICS_DIR_ENV, Settings, get_settings
+from kinora.core.config import METRICS_DIR_ENV, Settings, child_environment, get_settings
 from kinora.core.db import upgrade
 from kinora.jobs.accounts import DuplicateUser, create_user, rotate_token, user_for_token
 
@@ -174,7 +174,7 @@ def run_all(*, host: str, port: int, workers: int) -> int:
     settings = get_settings()
     var = settings.var_dir.resolve()
     var.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, KINORA_VAR_DIR=str(var), PYTHONUNBUFFERED="1")
+    env = child_environment(KINORA_VAR_DIR=str(var), PYTHONUNBUFFERED="1")
     if METRICS_DIR_ENV not in env:
         # One directory of metric files for the API and the worker: the API's /metrics
         # shows the worker's task outcomes and model latency too.

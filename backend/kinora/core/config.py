@@ -20,6 +20,22 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+def metrics_dir() -> str | None:
+    """The directory of metric files this process shares, if any."""
+    return os.environ.get(METRICS_DIR_ENV) or None
+
+
+def share_metrics_dir(directory: Path) -> None:
+    """Share metric files in `directory` with the processes this one starts (they
+    inherit the environment; prometheus_client reads it when first imported)."""
+    os.environ[METRICS_DIR_ENV] = str(directory)
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """The environment for a process this one starts: its own, plus `extra`."""
+    return {**os.environ, **extra}
+
+
 class Settings(BaseSettings):
     # env_ignore_empty: `REDIS_URL=` (as compose and .env files write an unset value)
     # means the default, not an empty URL.

@@ -30,7 +30,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kinora.core.config import METRICS_DIR_ENV
+from kinora.core.config import metrics_dir
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -95,7 +95,7 @@ def _alive(pid: int) -> bool:
 
 def render(*extra: Collector) -> bytes:
     """The text exposition of every process's metrics, plus `extra` collectors."""
-    directory = os.environ.get(METRICS_DIR_ENV)
+    directory = metrics_dir()
     if directory:
         _forget_dead_processes(directory)
         registry = CollectorRegistry()

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 from kinora.core.db import session_scope
 from kinora.core.models import Plan, User
 from kinora.core.tokens import hash_token, new_api_token
-from kinora.jobs import store as jobs
+from kinora.jobs import store
 
 
 class DuplicateUser(Exception):
@@ -30,7 +30,7 @@ def create_user(email: str, *, credits: int, plan: str | Plan) -> tuple[User, st
         except IntegrityError as exc:
             raise DuplicateUser(f"a user {email} exists already: pick another email") from exc
         if credits:
-            jobs.grant(session, user, credits, reason="account opened")
+            store.grant(session, user, credits, reason="account opened")
         session.flush()
         session.refresh(user)
         session.expunge(user)

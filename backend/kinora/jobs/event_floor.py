@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from kinora.core.db import session_scope
 from kinora.core.models import Video
-from kinora.jobs import store as jobs
+from kinora.jobs import store
 
 
 def floor(video_id: int) -> int:
@@ -23,7 +23,7 @@ def floor(video_id: int) -> int:
 
 def record(video_id: int, seq: int, *, end: bool = False) -> None:
     with session_scope() as session:
-        jobs.record_seq(session, video_id, seq, end=end)
+        store.record_seq(session, video_id, seq, end=end)
 
 
 def end_recorder(video_id: int) -> Callable[[int], None]:

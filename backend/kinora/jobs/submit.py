@@ -27,7 +27,7 @@ from kinora.core.db import session_scope
 from kinora.core.models import User, Video
 from kinora.jobs import dispatch, event_floor, idempotency, store
 from kinora.jobs.lifecycle import PROGRESS, Step, VideoParameters
-from kinora.streaming.events import publish_async
+from kinora.streaming.events import Outcome, ending, publish_async
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -116,7 +116,7 @@ async def start(client: aioredis.Redis, submitted: Submitted) -> None:
     except Exception as exc:
         log.exception("could not queue video %s", submitted.video_id)
         video = await in_thread(_fail_unqueued, submitted.video_id, str(exc))
-        await publish_end(client, video, "failed", "Video failed: the job queue is unreachable")
+        await publish_end(client, video, "failed", "the job queue is unreachable")
         raise QueueUnreachable(str(exc)) from exc
 
 
@@ -136,7 +136,7 @@ async def cancel(client: aioredis.Redis, video: Video) -> bool:
     False if the video had already ended."""
     if not await in_thread(_cancel, video.id):
         return False
-    await publish_end(client, video, "cancelled", "Video cancelled; its credits were refunded")
+    await publish_end(client, video, "cancelled")
     await in_thread(_revoke, video.task_id)
     return True
 
@@ -155,13 +155,16 @@ def _revoke(task_id: str) -> None:
         log.warning("could not revoke task %s: %s", task_id, exc)
 
 
-async def publish_end(client: aioredis.Redis, video: Video, status: str, message: str) -> None:
+async def publish_end(
+    client: aioredis.Redis, video: Video, status: Outcome, reason: str | None = None
+) -> None:
     """The `complete` of a video the API ended, recorded as its end. The database has
     the outcome already: if Redis is unreachable now, a stream publishes the end later
     from it (api.stream.find_end), so this never fails the request."""
     try:
+        message, fields = ending(status, reason=reason)
         seq = await publish_async(
-            client, video.id, "complete", message, floor=video.last_seq, status=status
+            client, video.id, "complete", message, floor=video.last_seq, **fields
         )
     except redis.RedisError as exc:
         log.warning("the end of video %s not published: %s", video.id, exc)

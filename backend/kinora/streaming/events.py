@@ -1,4 +1,4 @@
-"""The one event format, and `SSELogger`, which publishes a job's steps (CONTRACT §4, §6).
+"""The one event format, and publishing it (CONTRACT §4); `SSELogger` is in `logger`.
 
 Every event of a video gets the next `seq` of that video, is added to the video's
 history (a sorted set scored by `seq`, capped, expiring) and is published on the
@@ -13,20 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections.abc import Callable
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Literal, NotRequired, Self, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
 import redis
 import redis.asyncio
 
-from kinora.core import logs, metrics
+from kinora.core import metrics
 from kinora.core.config import get_settings
-from kinora.streaming.connect import sync_redis
-from kinora.streaming.outbox import OUTBOX, Pending
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +157,7 @@ def sent_key(video_id: int) -> str:
     return f"video:{video_id}:sent"
 
 
-def _script_args(
+def script_args(
     video_id: int, body: bytes, floor: int, terminal: bool, uid: str | None = None
 ) -> tuple[list[str], list[Any]]:
     settings = get_settings()
@@ -191,7 +186,7 @@ async def publish_async(
     """Publish one event from async code (the API). Returns its seq, or None if the
     video's `complete` was published already (then nothing is)."""
     body = encode_body(video_id, event_type, message, fields)
-    keys, args = _script_args(video_id, body, floor, event_type == "complete")
+    keys, args = script_args(video_id, body, floor, event_type == "complete")
     script = client.register_script(PUBLISH_LUA)
     seq = int(await script(keys=keys, args=args))
     if not seq:
@@ -200,201 +195,35 @@ async def publish_async(
     return seq
 
 
-# One synchronous client per worker process: prefork children must not share the
-# parent's sockets, so the client is keyed by pid.
-_sync_lock = threading.Lock()
-_sync_clients: dict[int, redis.Redis] = {}
+Outcome = Literal["completed", "failed", "cancelled"]
 
 
-def sync_client() -> redis.Redis:
-    pid = os.getpid()
-    client = _sync_clients.get(pid)
-    if client is None:
-        with _sync_lock:
-            client = _sync_clients.get(pid)
-            if client is None:
-                client = sync_redis(get_settings().required_redis_url)
-                _sync_clients.clear()
-                _sync_clients[pid] = client
-    return client
-
-
-class SSELogger:
-    """Publishes the steps of one video's job; usable as a context manager.
-
-    `will_retry(exc)` tells whether an exception leaving the block will be retried
-    (the job's retry policy decides); if not, it is final and a `complete` event with
-    status `failed` follows the `error` event. `retry_count` and `max_retries` are
-    told on the error event.
-    `last_seq` is the highest seq the caller knows was used (the database's floor):
-    no event gets a seq at or below it. `on_complete(seq)` is called once the
-    `complete` event is published, to record where the video's events end.
-    """
-
-    def __init__(
-        self,
-        video_id: int,
-        *,
-        retry_count: int = 0,
-        max_retries: int = 0,
-        will_retry: Callable[[BaseException], bool] | None = None,
-        client: redis.Redis | None = None,
-        last_seq: int = 0,
-        on_complete: Callable[[int], None] | None = None,
-    ) -> None:
-        self.video_id = video_id
-        self.retry_count = retry_count
-        self.max_retries = max_retries
-        self._will_retry = will_retry or (lambda _exc: False)
-        self._client = client
-        self._script: Any = None
-        self.stage_name: str | None = None
-        self.progress: int | None = None
-        self.last_seq = last_seq
-        self.ended = False  # the `complete` is published (by us, or by someone else)
-        self._on_complete = on_complete
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> Literal[False]:
-        if exc is None or not isinstance(exc, Exception) or getattr(exc, "silent", False):
-            # Success; a KeyboardInterrupt/SystemExit; or an exception marked `silent`
-            # (the job was taken away, and whoever took it tells the watchers).
-            return False
-        will_retry = self._will_retry(exc)
-        self.error(
-            describe_error(exc),
-            error_code=getattr(exc, "code", None) or type(exc).__name__,
-            is_retryable=will_retry,
-        )
-        if not will_retry:
-            self.complete(status="failed", message=f"Generation failed: {describe_error(exc)}")
-        return False
-
-    # -- the calls a job makes ------------------------------------------------------
-
-    def step(
-        self, step: int, message: str, *, progress: int | None = None, **fields: Any
-    ) -> int | None:
-        if progress is not None:
-            # progress never goes backwards, whatever the caller passes
-            progress = max(progress, self.progress or 0)
-            self.progress = progress
-        event_type: EventType = "progress" if progress is not None else "log"
-        return self.publish(event_type, message, step=step, progress=progress, **fields)
-
-    def log(self, message: str, **fields: Any) -> int | None:
-        return self.publish("log", message, **fields)
-
-    def stage(self, stage: Stage, message: str | None = None, **fields: Any) -> int | None:
-        previous, self.stage_name = self.stage_name, stage
-        return self.publish(
-            "stage",
-            message or f"Stage: {stage}",
-            stage=stage,
-            previous_stage=previous,
-            progress=self.progress,
-            **fields,
-        )
-
-    def error(
-        self, message: str, *, error_code: str, is_retryable: bool, **fields: Any
-    ) -> int | None:
-        return self.publish(
-            "error",
-            message,
-            trace_id=logs.current_trace_id(),
-            error_code=error_code,
-            retry_count=self.retry_count,
-            max_retries=self.max_retries,
-            is_retryable=is_retryable,
-            **fields,
-        )
-
-    def complete(
-        self,
-        *,
-        status: Literal["completed", "failed", "cancelled"] = "completed",
-        video_url: str | None = None,
-        message: str | None = None,
-    ) -> int | None:
-        if status == "completed":
-            self.progress = 100
-        return self.publish(
-            "complete",
-            message or f"Video {status}",
-            status=status,
-            video_url=video_url,
-            progress=self.progress if status == "completed" else None,
-        )
-
-    # -- the one round trip -----------------------------------------------------------
-
-    def publish(self, event_type: EventType, message: str, **fields: Any) -> int | None:
-        """Publish one event; returns its seq, or None if it was not published now.
-
-        Publishing never breaks the job: when Redis cannot be reached the event is
-        logged, counted and kept in the process's outbox, which publishes it (and the
-        video's later events, in order) once Redis is back (kinora.streaming.outbox). None also
-        when the video's `complete` is out: nothing follows it.
-        """
-        if "status" not in fields and event_type in ("progress", "stage"):
-            fields["status"] = "processing"
-        if self.ended:
-            return None
-        body = encode_body(self.video_id, event_type, message, fields)
-        terminal = event_type == "complete"
-        if terminal:
-            self.ended = True
-        uid = os.urandom(8).hex()
-        if not (OUTBOX.holds(self.video_id) and not OUTBOX.flush()):
-            try:
-                return self._send(event_type, body, terminal, uid)
-            except redis.RedisError as exc:
-                log.warning(
-                    "event for video %s not published (%s); kept until Redis is back: %s",
-                    self.video_id, exc, body.decode(),
-                )  # fmt: skip
-        metrics.EVENTS_NOT_PUBLISHED.inc()
-        OUTBOX.add(Pending(self.video_id, lambda: self._send(event_type, body, terminal, uid)))
-        return None
-
-    def _send(self, event_type: EventType, body: bytes, terminal: bool, uid: str) -> int | None:
-        """The one round trip; raises redis.RedisError."""
-        client = self._client or sync_client()
-        if self._script is None:
-            self._script = client.register_script(PUBLISH_LUA)
-        keys, args = _script_args(self.video_id, body, self.last_seq, terminal, uid)
-        seq = int(self._script(keys=keys, args=args, client=client))
-        if not seq:  # the video's `complete` is out: the script refused
-            self.ended = True
-            log.info("event for video %s refused: its complete was published", self.video_id)
-            return None
-        metrics.EVENTS_PUBLISHED.labels(event_type).inc()
-        self.last_seq = seq
-        if terminal and self._on_complete is not None:
-            self._on_complete(seq)
-        return seq
+def ending(
+    status: Outcome, *, reason: str | None = None, video_url: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The message and fields of a `complete` event (CONTRACT §4). Every place that
+    ends a stream builds it here: the worker's logger, the API's cancel and its failed
+    submit, the sweeper's timeout, and a stream rebuilding an end Redis lost."""
+    if status == "completed":
+        return "Video completed", {"status": status, "video_url": video_url, "progress": 100}
+    if status == "failed":
+        message = f"Generation failed: {reason or 'unknown error'}"
+    else:
+        message = "Video cancelled; its credits were refunded"
+    return message, {"status": status, "video_url": None, "progress": None}
 
 
 def terminal_event(
     video_id: int,
     seq: int,
+    status: Outcome,
     *,
-    status: str,
-    message: str,
+    reason: str | None = None,
     video_url: str | None = None,
-    progress: int | None = None,
 ) -> bytes:
     """A `complete` event at a known seq, for a stream whose history no longer holds
     the one that was published (the database tells its outcome)."""
-    fields = {"status": status, "video_url": video_url, "progress": progress}
+    message, fields = ending(status, reason=reason, video_url=video_url)
     body = encode_body(video_id, "complete", message, fields)
     return b'{"id":"%d","seq":%d,%s' % (seq, seq, body)
 

@@ -16,20 +16,19 @@ import threading
 
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
-from kinora.jobs import dispatch, event_floor
-from kinora.jobs import store as jobs
-from kinora.streaming.events import SSELogger, sync_client
+from kinora.jobs import dispatch, event_floor, store
+from kinora.streaming.logger import SSELogger, sync_client
 
 log = logging.getLogger(__name__)
 
 
-def sweep_once(*, at_start: bool = False) -> jobs.Sweep:
+def sweep_once(*, at_start: bool = False) -> store.Sweep:
     """One sweep. `at_start` (a worker's first): every pending video is queued again at
     once, not only those pending for STALE_PENDING_SECONDS: after a restart on data that
     lost its queue, nothing waits minutes. The claim makes any duplicate a no-op."""
     settings = get_settings()
     with session_scope() as session:
-        found = jobs.sweep(
+        found = store.sweep(
             session,
             # A live worker fails its own video at the deadline; the sweeper waits a
             # lease longer, so it only catches the videos of dead workers.
@@ -44,7 +43,7 @@ def sweep_once(*, at_start: bool = False) -> jobs.Sweep:
         ) as events:
             message = f"generation took longer than {settings.video_timeout_seconds:g} s"
             events.error(message, error_code="timeout", is_retryable=False)
-            events.complete(status="failed", message=f"Generation failed: {message}")
+            events.complete(status="failed", reason=message)
     if found.requeue:
         for video_id in found.requeue:
             with SSELogger(video_id, last_seq=event_floor.floor(video_id)) as events:

@@ -10,7 +10,7 @@ from celery import shared_task
 from kinora.core import metrics
 from kinora.core.config import get_settings
 from kinora.jobs import dispatch
-from kinora.worker import generation
+from kinora.worker import attempt
 
 
 @shared_task(name=dispatch.GENERATE_VIDEO, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
@@ -24,7 +24,7 @@ def generate_video(self: Any, video_id: int, trace_id: str | None = None) -> dic
     start = time.perf_counter()
     outcome = "error"
     try:
-        result = generation.run(
+        result = attempt.run(
             video_id,
             task_id=task_id,
             retry_count=self.request.retries,
@@ -32,10 +32,10 @@ def generate_video(self: Any, video_id: int, trace_id: str | None = None) -> dic
         )
         outcome = str(result["status"])
         return result
-    except generation.Retry as exc:
+    except attempt.Retry as exc:
         outcome = "retry"
         raise self.retry(exc=exc.cause, countdown=settings.retry_countdown_seconds) from exc
-    except generation.WaitForLease as exc:
+    except attempt.WaitForLease as exc:
         # The same task again (same id, same retry count: waiting is no retry), once
         # the dead delivery's lease has run out.
         outcome = "waiting"

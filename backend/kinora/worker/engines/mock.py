@@ -26,7 +26,7 @@ from typing import cast
 
 import redis
 
-from kinora.streaming.events import sync_client
+from kinora.streaming.logger import sync_client
 from kinora.worker.engines.base import EngineError, ModelJob, TransientEngineError
 from kinora.worker.media import render_test_pattern
 

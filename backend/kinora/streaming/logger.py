@@ -1,0 +1,210 @@
+"""`SSELogger`: a job publishes its steps (CONTRACT §6), synchronously, one round trip
+per event, from Celery's prefork workers. Publishing never breaks the task: an event
+Redis cannot take now waits in the outbox and goes out, in order, once it is back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import redis
+
+from kinora.core import logs, metrics
+from kinora.core.config import get_settings
+from kinora.streaming.connect import sync_redis
+from kinora.streaming.events import (
+    PUBLISH_LUA,
+    EventType,
+    Outcome,
+    Stage,
+    describe_error,
+    encode_body,
+    ending,
+    script_args,
+)
+from kinora.streaming.outbox import OUTBOX, Pending
+
+log = logging.getLogger(__name__)
+
+
+# One synchronous client per worker process: prefork children must not share the
+# parent's sockets, so the client is keyed by pid.
+_sync_lock = threading.Lock()
+_sync_clients: dict[int, redis.Redis] = {}
+
+
+def sync_client() -> redis.Redis:
+    pid = os.getpid()
+    client = _sync_clients.get(pid)
+    if client is None:
+        with _sync_lock:
+            client = _sync_clients.get(pid)
+            if client is None:
+                client = sync_redis(get_settings().required_redis_url)
+                _sync_clients.clear()
+                _sync_clients[pid] = client
+    return client
+
+
+class SSELogger:
+    """Publishes the steps of one video's job; usable as a context manager.
+
+    `will_retry(exc)` tells whether an exception leaving the block will be retried
+    (the job's retry policy decides); if not, it is final and a `complete` event with
+    status `failed` follows the `error` event. `retry_count` and `max_retries` are
+    told on the error event.
+    `last_seq` is the highest seq the caller knows was used (the database's floor):
+    no event gets a seq at or below it. `on_complete(seq)` is called once the
+    `complete` event is published, to record where the video's events end.
+    """
+
+    def __init__(
+        self,
+        video_id: int,
+        *,
+        retry_count: int = 0,
+        max_retries: int = 0,
+        will_retry: Callable[[BaseException], bool] | None = None,
+        client: redis.Redis | None = None,
+        last_seq: int = 0,
+        on_complete: Callable[[int], None] | None = None,
+    ) -> None:
+        self.video_id = video_id
+        self.retry_count = retry_count
+        self.max_retries = max_retries
+        self._will_retry = will_retry or (lambda _exc: False)
+        self._client = client
+        self._script: Any = None
+        self.stage_name: str | None = None
+        self.progress: int | None = None
+        self.last_seq = last_seq
+        self.ended = False  # the `complete` is published (by us, or by someone else)
+        self._on_complete = on_complete
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> Literal[False]:
+        if exc is None or not isinstance(exc, Exception) or getattr(exc, "silent", False):
+            # Success; a KeyboardInterrupt/SystemExit; or an exception marked `silent`
+            # (the job was taken away, and whoever took it tells the watchers).
+            return False
+        will_retry = self._will_retry(exc)
+        self.error(
+            describe_error(exc),
+            error_code=getattr(exc, "code", None) or type(exc).__name__,
+            is_retryable=will_retry,
+        )
+        if not will_retry:
+            self.complete(status="failed", reason=describe_error(exc))
+        return False
+
+    # -- the calls a job makes ------------------------------------------------------
+
+    def step(
+        self, step: int, message: str, *, progress: int | None = None, **fields: Any
+    ) -> int | None:
+        if progress is not None:
+            # progress never goes backwards, whatever the caller passes
+            progress = max(progress, self.progress or 0)
+            self.progress = progress
+        event_type: EventType = "progress" if progress is not None else "log"
+        return self.publish(event_type, message, step=step, progress=progress, **fields)
+
+    def log(self, message: str, **fields: Any) -> int | None:
+        return self.publish("log", message, **fields)
+
+    def stage(self, stage: Stage, message: str | None = None, **fields: Any) -> int | None:
+        previous, self.stage_name = self.stage_name, stage
+        return self.publish(
+            "stage",
+            message or f"Stage: {stage}",
+            stage=stage,
+            previous_stage=previous,
+            progress=self.progress,
+            **fields,
+        )
+
+    def error(
+        self, message: str, *, error_code: str, is_retryable: bool, **fields: Any
+    ) -> int | None:
+        return self.publish(
+            "error",
+            message,
+            trace_id=logs.current_trace_id(),
+            error_code=error_code,
+            retry_count=self.retry_count,
+            max_retries=self.max_retries,
+            is_retryable=is_retryable,
+            **fields,
+        )
+
+    def complete(
+        self,
+        *,
+        status: Outcome = "completed",
+        video_url: str | None = None,
+        reason: str | None = None,
+    ) -> int | None:
+        """The job's last event (events.ending): nothing is published after it."""
+        message, fields = ending(status, reason=reason, video_url=video_url)
+        if status == "completed":
+            self.progress = 100
+        return self.publish("complete", message, **fields)
+
+    # -- the one round trip -----------------------------------------------------------
+
+    def publish(self, event_type: EventType, message: str, **fields: Any) -> int | None:
+        """Publish one event; returns its seq, or None if it was not published now.
+
+        Publishing never breaks the job: when Redis cannot be reached the event is
+        logged, counted and kept in the process's outbox, which publishes it (and the
+        video's later events, in order) once Redis is back (kinora.streaming.outbox). None also
+        when the video's `complete` is out: nothing follows it.
+        """
+        if "status" not in fields and event_type in ("progress", "stage"):
+            fields["status"] = "processing"
+        if self.ended:
+            return None
+        body = encode_body(self.video_id, event_type, message, fields)
+        terminal = event_type == "complete"
+        if terminal:
+            self.ended = True
+        uid = os.urandom(8).hex()
+        if not (OUTBOX.holds(self.video_id) and not OUTBOX.flush()):
+            try:
+                return self._send(event_type, body, terminal, uid)
+            except redis.RedisError as exc:
+                log.warning(
+                    "event for video %s not published (%s); kept until Redis is back: %s",
+                    self.video_id, exc, body.decode(),
+                )  # fmt: skip
+        metrics.EVENTS_NOT_PUBLISHED.inc()
+        OUTBOX.add(Pending(self.video_id, lambda: self._send(event_type, body, terminal, uid)))
+        return None
+
+    def _send(self, event_type: EventType, body: bytes, terminal: bool, uid: str) -> int | None:
+        """The one round trip; raises redis.RedisError."""
+        client = self._client or sync_client()
+        if self._script is None:
+            self._script = client.register_script(PUBLISH_LUA)
+        keys, args = script_args(self.video_id, body, self.last_seq, terminal, uid)
+        seq = int(self._script(keys=keys, args=args, client=client))
+        if not seq:  # the video's `complete` is out: the script refused
+            self.ended = True
+            log.info("event for video %s refused: its complete was published", self.video_id)
+            return None
+        metrics.EVENTS_PUBLISHED.labels(event_type).inc()
+        self.last_seq = seq
+        if terminal and self._on_complete is not None:
+            self._on_complete(seq)
+        return seq

@@ -1,0 +1,210 @@
+"""One video's live events in a process (Topic), and one client's view of them
+(Watcher): history replayed in pages after its last seen `seq`, then the live events,
+merged by `seq` and taken in batches (one write per wake-up)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from kinora.core import metrics
+from kinora.streaming.events import history_lost
+from kinora.streaming.frames import RESYNC, Item
+
+if TYPE_CHECKING:
+    from kinora.streaming.hub import StreamHub
+
+log = logging.getLogger(__name__)
+
+
+class Topic:
+    """One video's live events in this process, shared by all its watchers.
+
+    `log` keeps the most recent events (at most twice the hub's queue size); each
+    watcher only holds a cursor into it, so an event costs one append however many
+    watch it, and memory is bounded per video, not per watcher.
+    """
+
+    __slots__ = ("base", "log", "ready", "waiting", "watchers")
+
+    def __init__(self) -> None:
+        self.watchers: set[Watcher] = set()
+        self.ready = asyncio.Event()
+        self.log: list[Item] = []
+        self.base = 0  # the position of log[0] among every event this topic received
+        self.waiting: list[asyncio.Future[None]] = []  # watchers asleep until the next event
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.log)
+
+    def append(self, item: Item, keep: int) -> list[Watcher]:
+        """Add an event and wake the waiting watchers; returns the watchers that fell
+        more than `keep` events behind (they are cut off)."""
+        self.log.append(item)
+        self.wake()
+        if len(self.log) <= 2 * keep:
+            return []
+        drop = len(self.log) - keep
+        self.log = self.log[drop:]  # a new list: a reader's slice of the old one stays valid
+        self.base += drop
+        return [w for w in self.watchers if w.cursor < self.base]
+
+    def wake(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for future in waiting:
+            if not future.done():
+                future.set_result(None)
+
+
+# History is read in pages of this many events, each written before the next is read:
+# the transport's flow control then bounds a replaying connection's memory, whatever the
+# history's length (CONTRACT §8).
+HISTORY_PAGE = 200
+
+# Builds the `history_lost` notice for (after, resume): the caller (the API) adds the
+# video's state from its database; the hub alone knows only the seqs.
+LostNotice = Callable[[int, int], Awaitable[bytes]]
+
+
+def resume_point(after: int, history: list[Item], counter: int | None, floor: int) -> int | None:
+    """Where a stream resumes when events after `after` can no longer be replayed, or
+    None when nothing is missing. `counter` is Redis's seq counter (None: gone), `floor`
+    the highest seq the database knows was used."""
+    if history:
+        first = history[0].seq
+        return first - 1 if first > after + 1 else None
+    known = max(counter or 0, floor)
+    if known > after:
+        return known  # events after `after` were used, and none is left
+    if counter is None and after > 0:
+        return after  # Redis lost the video's events: say so, with the state
+    return None
+
+
+class Watcher:
+    """One client's registration for one video: a cursor into its topic's log."""
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        video_id: int,
+        topic: Topic,
+        after: int,
+        transport: str = "sse",
+        *,
+        floor: int = 0,
+        lost: LostNotice | None = None,
+    ) -> None:
+        self.hub = hub
+        self.floor = floor
+        self.lost = lost
+        self.transport = transport
+        self.video_id = video_id
+        self.topic = topic
+        self.cursor = topic.end  # the live events it has taken from the topic
+        self.last_seq = after
+        self.cut = False  # set when it fell too far behind: the client is too slow
+        self.expired = False
+        self.drained = False  # set when the process shuts down: the client should reconnect
+
+    @property
+    def backlog(self) -> int:
+        """Live events received for it and not yet taken by its client."""
+        return self.topic.end - self.cursor
+
+    def cut_off(self) -> None:
+        if self.cut:
+            return
+        self.cut = True
+        self.hub.slow_cuts += 1
+        metrics.CLIENTS_CUT.labels(self.transport).inc()
+        self.hub.detach(self)
+        self.topic.wake()
+        log.info("watcher of video %s cut off: %d events behind", self.video_id, self.backlog)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.topic.wake()
+
+    async def notice(self, resume: int) -> Item:
+        """The `history_lost` notice; the stream goes on after `resume`."""
+        if self.lost is not None:
+            raw = await self.lost(self.last_seq, resume)
+        else:
+            raw = history_lost(self.video_id, self.last_seq, resume)
+        self.last_seq = max(self.last_seq, resume)
+        return Item(raw, resume, "log")
+
+    def _took(self, batch: list[Item]) -> list[Item]:
+        self.last_seq = max(self.last_seq, batch[-1].seq)
+        self.hub.delivered[self.transport] += len(batch)
+        return batch
+
+    async def replay(self, *, check_lost: bool = True) -> AsyncIterator[list[Item]]:
+        """History after `last_seq`, a page at a time, told of a gap first if the events
+        it asks for are gone."""
+        history, counter = await self.hub.history_state(self.video_id, self.last_seq)
+        if check_lost:
+            resume = resume_point(self.last_seq, history, counter, self.floor)
+            if resume is not None:
+                yield self._took([await self.notice(resume)])
+        elif history and history[0].seq > self.last_seq + 1:
+            yield self._took([await self.notice(history[0].seq - 1)])
+        while history:
+            yield self._took(history)
+            if len(history) < self.hub.history_page:
+                return
+            history = await self.hub.history(self.video_id, self.last_seq)
+
+    async def batches(self, deadline: float | None = None) -> AsyncIterator[list[Item]]:
+        """History after `last_seq`, then live events, in seq order, none twice, in
+        batches: everything that arrived since the client last took some.
+
+        Ends when the client fell too far behind (it resumes with Last-Event-ID) or
+        at `deadline` (loop time).
+        """
+        loop = asyncio.get_running_loop()
+        timer = None if deadline is None else loop.call_at(deadline, self._expire)
+        try:
+            async for page in self.replay():
+                yield page
+            topic = self.topic
+            while not (self.cut or self.expired):
+                if self.cursor == topic.end:
+                    future: asyncio.Future[None] = loop.create_future()
+                    topic.waiting.append(future)
+                    await future
+                    continue
+                if self.cursor < topic.base:
+                    self.cut_off()
+                    return
+                items = topic.log[self.cursor - topic.base :]
+                self.cursor = topic.end
+                batch: list[Item] = []
+                for item in items:
+                    if item is RESYNC or item.seq > self.last_seq + 1:
+                        # A gap (the subscriber reconnected, events raced, or Redis lost
+                        # data and numbering jumped): fill it from history, or say that
+                        # it cannot be filled.
+                        if batch:
+                            yield self._took(batch)
+                            batch = []
+                        async for page in self.replay(check_lost=False):
+                            yield page
+                    if item is not RESYNC and item.seq > self.last_seq:
+                        self.last_seq = item.seq
+                        batch.append(item)
+                if batch:
+                    yield self._took(batch)
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def events(self, deadline: float | None = None) -> AsyncIterator[Item]:
+        """The same as `batches`, one event at a time."""
+        async for batch in self.batches(deadline):
+            for item in batch:
+                yield item
