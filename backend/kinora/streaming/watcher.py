@@ -7,16 +7,28 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from kinora.core import metrics
 from kinora.streaming.events import history_lost
 from kinora.streaming.frames import RESYNC, Item
 
-if TYPE_CHECKING:
-    from kinora.streaming.hub import StreamHub
-
 log = logging.getLogger(__name__)
+
+
+class Source(Protocol):
+    """What a watcher needs of its hub (kinora.streaming.hub.StreamHub): the history,
+    the counts it keeps, and letting a watcher go."""
+
+    history_page: int
+    slow_cuts: int
+    delivered: dict[str, int]
+
+    async def history(self, video_id: int, after: int, limit: int | None = None) -> list[Item]: ...
+
+    async def history_state(self, video_id: int, after: int) -> tuple[list[Item], int | None]: ...
+
+    def detach(self, watcher: Watcher) -> None: ...
 
 
 class Topic:
@@ -89,7 +101,7 @@ class Watcher:
 
     def __init__(
         self,
-        hub: StreamHub,
+        hub: Source,
         video_id: int,
         topic: Topic,
         after: int,
