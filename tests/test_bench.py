@@ -56,7 +56,7 @@ def test_latency() -> None:
 def test_baseline() -> None:
     result = bench(
         "baseline", "--watchers", "20", "--videos", "2", "--seconds", "0.5", "--fast-rate", "0",
-        "--timeout", "15",  # the other two servers may never end a stream: they lose events
+        "--timeout", "6",  # the other two servers may never end a stream: they lose events
     )  # fmt: skip
     [scenario] = result["scenarios"]
     assert [r["server"] for r in scenario["runs"]] == ["kinora", "naive", "broadcaster"]
