@@ -28,6 +28,7 @@ import numpy as np
 import psutil
 
 from kinora.cli.embedded import EmbeddedRedis, free_port
+from kinora.streaming import keys
 
 ROOT = Path(__file__).resolve().parents[1]
 SPAWN = multiprocessing.get_context("spawn")
@@ -280,7 +281,7 @@ def publisher_process(
     from kinora.streaming.logger import SSELogger
 
     go.wait(120)
-    loggers = [SSELogger(v) for v in videos]
+    loggers = [SSELogger(keys.video(v)) for v in videos]
     interval = 1.0 / rate
     start = time.perf_counter()
     costs = []

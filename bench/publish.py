@@ -29,6 +29,7 @@ import redis
 import redis.asyncio as aioredis
 
 from kinora.cli.embedded import EmbeddedRedis
+from kinora.streaming import keys
 
 
 def measure(name: str, events: int, publish: Callable[[int], Any]) -> dict[str, Any]:
@@ -58,7 +59,7 @@ def run(url: str, events: int) -> list[dict[str, Any]]:
     client = redis.Redis.from_url(url)
     listener = client.pubsub()  # type: ignore[no-untyped-call]
     listener.psubscribe("video:*")  # a subscriber, so PUBLISH delivers somewhere
-    logger = SSELogger(1)
+    logger = SSELogger(keys.video(1))
     body = orjson.dumps({"type": "progress", "message": "Processing video... 0", "progress": 1})
 
     async def naive_publish(i: int) -> None:

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from bench.harness import World, start_server, world
+from kinora.streaming import keys
 
 
 async def stalled_then_read(
@@ -79,7 +80,7 @@ def history(w: World, events: int, size: int) -> int:
     from kinora.streaming.logger import SSELogger
 
     (video,) = w.videos(1)
-    log = SSELogger(video)
+    log = SSELogger(keys.video(video))
     for i in range(events - 1):
         log.log(f"event {i}", payload="x" * size)
     log.complete(status="cancelled")

@@ -22,6 +22,7 @@ import redis
 from kinora.core.db import session_scope
 from kinora.core.models import User, Video
 from kinora.jobs import store
+from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger
 from tests.utils.accounts import Account
 from tests.utils.clients import assert_whole_generation, events_of, ids_of, read_stream, submit
@@ -261,7 +262,7 @@ def test_a_client_that_stops_reading_is_cut_off_without_slowing_others_and_resum
         with ThreadPoolExecutor(1) as pool:
             fast = pool.submit(read_stream, url, timeout=60)
             wait_for("both clients watching", lambda: watching() == 2, timeout=10)
-            with SSELogger(video.id) as log:
+            with SSELogger(keys.video(video.id)) as log:
                 for i in range(total - 1):
                     log.step(5, f"step {i} " + "x" * 2000, progress=i * 100 // total)
                 log.complete(video_url="/media/1.mp4")
@@ -311,7 +312,9 @@ def test_a_client_that_never_reads_again_gives_back_its_stream_slot(
                 lambda: httpx.get(base + path, timeout=5).status_code == 429,
                 timeout=10,
             )
-            with SSELogger(video.id) as log:  # 8 MB: far more than the socket buffers hold
+            with SSELogger(
+                keys.video(video.id)
+            ) as log:  # 8 MB: far more than the socket buffers hold
                 for i in range(1000):
                     log.step(5, f"step {i} " + "x" * 8000, progress=i // 10)
 
@@ -328,7 +331,7 @@ def test_sigterm_tells_streams_to_come_back_and_exits_within_ten_seconds(
     stack: Stack, account: Account, environment: dict[str, str], var_dir: Path
 ) -> None:
     video = unqueued_video(account)
-    with SSELogger(video.id) as log:
+    with SSELogger(keys.video(video.id)) as log:
         log.step(1, "Validating request parameters...", progress=3)
     api, base = start_api(environment, var_dir / "logs" / "api-term.log")
     try:
@@ -362,7 +365,7 @@ def test_sigterm_tells_streams_to_come_back_and_exits_within_ten_seconds(
     assert closed < 5
     assert exited < 10
     # It comes back to a surviving process and misses nothing.
-    with SSELogger(video.id) as log:
+    with SSELogger(keys.video(video.id)) as log:
         log.step(2, "No reference image", progress=10)
     _, rest = read_stream(
         f"{stack.base_url}/api/v1/videos/{video.id}/stream",

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger
 from tests.utils.accounts import Account
 from tests.utils.clients import events_of, pending_video, read_stream
@@ -20,7 +21,7 @@ def test_a_history_longer_than_a_page_is_replayed_whole_and_in_order(
     stack: Stack, account: Account
 ) -> None:
     video = pending_video(account)
-    log = SSELogger(video)
+    log = SSELogger(keys.video(video))
     for i in range(449):
         log.log(f"event {i}", payload="x" * 500)
     log.complete(status="cancelled")

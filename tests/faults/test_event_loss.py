@@ -18,7 +18,8 @@ from sqlalchemy import update
 from kinora.core.db import session_scope
 from kinora.core.models import Video, utcnow
 from kinora.jobs import event_floor
-from kinora.streaming.events import SEQ_JUMP_AFTER_LOSS, end_key, history_key, sent_key, seq_key
+from kinora.streaming import keys
+from kinora.streaming.events import SEQ_JUMP_AFTER_LOSS
 from kinora.streaming.logger import SSELogger
 from tests.utils.accounts import Account
 from tests.utils.clients import Follower, events_of, read_stream, submit
@@ -28,19 +29,24 @@ from tests.utils.processes import Stack, wait_for
 def forget(client: redis.Redis, video_id: int) -> None:
     """What a FLUSHALL, a failover to an empty replica or an old snapshot does to one
     video (the shared test Redis also carries the stack's queue, so not all of it)."""
-    client.delete(seq_key(video_id), history_key(video_id), end_key(video_id), sent_key(video_id))
+    client.delete(
+        keys.video(video_id).seq,
+        keys.video(video_id).history,
+        keys.video(video_id).end,
+        keys.video(video_id).sent,
+    )
 
 
 def test_nothing_is_published_after_complete(redis_client: redis.Redis, video_id: int) -> None:
-    worker = SSELogger(video_id)
+    worker = SSELogger(keys.video(video_id))
     worker.step(5, "Processing video...", progress=50)
-    canceller = SSELogger(video_id)  # another process: the API cancelling
+    canceller = SSELogger(keys.video(video_id))  # another process: the API cancelling
     assert canceller.complete(status="cancelled") == 2
     # The worker's next step, a late stage change, a second complete: all refused.
     assert worker.step(6, "Downloading video...", progress=88) is None
     assert worker.stage("finalizing") is None
-    assert SSELogger(video_id).complete() is None
-    raw: list[bytes] = redis_client.zrange(history_key(video_id), 0, -1)  # type: ignore[assignment]
+    assert SSELogger(keys.video(video_id)).complete() is None
+    raw: list[bytes] = redis_client.zrange(keys.video(video_id).history, 0, -1)  # type: ignore[assignment]
     assert len(raw) == 2
     assert b'"status":"cancelled"' in raw[-1]
 
@@ -48,18 +54,22 @@ def test_nothing_is_published_after_complete(redis_client: redis.Redis, video_id
 def test_seq_continues_above_the_floor_when_redis_lost_the_counter(
     redis_client: redis.Redis, video_id: int
 ) -> None:
-    log = SSELogger(video_id)
+    log = SSELogger(keys.video(video_id))
     for i in range(8):
         log.log(f"event {i}")
     forget(redis_client, video_id)
     # The same logger knows its last seq; a new one (another process) is given the floor
     # the database recorded, which may lag by a few events.
     assert log.log("after the loss") == 8 + SEQ_JUMP_AFTER_LOSS
-    assert SSELogger(video_id, last_seq=5).log("from elsewhere") == 9 + SEQ_JUMP_AFTER_LOSS
+    assert (
+        SSELogger(keys.video(video_id), last_seq=5).log("from elsewhere") == 9 + SEQ_JUMP_AFTER_LOSS
+    )
     forget(redis_client, video_id)
-    assert SSELogger(video_id, last_seq=5).log("lagging floor") == 5 + SEQ_JUMP_AFTER_LOSS
+    assert (
+        SSELogger(keys.video(video_id), last_seq=5).log("lagging floor") == 5 + SEQ_JUMP_AFTER_LOSS
+    )
     # With the counter present the floor only guards: the counter goes on.
-    assert SSELogger(video_id, last_seq=3).log("next") == 6 + SEQ_JUMP_AFTER_LOSS
+    assert SSELogger(keys.video(video_id), last_seq=3).log("next") == 6 + SEQ_JUMP_AFTER_LOSS
 
 
 @pytest.mark.slow

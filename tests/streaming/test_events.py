@@ -6,20 +6,21 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from kinora.streaming import keys
 from kinora.streaming.connect import sync_redis
-from kinora.streaming.events import history_key, parse, seq_key
+from kinora.streaming.events import parse
 from kinora.streaming.logger import SSELogger
 from kinora.streaming.outbox import OUTBOX
 from tests.utils.settings import reset_caches
 
 
 def history(client: redis.Redis, video_id: int) -> list[dict[str, object]]:
-    raw: list[bytes] = client.zrange(history_key(video_id), 0, -1)  # type: ignore[assignment]
+    raw: list[bytes] = client.zrange(keys.video(video_id).history, 0, -1)  # type: ignore[assignment]
     return [dict(parse(r)) for r in raw]
 
 
 def test_each_call_is_one_event_with_the_next_seq(redis_client: redis.Redis, video_id: int) -> None:
-    with SSELogger(video_id) as log:
+    with SSELogger(keys.video(video_id)) as log:
         log.step(1, "Validating request parameters...", progress=3)
         log.stage("generating")
         log.step(5, "Processing video...", progress=58)
@@ -37,10 +38,10 @@ def test_each_call_is_one_event_with_the_next_seq(redis_client: redis.Redis, vid
 
 
 def test_history_expires_after_the_retention(redis_client: redis.Redis, video_id: int) -> None:
-    with SSELogger(video_id) as log:
+    with SSELogger(keys.video(video_id)) as log:
         log.log("hello")
-    assert 86000 < redis_client.ttl(history_key(video_id)) <= 86400
-    assert 86000 < redis_client.ttl(seq_key(video_id)) <= 86400
+    assert 86000 < redis_client.ttl(keys.video(video_id).history) <= 86400
+    assert 86000 < redis_client.ttl(keys.video(video_id).seq) <= 86400
 
 
 def test_history_is_capped(
@@ -49,7 +50,7 @@ def test_history_is_capped(
     monkeypatch.setenv("EVENT_HISTORY_MAX", "10")
     reset_caches()
     try:
-        with SSELogger(video_id) as log:
+        with SSELogger(keys.video(video_id)) as log:
             for i in range(25):
                 log.log(f"event {i}")
     finally:
@@ -62,7 +63,7 @@ def test_an_exception_leaving_the_block_is_published_then_propagates(
     redis_client: redis.Redis, video_id: int
 ) -> None:
     def job() -> None:
-        with SSELogger(video_id) as log:
+        with SSELogger(keys.video(video_id)) as log:
             log.step(1, "Validating request parameters...", progress=3)
             raise ValueError("bad frame")
 
@@ -81,7 +82,7 @@ def test_an_exception_leaving_the_block_is_published_then_propagates(
 def test_a_retried_failure_is_not_final(redis_client: redis.Redis, video_id: int) -> None:
     with (
         pytest.raises(ConnectionError),
-        SSELogger(video_id, retry_count=1, max_retries=3, will_retry=lambda _e: True),
+        SSELogger(keys.video(video_id), retry_count=1, max_retries=3, will_retry=lambda _e: True),
     ):
         raise ConnectionError("model unreachable")
     (error,) = history(redis_client, video_id)
@@ -93,7 +94,7 @@ def test_a_retried_failure_is_not_final(redis_client: redis.Redis, video_id: int
 def test_publishing_never_breaks_the_task_when_redis_is_down(video_id: int) -> None:
     down = sync_redis("redis://127.0.0.1:1")  # the worker's own bounded client
     failed_before = not_published()
-    with SSELogger(video_id, client=down) as log:
+    with SSELogger(keys.video(video_id), client=down) as log:
         assert log.step(1, "Validating request parameters...", progress=3) is None
         assert log.complete() is None
     assert not_published() == failed_before + 2  # counted in /metrics

@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import redis
 
-from kinora.api.stream import frames
+from kinora.streaming import keys
 from kinora.streaming.hub import StreamHub
 from kinora.streaming.logger import SSELogger
+from kinora.streaming.sse import frames
 from kinora.streaming.watcher import Watcher
 from tests.utils.processes import wait_for
 
@@ -57,7 +58,7 @@ def test_events_published_while_history_is_read_arrive_once(
             started = threading.Event()
 
             def publish(vid: int = vid, started: threading.Event = started) -> None:
-                with SSELogger(vid) as log:
+                with SSELogger(keys.video(vid)) as log:
                     for i in range(per_round):
                         log.log(f"event {i}")
                         if i == 3:
@@ -66,7 +67,10 @@ def test_events_published_while_history_is_read_arrive_once(
             thread = threading.Thread(target=publish)
             thread.start()
             await asyncio.to_thread(started.wait, 10)
-            async with hub.watch(vid) as first, hub.watch(vid, after=2) as second:
+            async with (
+                hub.watch(keys.video(vid)) as first,
+                hub.watch(keys.video(vid), after=2) as second,
+            ):
                 watchers = await asyncio.gather(
                     collect(first, per_round), collect(second, per_round)
                 )
@@ -84,14 +88,14 @@ def test_watchers_joining_at_the_same_instant_all_receive_every_event(
 
     async def body(hub: StreamHub) -> None:
         async def one() -> list[int]:
-            async with hub.watch(video_id) as watcher:
+            async with hub.watch(keys.video(video_id)) as watcher:
                 return await collect(watcher, 30)
 
         tasks = [asyncio.create_task(one()) for _ in range(100)]
         await asyncio.sleep(0)  # every watcher registers before anything is published
 
         def publish() -> None:
-            with SSELogger(video_id) as log:
+            with SSELogger(keys.video(video_id)) as log:
                 for i in range(30):
                     log.log(f"event {i}")
 
@@ -112,12 +116,12 @@ def test_last_watcher_leaving_unsubscribes(
         return int(redis_client.pubsub_numsub(channel)[0][1])
 
     async def body(hub: StreamHub) -> None:
-        async with hub.watch(video_id), hub.watch(video_id):
+        async with hub.watch(keys.video(video_id)), hub.watch(keys.video(video_id)):
             assert numsub() == 1
         await asyncio.to_thread(wait_for, "unsubscribe", lambda: numsub() == 0, 5)
         assert hub.stats() == {"videos": 0, "watchers": 0, "slow_cuts": 0}
         # and a new watcher subscribes again
-        async with hub.watch(video_id):
+        async with hub.watch(keys.video(video_id)):
             assert numsub() == 1
 
     run(environment, body)
@@ -127,7 +131,7 @@ def test_a_client_too_slow_to_keep_up_is_cut_off_and_resumes(
     environment: dict[str, str], video_id: int
 ) -> None:
     async def body(hub: StreamHub) -> None:
-        async with hub.watch(video_id) as slow:
+        async with hub.watch(keys.video(video_id)) as slow:
             stream = slow.events()
             await asyncio.to_thread(publish_n, video_id, 1)
             first = await anext(stream)
@@ -139,7 +143,7 @@ def test_a_client_too_slow_to_keep_up_is_cut_off_and_resumes(
         assert hub.stats() == {"videos": 0, "watchers": 0, "slow_cuts": 1}
         assert first.seq == 1
         assert rest == []  # ends at once: the client reconnects with Last-Event-ID
-        async with hub.watch(video_id, after=first.seq) as resumed:
+        async with hub.watch(keys.video(video_id), after=first.seq) as resumed:
             assert await collect(resumed, 201) == list(range(2, 202))
 
     run(environment, body)
@@ -149,7 +153,7 @@ def test_subscriber_reconnect_fills_the_gap_from_history(
     environment: dict[str, str], video_id: int, redis_client: redis.Redis
 ) -> None:
     async def body(hub: StreamHub) -> None:
-        async with hub.watch(video_id) as watcher:
+        async with hub.watch(keys.video(video_id)) as watcher:
             await asyncio.to_thread(publish_n, video_id, 5)
             seqs = [item.seq async for item in take(watcher.events(), 5)]
             # Drop the hub's subscriber connection, publish while it is gone.
@@ -170,12 +174,12 @@ def test_stream_ends_at_its_lifetime_and_resumes_without_loss(
         await asyncio.to_thread(publish_n, video_id, 3)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        chunks = [c async for c in frames(hub, video_id, 0, 3000, lifetime=0.5)]
+        chunks = [c async for c in frames(hub, keys.video(video_id), 0, 3000, lifetime=0.5)]
         assert loop.time() - started >= 0.5  # it lived its lifetime, then ended by itself
         assert chunks[0] == b"retry: 3000\n\n"
         assert ids(chunks[1:]) == [b"id: 1", b"id: 2", b"id: 3"]
         await asyncio.to_thread(publish_n, video_id, 2)
-        resumed = [c async for c in frames(hub, video_id, 3, 3000, lifetime=0.5)]
+        resumed = [c async for c in frames(hub, keys.video(video_id), 3, 3000, lifetime=0.5)]
         assert ids(resumed[1:]) == [b"id: 4", b"id: 5"]
 
     run(environment, body)
@@ -187,7 +191,7 @@ def ids(chunks: list[bytes]) -> list[bytes]:
 
 
 def publish_n(video_id: int, n: int) -> None:
-    with SSELogger(video_id) as log:
+    with SSELogger(keys.video(video_id)) as log:
         for i in range(n):
             log.log(f"event {i}")
 

@@ -15,7 +15,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from kinora.cli.embedded import EmbeddedRedis
-from kinora.streaming.events import history_key, parse
+from kinora.streaming import keys
+from kinora.streaming.events import parse
 from kinora.streaming.logger import SSELogger
 from kinora.streaming.outbox import OUTBOX
 from tests.utils.processes import wait_for
@@ -45,7 +46,7 @@ def test_events_published_while_redis_is_paused_arrive_in_order_when_it_is_back(
 ) -> None:
     server, client = paused_redis
     assert server.process is not None
-    log = SSELogger(video_id, client=client, retry_count=1, max_retries=3)
+    log = SSELogger(keys.video(video_id), client=client, retry_count=1, max_retries=3)
     assert log.log("before the pause") == 1
     os.kill(server.process.pid, signal.SIGSTOP)
     started = time.monotonic()
@@ -58,7 +59,7 @@ def test_events_published_while_redis_is_paused_arrive_in_order_when_it_is_back(
     assert len(OUTBOX) == 3
     os.kill(server.process.pid, signal.SIGCONT)
     wait_for("the outbox to drain", lambda: len(OUTBOX) == 0, timeout=10)
-    raw: list[bytes] = client.zrange(history_key(video_id), 0, -1)  # type: ignore[assignment]
+    raw: list[bytes] = client.zrange(keys.video(video_id).history, 0, -1)  # type: ignore[assignment]
     events = [parse(r) for r in raw]
     assert [e["seq"] for e in events] == [1, 2, 3, 4]
     assert [e["message"] for e in events] == [

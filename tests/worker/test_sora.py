@@ -22,7 +22,8 @@ from kinora.cli.embedded import free_port
 from kinora.core.db import session_scope
 from kinora.core.models import User, Video, VideoStatus
 from kinora.jobs import store
-from kinora.streaming.events import history_key, parse
+from kinora.streaming import keys
+from kinora.streaming.events import parse
 from kinora.worker import attempt
 from kinora.worker.engines.base import ModelJob, PolicyRefusal
 from kinora.worker.engines.sora import SoraEngine
@@ -91,7 +92,7 @@ def video_row(video_id: int) -> Video:
 
 
 def events(client: redis.Redis, video_id: int) -> list[dict[str, Any]]:
-    raw: list[bytes] = client.zrange(history_key(video_id), 0, -1)  # type: ignore[assignment]
+    raw: list[bytes] = client.zrange(keys.video(video_id).history, 0, -1)  # type: ignore[assignment]
     return [dict(parse(r)) for r in raw]
 
 

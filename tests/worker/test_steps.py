@@ -19,7 +19,8 @@ from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.core.models import CreditEntry, CreditKind, User, Video, VideoStatus, utcnow
 from kinora.jobs import store
-from kinora.streaming.events import history_key, parse
+from kinora.streaming import keys
+from kinora.streaming.events import parse
 from kinora.worker import attempt
 from kinora.worker.engines.mock import MockEngine, prompt_key
 from kinora.worker.job import worker_identity
@@ -52,7 +53,7 @@ def run_once(video_id: int, *, task_id: str = "t0", retry: int = 0, max_retries:
 
 def story(client: redis.Redis, video_id: int) -> list[Any]:
     """Every event the video's watchers can replay, in order."""
-    raw: list[bytes] = client.zrange(history_key(video_id), 0, -1)  # type: ignore[assignment]
+    raw: list[bytes] = client.zrange(keys.video(video_id).history, 0, -1)  # type: ignore[assignment]
     return [parse(event) for event in raw]
 
 

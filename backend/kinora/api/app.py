@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -10,7 +9,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
 import redis
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +28,7 @@ from kinora.api.middleware import (
 from kinora.api.quota import StreamQuota
 from kinora.core import logs
 from kinora.core.config import get_settings
-from kinora.streaming.hub import StreamHub
+from kinora.streaming.router import hub_for
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +37,11 @@ log = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Created here, not at import: asyncio objects bind to the loop that runs them.
     settings = get_settings()
-    hub = StreamHub(
-        settings.required_redis_url,
-        queue_size=settings.stream_queue_size,
-        presence_ttl=settings.presence_ttl_seconds,
-        history_page=settings.history_page_size,
-    )
-    await hub.start()
-    app.state.hub = hub
-    # One event for the process: the first stream to see the server shutting down sets
-    # it (sse-starlette), and every stream is then drained at once.
-    app.state.shutdown = anyio.Event()
-    app.state.quota = StreamQuota(settings.max_streams_per_user)
-    drainer = asyncio.create_task(_drain_on_shutdown(app.state.shutdown, hub))
-    tune_gc()
-    try:
+    # The same hub (and its start, drain and stop) as any app's progress_router.
+    async with hub_for(app, settings.required_redis_url):
+        app.state.quota = StreamQuota(settings.max_streams_per_user)
+        tune_gc()
         yield
-    finally:
-        drainer.cancel()
-        await hub.stop()
-
-
-async def _drain_on_shutdown(shutdown: anyio.Event, hub: StreamHub) -> None:
-    await shutdown.wait()
-    hub.drain()
 
 
 def tune_gc() -> None:

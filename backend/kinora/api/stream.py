@@ -7,16 +7,13 @@ Each event's SSE frame is built once by the hub and passed through unchanged.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator
 from typing import cast
 
 import redis
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
-from sse_starlette import ServerSentEvent
 
 from kinora.api.deps import BearerDep, HubDep, SettingsDep, VideoId, watcher_video
 from kinora.api.middleware import TRACE_HEADER
@@ -27,10 +24,11 @@ from kinora.core.config import Settings
 from kinora.core.db import session_scope
 from kinora.core.models import TERMINAL_STATUSES, Video, utcnow
 from kinora.jobs import event_floor
+from kinora.streaming import keys
 from kinora.streaming.events import Outcome, ending, history_lost, publish_async, terminal_event
 from kinora.streaming.frames import Item
-from kinora.streaming.hub import StreamHub, SubscribeTimeout
-from kinora.streaming.sse import EventStream
+from kinora.streaming.hub import StreamHub
+from kinora.streaming.sse import EventStream, event_response, frames, parse_last_event_id
 from kinora.streaming.watcher import LostNotice, resume_point
 
 log = logging.getLogger(__name__)
@@ -40,63 +38,12 @@ SHUTDOWN_GRACE_SECONDS = 2.0
 router = APIRouter(prefix="/api/v1/videos", tags=["stream"])
 
 
-def parse_last_event_id(value: str | None) -> int:
-    """The seq a client has seen; 0 when it has seen nothing."""
-    if value is None or value.strip() == "":
-        return 0
-    text = value.strip()
-    # isascii: str.isdigit() is true for superscripts and other scripts' digits too.
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        raise HTTPException(
-            status.HTTP_400_BAD_REQUEST,
-            detail=f"malformed Last-Event-ID {value!r}: send the `id:` of the last event received",
-        )
-    return int(text)
-
-
 def authorize(video_id: int, header: str | None, query: str | None) -> Video:
     """The video, if the token (API or scoped to it) may watch it; else 401/404."""
     with session_scope() as session:
         video = watcher_video(session, video_id, header, query)
         session.expunge(video)
         return video
-
-
-def _ping() -> ServerSentEvent:
-    return ServerSentEvent(comment="ping", sep="\n")
-
-
-async def frames(
-    hub: StreamHub,
-    video_id: int,
-    after: int,
-    retry_ms: int,
-    lifetime: float,
-    *,
-    floor: int = 0,
-    lost: LostNotice | None = None,
-) -> AsyncIterator[bytes]:
-    """`retry:`, then every event after `after` until `complete` or the timeout. When
-    the process shuts down, a last `retry:` tells the client when to come back."""
-    yield b"retry: %d\n\n" % retry_ms
-    deadline = asyncio.get_running_loop().time() + lifetime
-    try:
-        watch = hub.watch(video_id, after, floor=floor, lost=lost)
-        async with watch as watcher:
-            # One write per batch: everything that arrived since this client's last one.
-            async for batch in watcher.batches(deadline):
-                yield b"".join(item.sse for item in batch)
-                if batch[-1].terminal:  # `complete` is a video's last event
-                    return
-            if watcher.drained:
-                # Spread over time, the reconnects of a whole process's clients do not
-                # land on the other processes at one instant.
-                yield b"retry: %d\n\n" % random.randint(retry_ms // 2, retry_ms)
-    except (SubscribeTimeout, redis.RedisError) as exc:
-        # Redis went away (or did not confirm the subscription): end the response with a
-        # `retry:`; the client reconnects with Last-Event-ID and loses nothing.
-        log.warning("stream of video %s ended: Redis unreachable (%s)", video_id, exc)
-        yield b"retry: %d\n\n" % retry_ms
 
 
 async def ended_frames(
@@ -113,7 +60,8 @@ async def ended_frames(
     recorded) when Redis no longer holds it (CONTRACT §8)."""
     yield b"retry: %d\n\n" % retry_ms
     try:
-        history, counter = await hub.history_state(video.id, after)
+        key = keys.video(video.id)
+        history, counter = await hub.history_state(key, after)
         seen = after
         capped = None if counter is None else min(counter, end - 1)
         resume = resume_point(after, history, capped, end - 1)
@@ -125,10 +73,10 @@ async def ended_frames(
             seen = history[-1].seq
             if history[-1].terminal or len(history) < hub.history_page:
                 break
-            history = await hub.history(video.id, seen)
+            history = await hub.history(key, seen)
         if seen < end:
             rebuilt = terminal_event(
-                video.id, end, outcome(video), reason=video.error_message, video_url=url
+                key, end, outcome(video), reason=video.error_message, video_url=url
             )
             yield Item(rebuilt, end, "complete").sse
     except redis.RedisError as exc:
@@ -149,7 +97,7 @@ def lost_notice(video_id: int) -> LostNotice:
     async def build(after: int, resume: int) -> bytes:
         video = await run_in_threadpool(_load, video_id)
         return history_lost(
-            video_id, after, resume, status=str(video.status), progress=video.progress
+            keys.video(video_id), after, resume, status=str(video.status), progress=video.progress
         )
 
     return build
@@ -174,15 +122,19 @@ async def find_end(hub: StreamHub, video: Video, video_url: str | None) -> int |
     a while ago, it is published now and recorded. None: not yet known."""
     if video.end_seq is not None:
         return video.end_seq
-    end = await hub.end_seq(video.id)
+    key = keys.video(video.id)
+    end = await hub.end_seq(key)
     ended_at = video.completed_at or video.updated_at
     if end is None and (utcnow() - ended_at).total_seconds() > REPAIR_AFTER_SECONDS:
-        message, fields = ending(outcome(video), reason=video.error_message, video_url=video_url)
+        message, fields = ending(
+            key, outcome(video), reason=video.error_message, video_url=video_url
+        )
         end = await publish_async(
-            hub.redis, video.id, "complete", message, floor=video.last_seq, **fields
+            hub.redis, key, "complete", message, floor=video.last_seq, **fields
         )
         if end is None:  # someone else published it meanwhile
-            end = await hub.end_seq(video.id)
+            key = keys.video(video.id)
+    end = await hub.end_seq(key)
     if end is not None:
         await run_in_threadpool(event_floor.record, video.id, end, end=True)
     return end
@@ -217,6 +169,7 @@ async def stream_video(
     if not await hub.reachable():
         raise redis.ConnectionError("Redis has not answered the hub's pings")  # a 503
     request.app.state.quota.check(video.user_id)
+    key = keys.video(video_id)
     lost = lost_notice(video_id)
     url = content_url(request, video)
     if video.status.is_terminal:
@@ -230,7 +183,7 @@ async def stream_video(
     return event_stream(
         frames(
             hub,
-            video_id,
+            key,
             after,
             settings.sse_retry_ms,
             settings.sse_timeout_seconds,
@@ -247,15 +200,9 @@ def event_stream(
     body: AsyncIterator[bytes], request: Request, settings: Settings, user_id: int
 ) -> Response:
     quota: StreamQuota = request.app.state.quota
-    return EventStream(
+    return event_response(
         quota.counted(user_id, body),
-        ping=int(settings.sse_ping_seconds) or 1,
-        ping_message_factory=_ping,
-        sep="\n",
-        headers={"Cache-Control": "no-cache", TRACE_HEADER: logs.current_trace_id() or ""},
-        stall_seconds=settings.sse_send_timeout_seconds,
-        # Set by sse-starlette when the server shuts down; the app drains the hub then
-        # (app.lifespan), and the streams end on their own with a last `retry:`.
-        shutdown_event=request.app.state.shutdown,
-        shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+        settings,
+        shutdown=request.app.state.shutdown,
+        headers={TRACE_HEADER: logs.current_trace_id() or ""},
     )

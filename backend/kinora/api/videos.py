@@ -36,6 +36,7 @@ from kinora.core.db import session_scope
 from kinora.core.models import TERMINAL_STATUSES, Plan, Video, VideoStatus
 from kinora.jobs import idempotency, ratelimit, store, submit
 from kinora.jobs.lifecycle import VideoParameters
+from kinora.streaming import keys
 from kinora.streaming.events import Event
 from kinora.streaming.hub import StreamHub
 
@@ -188,7 +189,9 @@ async def connections(video_id: VideoId, user: CurrentUser, hub: HubDep) -> Conn
     """Live SSE and WebSocket watchers of the video, across all API processes (counts
     lag by up to half a second)."""
     await run_in_threadpool(_owned, video_id, user.id)
-    return Connections(video_id=video_id, connections=await hub.presence.connections(video_id))
+    return Connections(
+        video_id=video_id, connections=await hub.presence.connections(keys.video(video_id))
+    )
 
 
 @router.post(
@@ -219,7 +222,7 @@ async def video_out(request: Request, hub: StreamHub, video: Video) -> VideoOut:
     try:
         if not await hub.reachable():
             raise redis.ConnectionError("Redis has not answered the hub's pings")
-        recent = await hub.recent(video_id, RECENT_LOGS)
+        recent = await hub.recent(keys.video(video_id), RECENT_LOGS)
     except redis.RedisError as exc:
         # The polling fallback works without Redis: the state is the database's.
         log.warning("video %s read without its events: Redis unreachable (%s)", video_id, exc)

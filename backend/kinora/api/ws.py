@@ -1,49 +1,22 @@
-"""The WebSocket stream of one video (CONTRACT §5), through the same StreamHub as SSE.
-
-Messages are `{"event": ..., "data": {...}}`: `connected`, `initial_state` (status,
-progress and the log so far), then every event (`progress_update`, `stage_change`,
-`log`, `error`, `complete`) with the SSE event JSON as `data`. The server pings
-every WS_PING_SECONDS; a client that has not answered `{"event": "pong"}` for
-WS_PONG_TIMEOUT_SECONDS is closed with 4408. Close codes: 4401 bad token, 4404
-unknown or foreign video, 1000 after `complete`, 1013 when the client fell too far
-behind (reconnect: `initial_state` carries the log so far).
-"""
+"""The WebSocket route of a video (CONTRACT §5): authorization and the per-user cap;
+the transport itself is `kinora.streaming.ws`."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
-import orjson
-from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect, status
+from fastapi import APIRouter, HTTPException, WebSocket, status
 from fastapi.concurrency import run_in_threadpool
 
 from kinora.api.deps import bearer_token
 from kinora.api.quota import StreamQuota
 from kinora.api.stream import authorize
-from kinora.core.config import get_settings
-from kinora.core.models import Video
-from kinora.streaming.events import timestamp
-from kinora.streaming.hub import StreamHub, SubscribeTimeout
-from kinora.streaming.watcher import Watcher
+from kinora.streaming import keys
+from kinora.streaming.hub import StreamHub
+from kinora.streaming.ws import CLOSE_BAD_TOKEN, CLOSE_NOT_FOUND, CLOSE_TRY_LATER, watch
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["stream"])
-
-CLOSE_BAD_TOKEN = 4401
-CLOSE_NOT_FOUND = 4404
-CLOSE_PONG_TIMEOUT = 4408
-# "Try again later" (RFC 6455): too far behind, or too many streams open.
-CLOSE_TRY_LATER = 1013
-
-
-class PongTimeout(Exception):
-    pass
-
-
-def message(event: str, data: object) -> str:
-    return orjson.dumps({"event": event, "data": data}).decode()
 
 
 @router.websocket("/api/v1/projects/{video_id}/progress")
@@ -65,83 +38,11 @@ async def progress(websocket: WebSocket, video_id: int, token: str | None = None
         await websocket.close(CLOSE_TRY_LATER, reason="too many streams open: close one")
         return
     with quota.held(video.user_id):
-        await watch(websocket, hub, video)
-
-
-async def watch(websocket: WebSocket, hub: StreamHub, video: Video) -> None:
-    video_id = video.id
-    await websocket.send_text(
-        message("connected", {"project_id": video_id, "timestamp": timestamp()})
-    )
-    try:
-        async with hub.watch(video_id, transport="websocket") as watcher:
-            logs = await hub.history(video_id, 0)
-            if logs:
-                watcher.last_seq = logs[-1].seq
-            state = {
-                "status": str(video.status),
-                "progress": video.progress,
-                "logs": [item.event for item in logs],
-            }
-            await websocket.send_text(message("initial_state", state))
-            if logs and logs[-1].terminal:
-                await websocket.close(1000)
-                return
-            await serve(websocket, watcher)
-    except SubscribeTimeout:
-        await websocket.close(1013, reason="no subscription from Redis; reconnect")
-    except WebSocketDisconnect:
-        pass
-
-
-async def serve(websocket: WebSocket, watcher: Watcher) -> None:
-    settings = get_settings()
-    loop = asyncio.get_running_loop()
-    last_pong = loop.time()
-
-    async def receive() -> None:
-        nonlocal last_pong
-        while True:
-            text = await websocket.receive_text()
-            with contextlib.suppress(ValueError):
-                if orjson.loads(text).get("event") == "pong":
-                    last_pong = loop.time()
-
-    async def ping() -> None:
-        tick = min(settings.ws_ping_seconds, settings.ws_pong_timeout_seconds / 4)
-        next_ping = loop.time() + settings.ws_ping_seconds
-        while True:
-            await asyncio.sleep(tick)
-            if loop.time() - last_pong > settings.ws_pong_timeout_seconds:
-                raise PongTimeout
-            if loop.time() >= next_ping:
-                next_ping += settings.ws_ping_seconds
-                await websocket.send_text(message("ping", {"timestamp": timestamp()}))
-
-    async def forward() -> bool:
-        """Every event until `complete` (True), or False when the client fell behind."""
-        async for item in watcher.events():
-            await websocket.send_text(item.ws)
-            if item.terminal:
-                return True
-        return False
-
-    tasks = [asyncio.create_task(c) for c in (receive(), ping(), forward())]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    finished = done.pop()
-    error = finished.exception()
-    if isinstance(error, WebSocketDisconnect):
-        return
-    if isinstance(error, PongTimeout):
-        await websocket.close(CLOSE_PONG_TIMEOUT, reason="no pong: closing")
-    elif error is not None:
-        raise error
-    elif finished.result():
-        await websocket.close(1000)
-    else:
-        await websocket.close(CLOSE_TRY_LATER, reason="too far behind: reconnect")
+        await watch(
+            websocket,
+            hub,
+            keys.video(video.id),
+            hello={"project_id": video.id},
+            status=str(video.status),
+            progress=video.progress,
+        )

@@ -27,6 +27,7 @@ from kinora.core.db import session_scope
 from kinora.core.models import User, Video
 from kinora.jobs import dispatch, event_floor, idempotency, store
 from kinora.jobs.lifecycle import PROGRESS, Step, VideoParameters
+from kinora.streaming import keys
 from kinora.streaming.events import Outcome, ending, publish_async
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,14 @@ def create(
 async def start(client: aioredis.Redis, submitted: Submitted) -> None:
     """Step 0, then the task. QueueUnreachable (refunded) if Redis is gone."""
     queued = Step.QUEUED
+    key = keys.video(submitted.video_id)
     try:
         await publish_async(
-            client, submitted.video_id, "stage", f"Stage: {queued.stage}", stage=queued.stage,
+            client, key, "stage", f"Stage: {queued.stage}", stage=queued.stage,
             previous_stage=None, progress=PROGRESS[queued], status="pending",
         )  # fmt: skip
         await publish_async(
-            client, submitted.video_id, "progress", "Video queued",
+            client, key, "progress", "Video queued",
             step=queued, progress=PROGRESS[queued], status="pending",
         )  # fmt: skip
         await in_thread(
@@ -136,7 +138,7 @@ async def cancel(client: aioredis.Redis, video: Video) -> bool:
     False if the video had already ended."""
     if not await in_thread(_cancel, video.id):
         return False
-    await publish_end(client, video, "cancelled")
+    await publish_end(client, video, "cancelled", "its credits were refunded")
     await in_thread(_revoke, video.task_id)
     return True
 
@@ -162,10 +164,9 @@ async def publish_end(
     the outcome already: if Redis is unreachable now, a stream publishes the end later
     from it (api.stream.find_end), so this never fails the request."""
     try:
-        message, fields = ending(status, reason=reason)
-        seq = await publish_async(
-            client, video.id, "complete", message, floor=video.last_seq, **fields
-        )
+        key = keys.video(video.id)
+        message, fields = ending(key, status, reason=reason)
+        seq = await publish_async(client, key, "complete", message, floor=video.last_seq, **fields)
     except redis.RedisError as exc:
         log.warning("the end of video %s not published: %s", video.id, exc)
         return

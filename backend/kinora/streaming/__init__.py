@@ -1,0 +1,12 @@
+"""The live-progress layer, usable by any FastAPI + Celery app (CONTRACT §9):
+
+    from kinora.streaming import SSELogger, progress_router
+
+`SSELogger` publishes a job's events from its Celery task; `progress_router` serves
+them to browsers (SSE and WebSocket) and to pollers.
+"""
+
+from kinora.streaming.logger import SSELogger
+from kinora.streaming.router import progress_router
+
+__all__ = ["SSELogger", "progress_router"]

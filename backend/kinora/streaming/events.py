@@ -1,12 +1,13 @@
 """The one event format, and publishing it (CONTRACT §4); `SSELogger` is in `logger`.
 
-Every event of a video gets the next `seq` of that video, is added to the video's
-history (a sorted set scored by `seq`, capped, expiring) and is published on the
-channel `video:<id>`, all in ONE round trip by a Lua script. Why a script and not
-MULTI: the `seq` must be written into the JSON that is stored and published, and a
-MULTI cannot use the result of its INCR inside the same transaction, so it would
-need a second round trip (or WATCH and retries). Redis functions would also do, but
-need Redis 7 and the embedded server is Redis 6.2; `EVALSHA` works on both.
+Every event of a job (streaming.keys: any job, or one of Kinora's videos) gets the
+job's next `seq`, is added to its history (a sorted set scored by `seq`, capped,
+expiring) and is published on its channel (`video:<id>`), all in ONE round trip by
+a Lua script. Why a script and not MULTI: the `seq` must be written into the JSON
+that is stored and published, and a MULTI cannot use the result of its INCR inside
+the same transaction, so it would need a second round trip (or WATCH and retries).
+Redis functions would also do, but need Redis 7 and the embedded server is Redis 6.2;
+`EVALSHA` works on both.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import redis.asyncio
 
 from kinora.core import metrics
 from kinora.core.config import get_settings
+from kinora.streaming.keys import StreamKey
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ class Event(TypedDict):
 
     id: str
     seq: int
-    video_id: int
+    video_id: NotRequired[int]  # Kinora's videos
+    job_id: NotRequired[str | int]  # any other job (streaming.keys)
     type: EventType
     message: str
     timestamp: str
@@ -50,28 +53,8 @@ class Event(TypedDict):
     trace_id: NotRequired[str]
     video_url: NotRequired[str]
     code: NotRequired[str]
-
-
-def channel(video_id: int) -> str:
-    return f"video:{video_id}"
-
-
-def history_key(video_id: int) -> str:
-    return f"video:{video_id}:events"
-
-
-def seq_key(video_id: int) -> str:
-    return f"video:{video_id}:seq"
-
-
-def end_key(video_id: int) -> str:
-    """Set (to its seq) when a video's `complete` is published: nothing follows it."""
-    return f"video:{video_id}:end"
-
-
-def video_id_of_channel(name: bytes | str) -> int:
-    text = name.decode() if isinstance(name, bytes) else name
-    return int(text.split(":", 1)[1])
+    current: NotRequired[int]
+    total: NotRequired[int]
 
 
 # When Redis has lost a video's counter (flushed, restarted empty, failed over), its
@@ -139,11 +122,11 @@ def timestamp() -> str:
 
 
 def encode_body(
-    video_id: int, event_type: EventType, message: str, fields: dict[str, Any]
+    key: StreamKey, event_type: EventType, message: str, fields: dict[str, Any]
 ) -> bytes:
     """The event JSON minus `{"id":…,"seq":…,` which the script prepends."""
     body = {
-        "video_id": video_id,
+        key.id_field: key.id,
         "type": event_type,
         "message": message,
         **{k: v for k, v in fields.items() if v is not None or k in KEEP_NULL},
@@ -152,19 +135,14 @@ def encode_body(
     return orjson.dumps(body)[1:]
 
 
-def sent_key(video_id: int) -> str:
-    """Each published event's unique id → its seq: a resend is not a second event."""
-    return f"video:{video_id}:sent"
-
-
 def script_args(
-    video_id: int, body: bytes, floor: int, terminal: bool, uid: str | None = None
+    key: StreamKey, body: bytes, floor: int, terminal: bool, uid: str | None = None
 ) -> tuple[list[str], list[Any]]:
     settings = get_settings()
-    keys = [seq_key(video_id), history_key(video_id), end_key(video_id), sent_key(video_id)]
+    keys = [key.seq, key.history, key.end, key.sent]
     args: list[Any] = [
         body,
-        channel(video_id),
+        key.channel,
         settings.event_history_max,
         settings.event_retention_seconds,
         floor,
@@ -176,7 +154,7 @@ def script_args(
 
 async def publish_async(
     client: redis.asyncio.Redis,
-    video_id: int,
+    key: StreamKey,
     event_type: EventType,
     message: str,
     *,
@@ -184,9 +162,9 @@ async def publish_async(
     **fields: Any,
 ) -> int | None:
     """Publish one event from async code (the API). Returns its seq, or None if the
-    video's `complete` was published already (then nothing is)."""
-    body = encode_body(video_id, event_type, message, fields)
-    keys, args = script_args(video_id, body, floor, event_type == "complete")
+    job's `complete` was published already (then nothing is)."""
+    body = encode_body(key, event_type, message, fields)
+    keys, args = script_args(key, body, floor, event_type == "complete")
     script = client.register_script(PUBLISH_LUA)
     seq = int(await script(keys=keys, args=args))
     if not seq:
@@ -199,32 +177,27 @@ Outcome = Literal["completed", "failed", "cancelled"]
 
 
 def ending(
-    status: Outcome, *, reason: str | None = None, video_url: str | None = None
+    key: StreamKey, status: Outcome, *, reason: str | None = None, **fields: Any
 ) -> tuple[str, dict[str, Any]]:
     """The message and fields of a `complete` event (CONTRACT §4). Every place that
     ends a stream builds it here: the worker's logger, the API's cancel and its failed
-    submit, the sweeper's timeout, and a stream rebuilding an end Redis lost."""
+    submit, the sweeper's timeout, and a stream rebuilding an end Redis lost. `fields`
+    (a completed video's `video_url`, say) go with a completed job only."""
+    what = key.kind.capitalize()
     if status == "completed":
-        return "Video completed", {"status": status, "video_url": video_url, "progress": 100}
+        return f"{what} completed", {"status": status, **fields, "progress": 100}
     if status == "failed":
-        message = f"Generation failed: {reason or 'unknown error'}"
-    else:
-        message = "Video cancelled; its credits were refunded"
-    return message, {"status": status, "video_url": None, "progress": None}
+        return f"{what} failed: {reason or 'unknown error'}", {"status": status}
+    return f"{what} cancelled" + (f": {reason}" if reason else ""), {"status": status}
 
 
 def terminal_event(
-    video_id: int,
-    seq: int,
-    status: Outcome,
-    *,
-    reason: str | None = None,
-    video_url: str | None = None,
+    key: StreamKey, seq: int, status: Outcome, *, reason: str | None = None, **fields: Any
 ) -> bytes:
     """A `complete` event at a known seq, for a stream whose history no longer holds
     the one that was published (the database tells its outcome)."""
-    message, fields = ending(status, reason=reason, video_url=video_url)
-    body = encode_body(video_id, "complete", message, fields)
+    message, complete = ending(key, status, reason=reason, **fields)
+    body = encode_body(key, "complete", message, complete)
     return b'{"id":"%d","seq":%d,%s' % (seq, seq, body)
 
 
@@ -232,7 +205,7 @@ HISTORY_LOST = "history_lost"
 
 
 def history_lost(
-    video_id: int,
+    key: StreamKey,
     after: int,
     resume: int,
     *,
@@ -248,7 +221,7 @@ def history_lost(
     body: dict[str, Any] = {
         "id": str(resume),
         "seq": resume,
-        "video_id": video_id,
+        key.id_field: key.id,
         "type": "log",
         "code": HISTORY_LOST,
         "message": f"The stream's {skipped} can no longer be replayed; the current state follows",

@@ -32,13 +32,8 @@ from redis.asyncio.client import PubSub
 from kinora.core import metrics
 from kinora.streaming.cancellation import raise_if_cancelled
 from kinora.streaming.connect import quick_retry
-from kinora.streaming.events import (
-    channel,
-    end_key,
-    history_key,
-    seq_key,
-)
 from kinora.streaming.frames import RESYNC, Item
+from kinora.streaming.keys import StreamKey
 from kinora.streaming.presence import Presence
 from kinora.streaming.watcher import HISTORY_PAGE, LostNotice, Topic, Watcher
 
@@ -148,25 +143,25 @@ class StreamHub:
     @contextlib.asynccontextmanager
     async def watch(
         self,
-        video_id: int,
+        key: StreamKey,
         after: int = 0,
         transport: str = "sse",
         *,
         floor: int = 0,
         lost: LostNotice | None = None,
     ) -> AsyncIterator[Watcher]:
-        """Register a watcher of `video_id` that has seen every event up to `after`.
+        """Register a watcher of `key` that has seen every event up to `after`.
         `floor`: the highest seq known used (a database's record); `lost` builds the
         `history_lost` notice when events it asks for are gone."""
-        name = channel(video_id).encode()
+        name = key.channel.encode()
         topic = self._topics.get(name)
         if topic is None:
             topic = self._topics[name] = Topic()
             self._pending[name] += 1
             self._ops.put_nowait(("sub", name))
-        watcher = Watcher(self, video_id, topic, after, transport, floor=floor, lost=lost)
+        watcher = Watcher(self, key, topic, after, transport, floor=floor, lost=lost)
         topic.watchers.add(watcher)  # registered before the subscription can go live
-        self.presence.joined(video_id)
+        self.presence.joined(key)
         clients = metrics.CLIENTS.labels(transport)
         clients.inc()
         try:
@@ -183,12 +178,12 @@ class StreamHub:
     def detach(self, watcher: Watcher) -> None:
         """Forget a watcher; the last one of a video unsubscribes. Never awaits, so it
         is safe in a cancelled stream's cleanup."""
-        name = channel(watcher.video_id).encode()
+        name = watcher.key.channel.encode()
         topic = self._topics.get(name)
         if topic is None or watcher not in topic.watchers:
             return
         topic.watchers.discard(watcher)
-        self.presence.left(watcher.video_id)
+        self.presence.left(watcher.key)
         if not topic.watchers:
             del self._topics[name]
             self._ops.put_nowait(("unsub", name))
@@ -206,34 +201,34 @@ class StreamHub:
             log.info("shutting down: %d streams told to reconnect", ended)
         return ended
 
-    async def history(self, video_id: int, after: int, limit: int | None = None) -> list[Item]:
+    async def history(self, key: StreamKey, after: int, limit: int | None = None) -> list[Item]:
         """At most `limit` (a page) events after seq `after`, oldest first."""
-        raw = await self._page(self.redis, video_id, after, limit)
+        raw = await self._page(self.redis, key, after, limit)
         return [Item.from_raw(r) for r in cast(list[bytes], raw)]
 
-    def _page(self, client: Any, video_id: int, after: int, limit: int | None = None) -> Any:
+    def _page(self, client: Any, key: StreamKey, after: int, limit: int | None = None) -> Any:
         """ZRANGEBYSCORE of one page after `after`, on a client or a pipeline."""
         num = limit or self.history_page
-        return client.zrangebyscore(history_key(video_id), f"({after}", "+inf", start=0, num=num)
+        return client.zrangebyscore(key.history, f"({after}", "+inf", start=0, num=num)
 
-    async def history_state(self, video_id: int, after: int) -> tuple[list[Item], int | None]:
+    async def history_state(self, key: StreamKey, after: int) -> tuple[list[Item], int | None]:
         """The first page of history after `after`, and the video's seq counter (None if
         Redis has none), in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            self._page(pipe, video_id, after)
-            pipe.get(seq_key(video_id))
+            self._page(pipe, key, after)
+            pipe.get(key.seq)
             raw, counter = await pipe.execute()
         items = [Item.from_raw(r) for r in cast(list[bytes], raw)]
         return items, None if counter is None else int(counter)
 
-    async def end_seq(self, video_id: int) -> int | None:
+    async def end_seq(self, key: StreamKey) -> int | None:
         """The seq of the video's `complete` event, if Redis still knows it."""
-        value = await self.redis.get(end_key(video_id))
+        value = await self.redis.get(key.end)
         return None if value is None else int(value)
 
-    async def recent(self, video_id: int, count: int) -> list[Item]:
+    async def recent(self, key: StreamKey, count: int) -> list[Item]:
         """The last `count` events of a video's history, oldest first."""
-        raw = await self.redis.zrange(history_key(video_id), -count, -1)
+        raw = await self.redis.zrange(key.history, -count, -1)
         return [Item.from_raw(r) for r in cast(list[bytes], raw)]
 
     @property

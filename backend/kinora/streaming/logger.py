@@ -15,6 +15,7 @@ import redis
 
 from kinora.core import logs, metrics
 from kinora.core.config import get_settings
+from kinora.streaming import keys
 from kinora.streaming.connect import sync_redis
 from kinora.streaming.events import (
     PUBLISH_LUA,
@@ -26,32 +27,54 @@ from kinora.streaming.events import (
     ending,
     script_args,
 )
+from kinora.streaming.keys import StreamKey
 from kinora.streaming.outbox import OUTBOX, Pending
 
 log = logging.getLogger(__name__)
 
 
-# One synchronous client per worker process: prefork children must not share the
-# parent's sockets, so the client is keyed by pid.
+# One synchronous client per Redis per worker process: prefork children must not share
+# the parent's sockets, so the clients are keyed by pid.
 _sync_lock = threading.Lock()
-_sync_clients: dict[int, redis.Redis] = {}
+_sync_clients: dict[tuple[int, str], redis.Redis] = {}
 
 
-def sync_client() -> redis.Redis:
+def sync_client(url: str | None = None) -> redis.Redis:
+    """This process's client of `url` (REDIS_URL by default)."""
+    url = url or get_settings().required_redis_url
     pid = os.getpid()
-    client = _sync_clients.get(pid)
+    client = _sync_clients.get((pid, url))
     if client is None:
         with _sync_lock:
-            client = _sync_clients.get(pid)
+            client = _sync_clients.get((pid, url))
             if client is None:
-                client = sync_redis(get_settings().required_redis_url)
-                _sync_clients.clear()
-                _sync_clients[pid] = client
+                if any(owner != pid for owner, _ in _sync_clients):
+                    _sync_clients.clear()  # a forked child: the parent's are not ours
+                client = _sync_clients[(pid, url)] = sync_redis(url)
     return client
 
 
+def task_redis_url(task: Any) -> str:
+    """Where a Celery task's events go: REDIS_URL if set, else the task's app's broker
+    when that is Redis (CONTRACT §9)."""
+    configured = get_settings().redis_url
+    if configured:
+        return configured
+    broker = str(task.app.conf.broker_url or "")
+    if broker.startswith(("redis://", "rediss://", "unix://")):
+        return broker
+    raise RuntimeError(
+        f"the task's broker ({broker.split('://')[0] or 'none'}) is not Redis: set REDIS_URL "
+        "to the Redis that your API's progress_router reads"
+    )
+
+
 class SSELogger:
-    """Publishes the steps of one video's job; usable as a context manager.
+    """Publishes the steps of one job; usable as a context manager.
+
+    `job` is any job's id (a string or an integer: its events carry `job_id`), or a
+    StreamKey (Kinora's videos: `keys.video(id)`, events with `video_id`). In a bound
+    Celery task, `SSELogger.for_task(self)` takes the task's id and its broker.
 
     `will_retry(exc)` tells whether an exception leaving the block will be retried
     (the job's retry policy decides); if not, it is final and a `complete` event with
@@ -64,8 +87,9 @@ class SSELogger:
 
     def __init__(
         self,
-        video_id: int,
+        job: StreamKey | str | int,
         *,
+        redis_url: str | None = None,
         retry_count: int = 0,
         max_retries: int = 0,
         will_retry: Callable[[BaseException], bool] | None = None,
@@ -73,7 +97,8 @@ class SSELogger:
         last_seq: int = 0,
         on_complete: Callable[[int], None] | None = None,
     ) -> None:
-        self.video_id = video_id
+        self.key = job if isinstance(job, StreamKey) else keys.job(job)
+        self._redis_url = redis_url
         self.retry_count = retry_count
         self.max_retries = max_retries
         self._will_retry = will_retry or (lambda _exc: False)
@@ -84,6 +109,16 @@ class SSELogger:
         self.last_seq = last_seq
         self.ended = False  # the `complete` is published (by us, or by someone else)
         self._on_complete = on_complete
+
+    @classmethod
+    def for_task(cls, task: Any, **kwargs: Any) -> Self:
+        """The logger of a bound Celery task's run (`@app.task(bind=True)`): its job id
+        is the task's id, its retries are told on error events, and its events go to
+        REDIS_URL or, unset, to the task's Redis broker."""
+        kwargs.setdefault("retry_count", task.request.retries or 0)
+        if isinstance(task.max_retries, int):
+            kwargs.setdefault("max_retries", task.max_retries)
+        return cls(keys.job(task.request.id), redis_url=task_redis_url(task), **kwargs)
 
     def __enter__(self) -> Self:
         return self
@@ -111,7 +146,7 @@ class SSELogger:
     # -- the calls a job makes ------------------------------------------------------
 
     def step(
-        self, step: int, message: str, *, progress: int | None = None, **fields: Any
+        self, step: int | None, message: str, *, progress: int | None = None, **fields: Any
     ) -> int | None:
         if progress is not None:
             # progress never goes backwards, whatever the caller passes
@@ -119,6 +154,21 @@ class SSELogger:
             self.progress = progress
         event_type: EventType = "progress" if progress is not None else "log"
         return self.publish(event_type, message, step=step, progress=progress, **fields)
+
+    def update(
+        self, current: int, total: int, message: str | None = None, **fields: Any
+    ) -> int | None:
+        """`current` of `total` done: a progress event with `progress` =
+        round(100 * current / total), and `current` and `total` themselves."""
+        progress = round(100 * current / total) if total > 0 else 0
+        return self.step(
+            fields.pop("step", None),
+            message or f"{current} of {total}",
+            progress=min(max(progress, 0), 100),
+            current=current,
+            total=total,
+            **fields,
+        )
 
     def log(self, message: str, **fields: Any) -> int | None:
         return self.publish("log", message, **fields)
@@ -152,11 +202,12 @@ class SSELogger:
         self,
         *,
         status: Outcome = "completed",
-        video_url: str | None = None,
         reason: str | None = None,
+        **result: Any,
     ) -> int | None:
-        """The job's last event (events.ending): nothing is published after it."""
-        message, fields = ending(status, reason=reason, video_url=video_url)
+        """The job's last event (events.ending): nothing is published after it. A
+        completed job's `result` fields go with it (a video's `video_url`)."""
+        message, fields = ending(self.key, status, reason=reason, **result)
         if status == "completed":
             self.progress = 100
         return self.publish("complete", message, **fields)
@@ -175,33 +226,33 @@ class SSELogger:
             fields["status"] = "processing"
         if self.ended:
             return None
-        body = encode_body(self.video_id, event_type, message, fields)
+        body = encode_body(self.key, event_type, message, fields)
         terminal = event_type == "complete"
         if terminal:
             self.ended = True
         uid = os.urandom(8).hex()
-        if not (OUTBOX.holds(self.video_id) and not OUTBOX.flush()):
+        if not (OUTBOX.holds(self.key) and not OUTBOX.flush()):
             try:
                 return self._send(event_type, body, terminal, uid)
             except redis.RedisError as exc:
                 log.warning(
-                    "event for video %s not published (%s); kept until Redis is back: %s",
-                    self.video_id, exc, body.decode(),
+                    "event for %s not published (%s); kept until Redis is back: %s",
+                    self.key, exc, body.decode(),
                 )  # fmt: skip
         metrics.EVENTS_NOT_PUBLISHED.inc()
-        OUTBOX.add(Pending(self.video_id, lambda: self._send(event_type, body, terminal, uid)))
+        OUTBOX.add(Pending(self.key, lambda: self._send(event_type, body, terminal, uid)))
         return None
 
     def _send(self, event_type: EventType, body: bytes, terminal: bool, uid: str) -> int | None:
         """The one round trip; raises redis.RedisError."""
-        client = self._client or sync_client()
+        client = self._client or sync_client(self._redis_url)
         if self._script is None:
             self._script = client.register_script(PUBLISH_LUA)
-        keys, args = script_args(self.video_id, body, self.last_seq, terminal, uid)
-        seq = int(self._script(keys=keys, args=args, client=client))
-        if not seq:  # the video's `complete` is out: the script refused
+        names, args = script_args(self.key, body, self.last_seq, terminal, uid)
+        seq = int(self._script(keys=names, args=args, client=client))
+        if not seq:  # the job's `complete` is out: the script refused
             self.ended = True
-            log.info("event for video %s refused: its complete was published", self.video_id)
+            log.info("event for %s refused: its complete was published", self.key)
             return None
         metrics.EVENTS_PUBLISHED.labels(event_type).inc()
         self.last_seq = seq

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import redis
 
+from kinora.streaming.keys import StreamKey
+
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0
@@ -30,7 +32,7 @@ RETRY_SECONDS = 1.0
 
 @dataclass
 class Pending:
-    video_id: int
+    key: StreamKey
     send: Callable[[], object]  # publishes the event; raises redis.RedisError
 
 
@@ -48,9 +50,9 @@ class Outbox:
             self._thread = None
             self._pid = os.getpid()
 
-    def holds(self, video_id: int) -> bool:
+    def holds(self, key: StreamKey) -> bool:
         self._reset_after_fork()
-        return any(p.video_id == video_id for p in self._queue)
+        return any(p.key == key for p in self._queue)
 
     def __len__(self) -> int:
         self._reset_after_fork()

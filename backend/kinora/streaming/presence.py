@@ -21,14 +21,11 @@ from typing import cast
 import redis.asyncio as aioredis
 
 from kinora.streaming.cancellation import raise_if_cancelled
+from kinora.streaming.keys import StreamKey
 
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 0.5
-
-
-def video_key(video_id: int) -> str:
-    return f"presence:video:{video_id}"
 
 
 def alive_key(process: str) -> str:
@@ -40,19 +37,19 @@ class Presence:
         self.client = client
         self.ttl = max(1, round(ttl_seconds))
         self.process = uuid.uuid4().hex
-        self.counts: Counter[int] = Counter()
-        self._dirty: set[int] = set()
+        self.counts: Counter[StreamKey] = Counter()
+        self._dirty: set[StreamKey] = set()
         self._task: asyncio.Task[None] | None = None
 
-    def joined(self, video_id: int) -> None:
-        self.counts[video_id] += 1
-        self._dirty.add(video_id)
+    def joined(self, key: StreamKey) -> None:
+        self.counts[key] += 1
+        self._dirty.add(key)
 
-    def left(self, video_id: int) -> None:
-        self.counts[video_id] -= 1
-        if self.counts[video_id] <= 0:
-            del self.counts[video_id]
-        self._dirty.add(video_id)
+    def left(self, key: StreamKey) -> None:
+        self.counts[key] -= 1
+        if self.counts[key] <= 0:
+            del self.counts[key]
+        self._dirty.add(key)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="presence")
@@ -64,13 +61,13 @@ class Presence:
                 await self._task
         with contextlib.suppress(Exception):  # best effort: the TTL cleans up anyway
             pipe = self.client.pipeline(transaction=False)
-            for video_id in self.counts:
-                pipe.hdel(video_key(video_id), self.process)
+            for key in self.counts:
+                pipe.hdel(key.presence, self.process)
             pipe.delete(alive_key(self.process))
             await pipe.execute()
 
-    async def connections(self, video_id: int) -> int:
-        fields = cast(dict[bytes, bytes], await self.client.hgetall(video_key(video_id)))
+    async def connections(self, key: StreamKey) -> int:
+        fields = cast(dict[bytes, bytes], await self.client.hgetall(key.presence))
         if not fields:
             return 0
         processes = [p.decode() for p in fields]
@@ -80,7 +77,7 @@ class Presence:
         alive = await pipe.execute()
         dead = [p for p, ok in zip(processes, alive, strict=True) if not ok]
         if dead:
-            await self.client.hdel(video_key(video_id), *dead)
+            await self.client.hdel(key.presence, *dead)
         return sum(int(fields[p.encode()]) for p, ok in zip(processes, alive, strict=True) if ok)
 
     async def _run(self) -> None:
@@ -107,12 +104,12 @@ class Presence:
             return
         dirty, self._dirty = self._dirty, set()
         pipe = self.client.pipeline(transaction=False)
-        for video_id in dirty:
-            count = self.counts.get(video_id, 0)
+        for key in dirty:
+            count = self.counts.get(key, 0)
             if count:
-                pipe.hset(video_key(video_id), self.process, count)
+                pipe.hset(key.presence, self.process, count)
             else:
-                pipe.hdel(video_key(video_id), self.process)
+                pipe.hdel(key.presence, self.process)
         try:
             await pipe.execute()
         except Exception:

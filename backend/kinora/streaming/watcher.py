@@ -12,6 +12,7 @@ from typing import Protocol
 from kinora.core import metrics
 from kinora.streaming.events import history_lost
 from kinora.streaming.frames import RESYNC, Item
+from kinora.streaming.keys import StreamKey
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,9 @@ class Source(Protocol):
     slow_cuts: int
     delivered: dict[str, int]
 
-    async def history(self, video_id: int, after: int, limit: int | None = None) -> list[Item]: ...
+    async def history(self, key: StreamKey, after: int, limit: int | None = None) -> list[Item]: ...
 
-    async def history_state(self, video_id: int, after: int) -> tuple[list[Item], int | None]: ...
+    async def history_state(self, key: StreamKey, after: int) -> tuple[list[Item], int | None]: ...
 
     def detach(self, watcher: Watcher) -> None: ...
 
@@ -102,7 +103,7 @@ class Watcher:
     def __init__(
         self,
         hub: Source,
-        video_id: int,
+        key: StreamKey,
         topic: Topic,
         after: int,
         transport: str = "sse",
@@ -114,7 +115,7 @@ class Watcher:
         self.floor = floor
         self.lost = lost
         self.transport = transport
-        self.video_id = video_id
+        self.key = key
         self.topic = topic
         self.cursor = topic.end  # the live events it has taken from the topic
         self.last_seq = after
@@ -135,7 +136,7 @@ class Watcher:
         metrics.CLIENTS_CUT.labels(self.transport).inc()
         self.hub.detach(self)
         self.topic.wake()
-        log.info("watcher of video %s cut off: %d events behind", self.video_id, self.backlog)
+        log.info("watcher of %s cut off: %d events behind", self.key, self.backlog)
 
     def _expire(self) -> None:
         self.expired = True
@@ -146,7 +147,7 @@ class Watcher:
         if self.lost is not None:
             raw = await self.lost(self.last_seq, resume)
         else:
-            raw = history_lost(self.video_id, self.last_seq, resume)
+            raw = history_lost(self.key, self.last_seq, resume)
         self.last_seq = max(self.last_seq, resume)
         return Item(raw, resume, "log")
 
@@ -158,7 +159,7 @@ class Watcher:
     async def replay(self, *, check_lost: bool = True) -> AsyncIterator[list[Item]]:
         """History after `last_seq`, a page at a time, told of a gap first if the events
         it asks for are gone."""
-        history, counter = await self.hub.history_state(self.video_id, self.last_seq)
+        history, counter = await self.hub.history_state(self.key, self.last_seq)
         if check_lost:
             resume = resume_point(self.last_seq, history, counter, self.floor)
             if resume is not None:
@@ -169,7 +170,7 @@ class Watcher:
             yield self._took(history)
             if len(history) < self.hub.history_page:
                 return
-            history = await self.hub.history(self.video_id, self.last_seq)
+            history = await self.hub.history(self.key, self.last_seq)
 
     async def batches(self, deadline: float | None = None) -> AsyncIterator[list[Item]]:
         """History after `last_seq`, then live events, in seq order, none twice, in

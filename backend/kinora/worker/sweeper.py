@@ -17,6 +17,7 @@ import threading
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.jobs import dispatch, event_floor, store
+from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger, sync_client
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def sweep_once(*, at_start: bool = False) -> store.Sweep:
         )
     for video_id in found.timed_out:
         with SSELogger(
-            video_id,
+            keys.video(video_id),
             last_seq=event_floor.floor(video_id),
             on_complete=event_floor.end_recorder(video_id),
         ) as events:
@@ -46,7 +47,7 @@ def sweep_once(*, at_start: bool = False) -> store.Sweep:
             events.complete(status="failed", reason=message)
     if found.requeue:
         for video_id in found.requeue:
-            with SSELogger(video_id, last_seq=event_floor.floor(video_id)) as events:
+            with SSELogger(keys.video(video_id), last_seq=event_floor.floor(video_id)) as events:
                 # Refused by the event store if the video ended meanwhile (cancelled).
                 events.log("Its worker stopped answering: queued again")
             dispatch.generate_video(video_id)

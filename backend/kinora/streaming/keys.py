@@ -1,0 +1,64 @@
+"""Which job a stream is about, and where its events live in Redis.
+
+A stream belongs to one job: any Celery task's (`job`, its id a string or an integer)
+or one of Kinora's videos (`video`). The kind names the Redis keys and the channel
+(`video:7`, `video:7:events`, …) and the id field of every event (`video_id`, or
+`job_id` for any other job), so the same machinery serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class StreamKey:
+    kind: str
+    id: str | int
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+    @property
+    def channel(self) -> str:
+        return str(self)
+
+    @property
+    def history(self) -> str:
+        """A sorted set of the job's events, scored by seq."""
+        return f"{self}:events"
+
+    @property
+    def seq(self) -> str:
+        """The job's event counter."""
+        return f"{self}:seq"
+
+    @property
+    def end(self) -> str:
+        """Set (to its seq) when the job's `complete` is published: nothing follows it."""
+        return f"{self}:end"
+
+    @property
+    def sent(self) -> str:
+        """Each published event's unique id → its seq: a resend is not a second event."""
+        return f"{self}:sent"
+
+    @property
+    def presence(self) -> str:
+        """Live watchers per API process."""
+        return f"presence:{self}"
+
+    @property
+    def id_field(self) -> str:
+        """The name of the job's id in its events: `video_id`, `job_id`."""
+        return f"{self.kind}_id"
+
+
+def job(job_id: str | int) -> StreamKey:
+    """Any job's stream, by its id (a Celery task's id, say)."""
+    return StreamKey("job", job_id)
+
+
+def video(video_id: int) -> StreamKey:
+    """One of Kinora's videos."""
+    return StreamKey("video", video_id)

@@ -1,0 +1,138 @@
+"""The WebSocket transport (CONTRACT §5), through the same StreamHub as SSE.
+
+Messages are `{"event": ..., "data": {...}}`: `connected`, `initial_state` (status,
+progress and the log so far), then every event (`progress_update`, `stage_change`,
+`log`, `error`, `complete`) with the SSE event JSON as `data`. The server pings
+every WS_PING_SECONDS; a client that has not answered `{"event": "pong"}` for
+WS_PONG_TIMEOUT_SECONDS is closed with 4408. Close codes: 4401 bad token, 4404
+unknown or foreign job, 1000 after `complete`, 1013 when the client fell too far
+behind (reconnect: `initial_state` carries the log so far).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import orjson
+from fastapi import WebSocket, WebSocketDisconnect
+
+from kinora.core.config import get_settings
+from kinora.streaming.events import Event, timestamp
+from kinora.streaming.hub import StreamHub, SubscribeTimeout
+from kinora.streaming.keys import StreamKey
+from kinora.streaming.watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+CLOSE_BAD_TOKEN = 4401
+CLOSE_NOT_FOUND = 4404
+CLOSE_PONG_TIMEOUT = 4408
+# "Try again later" (RFC 6455): too far behind, or too many streams open.
+CLOSE_TRY_LATER = 1013
+
+
+class PongTimeout(Exception):
+    pass
+
+
+def message(event: str, data: object) -> str:
+    return orjson.dumps({"event": event, "data": data}).decode()
+
+
+def state_of(events: list[Event]) -> tuple[str, int]:
+    """A job's status and progress as its events tell them (the last that says)."""
+    status, progress = "pending", 0
+    for event in events:
+        status = event.get("status", status)
+        progress = event.get("progress", progress)
+    return status, progress
+
+
+async def watch(
+    websocket: WebSocket,
+    hub: StreamHub,
+    key: StreamKey,
+    *,
+    hello: dict[str, Any],
+    status: str | None = None,
+    progress: int | None = None,
+) -> None:
+    """Serve one accepted WebSocket: `connected` (with `hello`), `initial_state` (the
+    given status and progress, else as the events tell them), then every event."""
+    await websocket.send_text(message("connected", {**hello, "timestamp": timestamp()}))
+    try:
+        async with hub.watch(key, transport="websocket") as watcher:
+            logs = await hub.history(key, 0)
+            if logs:
+                watcher.last_seq = logs[-1].seq
+            told = state_of([item.event for item in logs])
+            state = {
+                "status": status or told[0],
+                "progress": told[1] if progress is None else progress,
+                "logs": [item.event for item in logs],
+            }
+            await websocket.send_text(message("initial_state", state))
+            if logs and logs[-1].terminal:
+                await websocket.close(1000)
+                return
+            await serve(websocket, watcher)
+    except SubscribeTimeout:
+        await websocket.close(1013, reason="no subscription from Redis; reconnect")
+    except WebSocketDisconnect:
+        pass
+
+
+async def serve(websocket: WebSocket, watcher: Watcher) -> None:
+    settings = get_settings()
+    loop = asyncio.get_running_loop()
+    last_pong = loop.time()
+
+    async def receive() -> None:
+        nonlocal last_pong
+        while True:
+            text = await websocket.receive_text()
+            with contextlib.suppress(ValueError):
+                if orjson.loads(text).get("event") == "pong":
+                    last_pong = loop.time()
+
+    async def ping() -> None:
+        tick = min(settings.ws_ping_seconds, settings.ws_pong_timeout_seconds / 4)
+        next_ping = loop.time() + settings.ws_ping_seconds
+        while True:
+            await asyncio.sleep(tick)
+            if loop.time() - last_pong > settings.ws_pong_timeout_seconds:
+                raise PongTimeout
+            if loop.time() >= next_ping:
+                next_ping += settings.ws_ping_seconds
+                await websocket.send_text(message("ping", {"timestamp": timestamp()}))
+
+    async def forward() -> bool:
+        """Every event until `complete` (True), or False when the client fell behind."""
+        async for item in watcher.events():
+            await websocket.send_text(item.ws)
+            if item.terminal:
+                return True
+        return False
+
+    tasks = [asyncio.create_task(c) for c in (receive(), ping(), forward())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finished = done.pop()
+    error = finished.exception()
+    if isinstance(error, WebSocketDisconnect):
+        return
+    if isinstance(error, PongTimeout):
+        await websocket.close(CLOSE_PONG_TIMEOUT, reason="no pong: closing")
+    elif error is not None:
+        raise error
+    elif finished.result():
+        await websocket.close(1000)
+    else:
+        await websocket.close(CLOSE_TRY_LATER, reason="too far behind: reconnect")

@@ -1,0 +1,142 @@
+"""The live-progress layer in another app (CONTRACT §9): a Celery task that is not a
+video publishes with `SSELogger.for_task(self)` and `update(i, n)`; a FastAPI app
+that is not Kinora serves it with `progress_router`. A real Celery worker (in a
+thread), a real Redis, a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from fastapi import FastAPI, Request
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from kinora.core.config import get_settings
+from kinora.streaming import SSELogger, progress_router
+from tests.utils.clients import events_of, read_stream
+from tests.utils.servers import serve
+
+ROWS = 7
+
+
+def can_watch(request: Any, job_id: str) -> bool:
+    return not job_id.startswith("secret")
+
+
+async def can_watch_async(request: Request, job_id: str) -> bool:
+    return can_watch(request, job_id)
+
+
+@pytest.fixture
+def broker_only(environment: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """REDIS_URL unset: the task's events must find Redis through its broker."""
+    url = environment["REDIS_URL"]
+    monkeypatch.delenv("REDIS_URL")
+    get_settings.cache_clear()
+    yield url
+    monkeypatch.setenv("REDIS_URL", url)
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def importer(broker_only: str) -> Iterator[Celery]:
+    app = Celery("csv_import", broker=broker_only, set_as_current=False)
+    app.conf.update(task_default_queue=f"csv-{time.monotonic_ns()}")
+
+    @app.task(bind=True, name="csv_import.import_rows", shared=False)  # type: ignore[untyped-decorator]
+    def import_rows(self: Any, rows: int) -> int:
+        with SSELogger.for_task(self) as log:
+            for i in range(1, rows + 1):
+                log.update(i, rows, f"row {i} imported")
+            log.complete()
+        return rows
+
+    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING"):
+        yield app
+
+
+@pytest.fixture
+def host(broker_only: str) -> Iterator[str]:
+    app = FastAPI(title="not Kinora")
+    # No REDIS_URL here: the router is told where Redis is.
+    router = progress_router(authorize=can_watch_async, redis_url=broker_only)
+    app.include_router(router, prefix="/progress")
+    with serve(app) as base:
+        yield base
+
+
+def test_a_celery_task_streams_its_progress_to_another_app(importer: Celery, host: str) -> None:
+    job = f"import-{time.monotonic_ns()}"
+    url = f"{host}/progress/{job}/stream"
+    with httpx.Client(timeout=httpx.Timeout(10, read=10)) as client:
+        with client.stream("GET", url) as response:  # watching before the task starts
+            assert response.status_code == 200
+            importer.send_task("csv_import.import_rows", args=[ROWS], task_id=job)
+            lines = []
+            for line in response.iter_lines():
+                lines.append(line)
+                if line.startswith("data: ") and json.loads(line[6:])["type"] == "complete":
+                    break
+        events = events_of(lines)
+        assert [e["seq"] for e in events] == list(range(1, ROWS + 2))
+        assert {e["job_id"] for e in events} == {job}
+        updates = events[:-1]
+        assert [e["progress"] for e in updates] == [round(100 * i / ROWS) for i in range(1, 8)]
+        assert [(e["current"], e["total"]) for e in updates] == [(i, ROWS) for i in range(1, 8)]
+        assert updates[2]["message"] == "row 3 imported"
+        assert (events[-1]["type"], events[-1]["status"]) == ("complete", "completed")
+
+        # The client has the end: EventSource stops on a 204.
+        last = client.get(url, headers={"Last-Event-ID": str(events[-1]["seq"])})
+        assert last.status_code == 204
+        # A late client gets the whole story, then the response ends.
+        status, late = read_stream(url, timeout=10)
+        assert status == 200
+        assert events_of(late) == events
+        # Polling: the state and the events so far.
+        snapshot = client.get(f"{host}/progress/{job}").json()
+        assert (snapshot["status"], snapshot["progress"]) == ("completed", 100)
+        assert snapshot["last_event_id"] == str(ROWS + 1)
+        assert snapshot["logs"] == events
+
+
+def test_the_authorize_hook_decides_and_says_404(host: str) -> None:
+    with httpx.Client(base_url=host, timeout=10) as client:
+        for path in ("/progress/secret-1/stream", "/progress/secret-1"):
+            response = client.get(path)
+            assert response.status_code == 404, path
+            assert response.json()["detail"] == "job secret-1 not found"
+        assert client.get("/progress/7/stream", headers={"Last-Event-ID": "x"}).status_code == 400
+
+
+def test_the_websocket_serves_the_same_events(importer: Celery, host: str) -> None:
+    job = f"import-ws-{time.monotonic_ns()}"
+    ws_url = host.replace("http://", "ws://") + f"/progress/{job}/ws"
+    with connect(ws_url, open_timeout=10) as ws:
+        hello = json.loads(ws.recv(timeout=10))
+        assert hello["event"] == "connected"
+        assert hello["data"]["job_id"] == job
+        state = json.loads(ws.recv(timeout=10))
+        assert state == {
+            "event": "initial_state",
+            "data": {"status": "pending", "progress": 0, "logs": []},
+        }
+        importer.send_task("csv_import.import_rows", args=[3], task_id=job)
+        received: list[dict[str, Any]] = []
+        while not received or received[-1]["event"] != "complete":
+            message = json.loads(ws.recv(timeout=10))
+            if message["event"] != "ping":
+                received.append(message)
+    assert [m["event"] for m in received] == ["progress_update"] * 3 + ["complete"]
+    assert [m["data"]["progress"] for m in received[:3]] == [33, 67, 100]
+    with connect(host.replace("http://", "ws://") + "/progress/secret-2/ws") as ws:
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+        assert ws.close_code == 4404
