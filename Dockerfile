@@ -15,7 +15,7 @@ WORKDIR /app
 # when pyproject.toml or the lock changes.
 COPY pyproject.toml README.md requirements.lock ./
 RUN mkdir -p backend/kinora && touch backend/kinora/__init__.py \
-    && pip install -c requirements.lock -e . && rm -rf backend
+    && pip install -c requirements.lock -e '.[app]' && rm -rf backend
 
 # The migrations travel inside the package (kinora/core/migrations).
 COPY backend ./backend

@@ -16,11 +16,11 @@ LOCK := requirements.lock
 
 # Stamp files: reinstall only when pyproject.toml or the lock changes.
 $(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -c $(LOCK) -e .
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[app]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(LOCK) | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[app,test]'
 	touch $(VENV)/.installed $@
 
 lock: | $(BIN)/python

@@ -1,3 +1,3 @@
-from kinora.cli.main import main
+from kinora.cli import main
 
 main()

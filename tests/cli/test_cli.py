@@ -42,6 +42,8 @@ def plain_kinora(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=False,
     )
     assert probe.returncode != 0, "the plain venv must not hold the test extras"
+    size = sum(f.stat().st_size for f in venv.rglob("*") if f.is_file()) / 2**20
+    print(f"`make run`'s venv (kinora[app]): {size:.0f} MB")
     return venv / "bin" / "kinora"
 
 
