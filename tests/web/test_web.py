@@ -75,6 +75,28 @@ def api(stack: object, environment: dict[str, str], tmp_path: Path) -> Iterator[
     server.stop()
 
 
+def screenshot(page: Page, tmp_path: Path, name: str) -> None:
+    """The picture; with KINORA_SCREENSHOTS=<dir> (as for the README's, in docs/), kept."""
+    shot = tmp_path / name
+    page.screenshot(path=str(shot))
+    if os.environ.get("KINORA_SCREENSHOTS"):
+        shutil.copy(shot, Path(os.environ["KINORA_SCREENSHOTS"]) / name)
+
+
+def open_page(browser: Browser, api: Api, account: Account, width: int = 1200) -> Page:
+    page = browser.new_page(viewport={"width": width, "height": 900 if width > 600 else 844})
+    page.set_default_timeout(30_000)
+    page.goto(f"{api.base}/?token={account.token}")
+    page.wait_for_selector("#app:not([hidden])")
+    return page
+
+
+def generate(page: Page, prompt: str) -> None:
+    page.fill("#prompt", prompt)
+    page.click("#generate")
+    page.wait_for_selector("#detail:not([hidden])")
+
+
 def log_seqs(page: Page) -> list[int]:
     return [
         int(s) for s in page.eval_on_selector_all("#log li", "els => els.map(e => e.dataset.seq)")
@@ -85,10 +107,7 @@ def test_generate_and_watch_to_the_end_across_an_api_restart(
     browser: Browser, api: Api, environment: dict[str, str], tmp_path: Path
 ) -> None:
     account: Account = make_account()
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
-    page.set_default_timeout(30_000)
-    page.goto(f"{api.base}/?token={account.token}")
-    page.wait_for_selector("#app:not([hidden])")
+    page = open_page(browser, api, account)
     assert "token=" not in page.url  # taken out of the address bar, kept in localStorage
 
     page.fill("#prompt", "A paper lantern floating over a dark lake")
@@ -97,10 +116,7 @@ def test_generate_and_watch_to_the_end_across_an_api_restart(
     page.wait_for_selector("#connection[data-state='connected']")
     page.wait_for_function("+document.getElementById('bar').getAttribute('aria-valuenow') >= 40")
     page.wait_for_timeout(400)  # only for the picture: the bar's CSS transition
-    shot = tmp_path / "page.png"
-    page.screenshot(path=str(shot))
-    if os.environ.get("KINORA_SCREENSHOT"):
-        shutil.copy(shot, os.environ["KINORA_SCREENSHOT"])
+    screenshot(page, tmp_path, "screenshot.png")
 
     api.kill()  # the stream drops mid-generation
     page.wait_for_selector("#connection[data-state='reconnecting']")
@@ -123,14 +139,67 @@ def test_generate_and_watch_to_the_end_across_an_api_restart(
     page.close()
 
 
-def test_the_page_fits_a_phone_and_asks_for_a_token(browser: Browser, api: Api) -> None:
+def test_signed_out_the_page_asks_for_a_token_only_and_says_when_it_is_wrong(
+    browser: Browser, api: Api
+) -> None:
     page = browser.new_page(viewport={"width": 390, "height": 844})
     page.goto(f"{api.base}/")
     page.wait_for_selector("#sign-in:not([hidden])")
-    account = make_account()
-    page.fill("#token-input", account.token)
+    assert not page.is_visible("#app")  # not the form under "Sign in"
+    assert not page.is_visible("#generate-form")
+    page.fill("#token-input", "kin_not-a-real-token")
     page.click("#token-form button")
-    page.wait_for_selector("#app:not([hidden])")
+    page.wait_for_selector("#sign-in-error:not([hidden])")
+    assert "not accepted" in page.inner_text("#sign-in-error")
+    assert page.is_visible("#sign-in-error")
+    page.close()
+
+
+def test_a_refused_video_is_unmistakably_failed(browser: Browser, api: Api, tmp_path: Path) -> None:
+    page = open_page(browser, api, make_account())
+    generate(page, "[mock:policy] Something the model will refuse to make")
+    page.wait_for_selector("#connection[data-state='failed']")
+    assert page.inner_text("#connection") == "failed"
+    assert page.get_attribute("#bar", "data-status") == "failed"
+    fill = page.eval_on_selector("#bar-fill", "e => getComputedStyle(e).backgroundImage")
+    assert fill == "none"  # the plain red, not the working gradient
+    error = page.inner_text("#error-box")
+    assert error.startswith("Failed: ")
+    assert "moderation" in error
+    assert "attempt" not in error  # a final error is never "attempt 1 of 4"
+    assert page.inner_text("#step") == "Failed"
+    screenshot(page, tmp_path, "failed.png")
+    page.close()
+
+
+def test_a_retry_shows_its_real_countdown_then_goes_on(
+    browser: Browser, api: Api, tmp_path: Path
+) -> None:
+    """The stack's worker retries after RETRY_COUNTDOWN_SECONDS=1."""
+    page = open_page(browser, api, make_account())
+    generate(page, "[mock:transient] A train crossing a snowy bridge at night")
+    page.wait_for_function(
+        "document.getElementById('error-box').textContent.includes('retrying in 1 s')"
+    )
+    text = page.inner_text("#error-box")
+    assert "attempt 1 of 4 failed" in text
+    screenshot(page, tmp_path, "retrying.png")
+    page.wait_for_selector("#connection[data-state='done']", timeout=60_000)
+    assert not page.is_visible("#error-box")  # the retry went through
+    assert page.get_attribute("#bar", "data-status") == "completed"
+    page.close()
+
+
+def test_the_page_fits_a_phone_with_a_video_open(
+    browser: Browser, api: Api, tmp_path: Path
+) -> None:
+    page = open_page(browser, api, make_account(), width=390)
     page.wait_for_selector("#videos li.empty")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    generate(page, "A very long prompt " + "without-any-break-in-it-at-all-" * 6)
+    page.wait_for_function("document.querySelectorAll('#log li').length >= 6")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    screenshot(page, tmp_path, "phone.png")
+    page.wait_for_selector("#connection[data-state='done']", timeout=60_000)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.close()

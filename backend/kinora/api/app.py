@@ -28,7 +28,7 @@ from kinora.api.middleware import (
 from kinora.api.quota import StreamQuota
 from kinora.core import logs
 from kinora.core.config import get_settings
-from kinora.streaming.router import hub_for
+from kinora.streaming.router import hub_for, script_response
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,8 @@ def create_app() -> FastAPI:
     app.include_router(videos.router)
     app.include_router(stream.router)
     app.include_router(ws.router)
+    # The browser module of any progress_router, at the address the page imports.
+    app.add_api_route("/static/kinora-progress.js", script_response, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=WEB), name="static")
 
     @app.get("/", include_in_schema=False)

@@ -50,6 +50,7 @@ class Event(TypedDict):
     retry_count: NotRequired[int]
     max_retries: NotRequired[int]
     is_retryable: NotRequired[bool]
+    retry_in_seconds: NotRequired[float]
     trace_id: NotRequired[str]
     video_url: NotRequired[str]
     code: NotRequired[str]

@@ -79,7 +79,7 @@ class SSELogger:
     `will_retry(exc)` tells whether an exception leaving the block will be retried
     (the job's retry policy decides); if not, it is final and a `complete` event with
     status `failed` follows the `error` event. `retry_count` and `max_retries` are
-    told on the error event.
+    told on the error event, and `retry_in` (seconds) when the job will be retried.
     `last_seq` is the highest seq the caller knows was used (the database's floor):
     no event gets a seq at or below it. `on_complete(seq)` is called once the
     `complete` event is published, to record where the video's events end.
@@ -93,6 +93,7 @@ class SSELogger:
         retry_count: int = 0,
         max_retries: int = 0,
         will_retry: Callable[[BaseException], bool] | None = None,
+        retry_in: float | None = None,
         client: redis.Redis | None = None,
         last_seq: int = 0,
         on_complete: Callable[[int], None] | None = None,
@@ -102,6 +103,7 @@ class SSELogger:
         self.retry_count = retry_count
         self.max_retries = max_retries
         self._will_retry = will_retry or (lambda _exc: False)
+        self.retry_in = retry_in
         self._client = client
         self._script: Any = None
         self.stage_name: str | None = None
@@ -138,6 +140,7 @@ class SSELogger:
             describe_error(exc),
             error_code=getattr(exc, "code", None) or type(exc).__name__,
             is_retryable=will_retry,
+            retry_in_seconds=self.retry_in if will_retry else None,
         )
         if not will_retry:
             self.complete(status="failed", reason=describe_error(exc))

@@ -3,7 +3,8 @@
     app.include_router(progress_router(authorize=can_watch), prefix="/progress")
 
 gives `GET {prefix}/{job_id}/stream` (SSE, CONTRACT §4), `GET {prefix}/{job_id}` (a
-snapshot with the recent events, for polling) and `WS {prefix}/{job_id}/ws` (§5) of
+snapshot with the recent events, for polling), `WS {prefix}/{job_id}/ws` (§5) and the
+browser module `GET {prefix}/kinora-progress.js`, of
 the events a job publishes with `SSELogger(job_id)` or `SSELogger.for_task(self)`.
 `authorize(request, job_id)`, sync or async, says whether the caller may watch; a
 False is a 404 (it may raise an HTTPException of its own, a 401 say).
@@ -19,11 +20,13 @@ import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import redis
 from fastapi import APIRouter, FastAPI, HTTPException, Request, Response, WebSocket, status
+from fastapi.responses import FileResponse
 
 from kinora.core.config import get_settings
 from kinora.streaming import keys
@@ -78,6 +81,14 @@ async def allowed(authorize: Authorize, connection: Any, job_id: str) -> bool:
     return bool(verdict)
 
 
+SCRIPT = Path(__file__).resolve().parent / "static" / "kinora-progress.js"
+
+
+def script_response() -> FileResponse:
+    """The browser module (static/kinora-progress.js), as an ES module."""
+    return FileResponse(SCRIPT, media_type="text/javascript", headers={"Cache-Control": "no-cache"})
+
+
 def not_found(job_id: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
 
@@ -89,6 +100,11 @@ def progress_router(authorize: Authorize, *, redis_url: str | None = None) -> AP
             yield
 
     router = APIRouter(lifespan=lifespan, tags=["progress"])
+
+    # Before the routes that take a job id, or it would be taken for one.
+    @router.get("/kinora-progress.js", include_in_schema=False)
+    async def browser_module() -> FileResponse:
+        return script_response()
 
     async def hub_of(request: Request, job_id: str) -> StreamHub:
         if not await allowed(authorize, request, job_id):

@@ -1,13 +1,14 @@
-// Kinora's page: submit a video, then watch it over EventSource (polling while the
-// stream is down). No build step; talks only to the API it is served from.
-"use strict";
+// Kinora's page: submit a video, then watch it with kinora-progress.js (EventSource,
+// resumed where it left off, polling while the stream is down). An ES module with no
+// build step; talks only to the API it is served from.
+import { watch } from "/static/kinora-progress.js";
 
 const TOKEN_KEY = "kinora.token";
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
 const $ = (id) => document.getElementById(id);
 
 let token = null;
-let current = null; // {id, streamUrl, lastSeq, source, poll, reopen, status}
+let current = null; // {id, streamUrl, lastSeq, watching, status, countdown}
 let submitting = false;
 
 function newKey() {
@@ -51,10 +52,12 @@ function signOut(message) {
   $("app").hidden = true;
   $("sign-out").hidden = true;
   $("sign-in").hidden = false;
-  if (message) $("token-input").placeholder = message;
+  $("sign-in-error").textContent = message || "";
+  $("sign-in-error").hidden = !message;
 }
 
 function start() {
+  $("sign-in-error").hidden = true;
   $("sign-in").hidden = true;
   $("app").hidden = false;
   $("sign-out").hidden = false;
@@ -139,26 +142,31 @@ function setProgress(value) {
   $("percent").textContent = `${value}%`;
 }
 
+function setOutcome(status) {
+  $("bar").dataset.status = status || "";
+}
+
 function closeStream() {
   if (!current) return;
-  if (current.source) current.source.close();
-  clearInterval(current.poll);
-  clearTimeout(current.reopen);
-  current.source = current.poll = current.reopen = null;
+  if (current.watching) current.watching.close();
+  clearInterval(current.countdown);
+  current.watching = current.countdown = null;
 }
 
 async function select(id) {
   closeStream();
-  current = { id, lastSeq: 0, source: null, poll: null, reopen: null, status: null };
+  current = { id, lastSeq: 0, watching: null, status: null, countdown: null };
   history.replaceState(null, "", `#video-${id}`);
   for (const li of $("videos").children) li.setAttribute("aria-selected", String(li.dataset.id == id));
   $("detail").hidden = false;
   $("detail-title").textContent = `Video ${id}`;
   $("log").replaceChildren();
-  $("error-box").hidden = true;
+  showError(null);
+  setOutcome(null);
   $("player").hidden = true;
   $("player").removeAttribute("src");
   setProgress(0);
+  setConnection("idle");
   $("step").textContent = "";
   const video = await refresh();
   if (!video) return;
@@ -172,8 +180,7 @@ async function refresh() {
   const response = await api(`/api/v1/videos/${watching.id}`);
   if (watching !== current) return null;
   if (!response.ok) {
-    $("error-box").textContent = await detail(response);
-    $("error-box").hidden = false;
+    showError(await detail(response));
     return null;
   }
   const video = await response.json();
@@ -186,61 +193,65 @@ async function refresh() {
 }
 
 function openStream() {
-  const watching = current;
-  // A new EventSource cannot send Last-Event-ID itself: the query parameter can.
-  const url = watching.lastSeq ? `${watching.streamUrl}&last_event_id=${watching.lastSeq}` : watching.streamUrl;
-  const source = new EventSource(url);
-  watching.source = source;
-  source.onopen = () => {
-    if (watching !== current) return;
-    setConnection("connected");
-    clearInterval(watching.poll);
-    watching.poll = null;
-  };
-  source.onmessage = (message) => {
-    if (watching !== current) return;
-    const event = JSON.parse(message.data);
-    addEvent(event);
-    if (event.type === "complete") {
-      source.close();
-      refresh().then((video) => video && finish(video));
-    }
-  };
-  source.onerror = () => {
-    if (watching !== current || TERMINAL.has(watching.status)) return;
-    setConnection("reconnecting");
-    startPolling(watching);
-    if (source.readyState === EventSource.CLOSED) {
-      // The browser gave up (an HTTP error or 204): try again shortly ourselves.
-      watching.reopen = setTimeout(() => watching === current && openStream(), 3000);
-    }
-  };
-}
-
-function startPolling(watching) {
-  if (watching.poll) return;
-  watching.poll = setInterval(async () => {
-    try {
-      const video = await refresh();
-      if (video && TERMINAL.has(video.status)) finish(video);
-    } catch { /* the server is down too: keep trying */ }
-  }, 2000);
+  const mine = current;
+  mine.watching = watch({
+    streamUrl: mine.streamUrl,
+    pollUrl: `/api/v1/videos/${mine.id}`,
+    headers: { Authorization: `Bearer ${token}` },
+    lastEventId: mine.lastSeq,
+    onEvent: (event) => mine === current && addEvent(event),
+    onConnection: (state) => {
+      if (mine === current && state !== "done") setConnection(state);
+    },
+    onComplete: () => {
+      if (mine === current) refresh().then((video) => video && finish(video));
+    },
+  });
 }
 
 function finish(video) {
   closeStream();
-  setConnection("done");
+  current.status = video.status;
+  setConnection(video.status === "completed" ? "done" : video.status);
+  setOutcome(video.status);
   $("cancel").hidden = true;
   setProgress(video.status === "completed" ? 100 : Number($("bar").getAttribute("aria-valuenow")));
   if (video.status === "completed" && video.video_url) {
+    showError(null);
     const player = $("player");
     if (video.thumbnail_url) player.poster = video.thumbnail_url;
     player.src = video.video_url;
     player.hidden = false;
-  } else if (video.status !== "completed") {
-    $("step").textContent = video.error_message || `Video ${video.status}`;
+  } else if (video.status === "failed") {
+    $("step").textContent = "Failed";
+    showError(`Failed: ${video.error_message || "the video could not be generated"}`);
+  } else {
+    $("step").textContent = "Cancelled";
   }
   loadVideos();
+}
+
+function showError(text) {
+  if (current) {
+    clearInterval(current.countdown);
+    current.countdown = null;
+  }
+  $("error-box").textContent = text || "";
+  $("error-box").hidden = !text;
+}
+
+// A retry's real wait, counted down (the error event says how long it is).
+function showRetry(event) {
+  const attempt = `attempt ${event.retry_count + 1} of ${event.max_retries + 1} failed`;
+  const until = Date.now() + 1000 * (event.retry_in_seconds || 0);
+  const draw = () => {
+    const left = Math.max(0, Math.ceil((until - Date.now()) / 1000));
+    $("error-box").textContent = `${event.message} (${event.error_code}): ${attempt}, ` +
+      (left ? `retrying in ${left} s` : "retrying now");
+  };
+  showError(" ");
+  draw();
+  current.countdown = setInterval(draw, 1000);
 }
 
 function addEvent(event) {
@@ -250,6 +261,7 @@ function addEvent(event) {
   li.dataset.seq = event.seq;
   if ("step" in event) li.dataset.step = event.step;
   li.dataset.type = event.type;
+  if (event.type === "complete") li.dataset.status = event.status;
   const time = document.createElement("time");
   time.textContent = new Date(event.timestamp).toLocaleTimeString([], { hour12: false });
   const text = document.createElement("span");
@@ -259,15 +271,17 @@ function addEvent(event) {
   log.append(li);
   log.scrollTop = log.scrollHeight;
   if (typeof event.progress === "number") setProgress(event.progress);
-  if (event.type !== "complete") $("step").textContent = event.message;
+  if (event.type !== "complete" && event.type !== "error") $("step").textContent = event.message;
   if (event.type === "error") {
-    const attempt = `attempt ${event.retry_count + 1} of ${event.max_retries + 1}`;
-    const box = $("error-box");
-    box.textContent = `${event.message} (${event.error_code}, ${attempt})` +
-      (event.is_retryable ? " · retrying shortly" : "");
-    box.hidden = false;
+    if (event.is_retryable) showRetry(event);
+    else showError(`${event.message} (${event.error_code})`);
+  } else if (event.type === "progress" && current.countdown) {
+    showError(null); // the retry is under way
   }
-  if (event.type === "complete") current.status = event.status;
+  if (event.type === "complete") {
+    current.status = event.status;
+    setOutcome(event.status);
+  }
   const badge = document.querySelector(`#videos li[data-id="${current.id}"] .badge`);
   if (badge) {
     const status = event.type === "complete" ? event.status : event.status || "processing";
@@ -280,13 +294,10 @@ function addEvent(event) {
 async function onCancel() {
   if (!current) return;
   const response = await api(`/api/v1/videos/${current.id}/cancel`, { method: "POST" });
-  if (!response.ok) {
-    $("error-box").textContent = await detail(response);
-    $("error-box").hidden = false;
-  }
+  if (!response.ok) showError(await detail(response));
 }
 
-document.addEventListener("DOMContentLoaded", () => {
+function main() {
   $("generate-form").addEventListener("submit", onGenerate);
   $("cancel").addEventListener("click", onCancel);
   $("sign-out").addEventListener("click", () => signOut());
@@ -299,4 +310,7 @@ document.addEventListener("DOMContentLoaded", () => {
   token = takeTokenFromUrl();
   if (token) start();
   else signOut();
-});
+}
+
+// A module runs after the document is parsed.
+main();

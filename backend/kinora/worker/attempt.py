@@ -104,6 +104,7 @@ def run(
         retry_count=retry_count,
         max_retries=max_retries,
         will_retry=lambda exc: policy.will_retry(exc, retry_count),
+        retry_in=policy.countdown_seconds,
         last_seq=job.last_seq,
         on_complete=event_floor.end_recorder(video_id),
     )
