@@ -15,22 +15,10 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from kinora.cli.embedded import free_port
 from tests.utils.accounts import Account, make_account
+from tests.utils.browser import CHROMIUM, FLAGS
 from tests.utils.processes import start_api, stop
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# As the machine's own notes say: without the background-networking flags Chromium
-# keeps trying to reach Google's hosts, which a closed network refuses.
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")
