@@ -50,18 +50,20 @@ def test_generate_watch_follows_to_the_end_and_exits_0(
     assert re.search(r"completed: http://127\.0\.0\.1:\d+/api/v1/videos/\d+/content\?token=", out)
 
 
-def test_a_failed_video_exits_1_and_a_cancelled_one_2(
+def test_a_failed_video_exits_1_and_a_cancelled_one_3(
     stack: Stack, account: Account, environment: dict[str, str]
 ) -> None:
     failed = run_cli(stack, account, environment, "generate", "[mock:policy] refused", "--watch")
     assert failed.returncode == 1
     assert "failed" in failed.stdout
+    assert "final" in failed.stdout  # the refusal is not "attempt 1/4"
+    assert "attempt" not in failed.stdout
 
     created = submit(stack, account, "A video cancelled before it starts")
     with stack.client(account) as client:
         assert client.post(f"/api/v1/videos/{created['video_id']}/cancel").status_code == 200
     cancelled = run_cli(stack, account, environment, "watch", str(created["video_id"]))
-    assert cancelled.returncode == 2
+    assert cancelled.returncode == 3
     assert "cancelled" in cancelled.stdout
 
 
@@ -74,9 +76,34 @@ def test_a_bad_token_is_a_one_line_error(stack: Stack, environment: dict[str, st
         timeout=60,
         check=False,
     )
-    assert result.returncode == 1
+    assert result.returncode == 5  # not allowed, which is neither "failed" nor "unreachable"
     assert "401" in result.stderr
     assert "invalid API token" in result.stderr
+
+
+def kinora_watch(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kinora", "watch", "1", "--token", "kin_x", *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_a_server_that_never_answers_fails_fast_with_its_own_exit_code(
+    environment: dict[str, str],
+) -> None:
+    started = time.monotonic()
+    down = kinora_watch("--url", f"http://127.0.0.1:{free_port()}", env=environment)
+    assert down.returncode == 4
+    assert time.monotonic() - started < 40  # not the 5 minutes it once took
+    assert "cannot reach http://127.0.0.1:" in down.stderr
+    assert "kinora up" in down.stderr
+    assert "lost the stream" not in down.stderr  # it never had one
+
+
+def test_a_url_without_a_scheme_is_a_usage_error(environment: dict[str, str]) -> None:
+    bad = kinora_watch(env={**environment, "KINORA_URL": "127.0.0.1:8000"})
+    assert bad.returncode == 2
+    assert "needs http:// or https://" in bad.stderr
 
 
 def test_watch_resumes_after_the_server_drops_it(

@@ -16,15 +16,41 @@ RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0, 5.0)  # then every 5 s
 
 
 class ClientError(Exception):
-    """A refusal from the server or a server that cannot be reached, in one line."""
+    """A refusal from the server, in one line."""
 
 
-def _detail(response: httpx.Response) -> str:
+class NotAllowed(ClientError):
+    """401, 403 or 404: the token, or the video, is not good."""
+
+
+class Unreachable(ClientError):
+    """The server cannot be reached (or stopped answering for good)."""
+
+
+# Without a single answer from the server for this long, `watch` gives up at once.
+FIRST_CONNECT_SECONDS = 10.0
+
+
+def refusal(response: httpx.Response) -> ClientError:
     try:
         detail = response.json().get("detail")
     except ValueError:
         detail = response.text[:200]
-    return f"{response.status_code}: {detail}"
+    kind = NotAllowed if response.status_code in (401, 403, 404) else ClientError
+    return kind(f"{response.status_code}: {detail}")
+
+
+def check_url(url: str) -> str:
+    """The server's URL, or ValueError saying what is wrong with it."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{url!r} is not a URL ({exc})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(
+            f"{url!r} needs http:// or https:// and a host, e.g. http://127.0.0.1:8000"
+        )
+    return url.rstrip("/")
 
 
 class KinoraClient:
@@ -50,26 +76,32 @@ class KinoraClient:
                 break
             except httpx.TransportError as exc:
                 if delay is None:
-                    raise ClientError(f"cannot reach {self.base_url}: {exc}") from exc
+                    raise Unreachable(f"cannot reach {self.base_url}: {exc}") from exc
                 time.sleep(delay)
         if response.status_code != 202:
-            raise ClientError(_detail(response))
+            raise refusal(response)
         result: dict[str, Any] = response.json()
         return result
 
     def video(self, video_id: int) -> dict[str, Any]:
-        response = self.http.get(f"/api/v1/videos/{video_id}")
+        try:
+            response = self.http.get(f"/api/v1/videos/{video_id}")
+        except httpx.TransportError as exc:
+            raise Unreachable(f"cannot reach {self.base_url}: {exc}") from exc
         if response.status_code != 200:
-            raise ClientError(_detail(response))
+            raise refusal(response)
         result: dict[str, Any] = response.json()
         return result
 
     def events(self, video_id: int) -> Iterator[Event]:
         """Every event of the video, from the first, until `complete`, across dropped
-        connections (each reconnect sends the last id seen)."""
+        connections (each reconnect sends the last id seen). Unreachable at once if the
+        server never answers in FIRST_CONNECT_SECONDS; after it has, only once it has
+        been gone for `give_up_after`."""
         last_id: str | None = None
         failures = 0
-        down_since: float | None = None
+        down_since: float | None = time.monotonic()
+        connected = False
         while True:
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
@@ -80,8 +112,8 @@ class KinoraClient:
                         return  # the stream had ended and we have every event
                     if response.status_code != 200:
                         response.read()
-                        raise ClientError(_detail(response))
-                    failures, down_since = 0, None
+                        raise refusal(response)
+                    failures, down_since, connected = 0, None, True
                     for event in sse_events(response.iter_lines()):
                         last_id = event["id"]
                         yield event
@@ -90,8 +122,15 @@ class KinoraClient:
             except httpx.TransportError as exc:
                 now = time.monotonic()
                 down_since = down_since or now
+                if not connected and now - down_since > FIRST_CONNECT_SECONDS:
+                    raise Unreachable(
+                        f"cannot reach {self.base_url}: {exc}. Is the server running "
+                        "(`kinora up`), and is KINORA_URL / --url its address?"
+                    ) from exc
                 if now - down_since > self.give_up_after:
-                    raise ClientError(f"lost the stream and could not resume: {exc}") from exc
+                    raise Unreachable(
+                        f"lost the stream of video {video_id} and could not resume: {exc}"
+                    ) from exc
                 time.sleep(RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)])
                 failures += 1
             # a response that ended without `complete` (SSE_TIMEOUT_SECONDS): resume

@@ -149,11 +149,33 @@ def users_create(email: str, credit_amount: int, plan: str) -> None:
 
 
 def _client(url: str, token: str | None) -> KinoraClient:
-    from kinora.cli.client import KinoraClient
+    from kinora.cli.client import KinoraClient, check_url
 
     if not token:
         raise click.UsageError("no API token: pass --token or set KINORA_TOKEN")
-    return KinoraClient(url, token)
+    try:
+        return KinoraClient(check_url(url), token)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--url / KINORA_URL") from None
+
+
+class CannotReach(click.ClickException):
+    exit_code = 4  # terminal.EXIT_UNREACHABLE
+
+
+class NotAllowedHere(click.ClickException):
+    exit_code = 5  # terminal.EXIT_NOT_ALLOWED
+
+
+def failure(error: Exception) -> click.ClickException:
+    """A refusal or an unreachable server, with the exit code that says which."""
+    from kinora.cli.client import NotAllowed, Unreachable
+
+    if isinstance(error, Unreachable):
+        return CannotReach(str(error))
+    if isinstance(error, NotAllowed):
+        return NotAllowedHere(str(error))
+    return click.ClickException(str(error))
 
 
 server_options = [
@@ -203,7 +225,7 @@ def generate(
             sys.exit(_watch(client, created["video_id"]))
         click.echo(f"Watch it: kinora watch {created['video_id']}")
     except ClientError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise failure(exc) from exc
     finally:
         client.close()
 
@@ -212,15 +234,16 @@ def generate(
 @click.argument("video_id", type=int)
 @with_server
 def watch_command(video_id: int, url: str, token: str | None) -> None:
-    """Follow a video's progress in the terminal; exits 0 when it completes, 1 if it
-    failed, 2 if it was cancelled."""
+    """Follow a video's progress in the terminal. Exits 0 when it completes, 1 if it
+    failed, 3 if it was cancelled, 4 if the server cannot be reached, 5 if the token or
+    the video is not good (2: a usage error)."""
     from kinora.cli.client import ClientError
 
     client = _client(url, token)
     try:
         sys.exit(_watch(client, video_id))
     except ClientError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise failure(exc) from exc
     finally:
         client.close()
 

@@ -1,5 +1,7 @@
 """What `kinora watch` shows: a progress bar, the step lines with their times, and the
-finished video's URL. Exit codes: 0 completed, 1 failed, 2 cancelled."""
+finished video's URL. Exit codes (EXIT): 0 completed, 1 failed, 3 cancelled,
+4 the server cannot be reached, 5 not allowed (token or video); click's own 2 is a
+usage error (a bad --url among them)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from kinora.cli.client import KinoraClient
 from kinora.streaming.events import Event
 
-EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 2}
+EXIT_CODES = {"completed": 0, "failed": 1, "cancelled": 3}
+EXIT_UNREACHABLE = 4
+EXIT_NOT_ALLOWED = 5
 
 
 def line(event: Event) -> str:
@@ -21,11 +25,14 @@ def line(event: Event) -> str:
     progress = f"{event['progress']:>3}%" if "progress" in event else "    "
     text = escape(event["message"])
     if event["type"] == "error":
-        retry = " (will retry)" if event.get("is_retryable") else ""
-        attempt = f"attempt {event.get('retry_count', 0) + 1}/{event.get('max_retries', 0) + 1}"
-        text = (
-            f"[red]{text}[/red] [dim]{escape(event.get('error_code', ''))}, {attempt}{retry}[/dim]"
-        )
+        code = escape(event.get("error_code", ""))
+        if event.get("is_retryable"):
+            attempt = f"attempt {event.get('retry_count', 0) + 1}/{event.get('max_retries', 0) + 1}"
+            wait = event.get("retry_in_seconds")
+            retry = f", retrying in {wait:g} s" if wait is not None else ", will retry"
+            text = f"[red]{text}[/red] [dim]{code}, {attempt}{retry}[/dim]"
+        else:
+            text = f"[red]{text}[/red] [dim]{code}, final[/dim]"
     return f"[dim]{when:%H:%M:%S} #{event['seq']:<3}[/dim] {step:<8} {progress} {text}"
 
 
