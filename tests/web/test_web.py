@@ -191,3 +191,18 @@ def test_the_page_fits_a_phone_with_a_video_open(
     page.wait_for_selector("#connection[data-state='done']", timeout=60_000)
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     page.close()
+
+
+def test_the_api_docs_work_offline(browser: Browser, api: Api) -> None:
+    """This browser reaches nothing but the server (a closed network): /docs must not
+    need a CDN."""
+    page = browser.new_page()
+    page.set_default_timeout(30_000)
+    outside: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(api.base) else outside.append(r.url))
+    page.goto(f"{api.base}/docs")
+    page.wait_for_selector(".swagger-ui .info .title")
+    assert page.inner_text(".swagger-ui .info .title").startswith("Kinora")
+    page.wait_for_selector("[data-path='/api/v1/videos/generate']")
+    assert outside == []
+    page.close()

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from kinora import __version__
@@ -132,7 +133,8 @@ WEB = Path(__file__).resolve().parent.parent / "web"
 def create_app() -> FastAPI:
     settings = get_settings()
     logs.configure(settings.log_format, settings.log_level)
-    app = FastAPI(
+    # /docs and /redoc load their scripts from this server, not a CDN: they work offline.
+    app = FastAPIOffline(
         title="Kinora",
         version=__version__,
         summary="Run AI video generation jobs and watch them happen live.",

@@ -72,7 +72,8 @@ def api(host: str, port: int, workers: int) -> None:
     "--metrics-port", default=0, show_default=True,
     help="Serve this worker's Prometheus metrics on this port (0: off).",
 )  # fmt: skip
-def worker(concurrency: int, metrics_port: int) -> None:
+@click.option("--quiet", is_flag=True, hidden=True, help="No banner (kinora up).")
+def worker(concurrency: int, metrics_port: int, quiet: bool) -> None:
     """Run a Celery worker for the generation tasks (needs REDIS_URL)."""
     settings = get_settings()
     settings.required_redis_url  # noqa: B018
@@ -86,7 +87,8 @@ def worker(concurrency: int, metrics_port: int) -> None:
     from kinora.worker.celery_app import app
 
     app.worker_main(
-        ["worker", "--loglevel", "INFO", "--concurrency", str(concurrency), "-Q", "kinora"]
+        ["--quiet"] * quiet
+        + ["worker", "--loglevel", "INFO", "--concurrency", str(concurrency), "-Q", "kinora"]
     )
 
 

@@ -11,6 +11,7 @@ the grace period. Redis stops last, so the worker and the API can still publish.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import httpx
 from kinora.cli.embedded import EmbeddedRedis
 from kinora.core.config import METRICS_DIR_ENV, Settings, child_environment, get_settings
 from kinora.core.db import upgrade
+from kinora.jobs import dispatch
 from kinora.jobs.accounts import DuplicateUser, create_user, rotate_token, user_for_token
 
 DEMO_EMAIL = "demo@kinora.local"
@@ -127,6 +129,24 @@ def wait_healthy(url: str, children: list[Child], timeout: float = 60) -> None:
     raise Stop(f"the API did not answer {url} within {timeout:.0f} s")
 
 
+def wait_worker(broker_url: str, children: list[Child], timeout: float = 30) -> None:
+    """Until a worker answers a ping (its start-up lines are out by then); a slow one
+    is not an error, only said so."""
+    app = dispatch.make_celery(broker_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for child in children:
+                code = child.exited()
+                if code is not None:
+                    raise Stop(f"{child.name} exited with code {code} at start")
+            if app.control.ping(timeout=0.5):
+                return
+        print(f"the worker has not answered in {timeout:.0f} s; still waiting for it", flush=True)
+    finally:
+        app.close()
+
+
 def supervise(children: list[Child]) -> None:
     """Run until a signal: a child that exits is said so and started again, with
     backoff; a crash loop stops everything (Stop)."""
@@ -204,9 +224,12 @@ def run_all(*, host: str, port: int, workers: int) -> int:
             children[-1].start()
             env["REDIS_URL"] = embedded.url
             print(f"Redis: embedded at {embedded.url} (data in {var / 'redis'})", flush=True)
+        # The migrations' own lines would bury the ones a user needs (`kinora db
+        # upgrade` shows them).
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         upgrade()
         token = demo_token(settings)
-        worker_args = ["worker", "--concurrency", str(workers)]
+        worker_args = ["worker", "--concurrency", str(workers), "--quiet"]
         api_args = ["api", "--host", host, "--port", str(port)]
         children.append(Child("kinora worker", lambda: spawn(worker_args, env)))
         children.append(Child("kinora api", lambda: spawn(api_args, env)))
@@ -214,8 +237,13 @@ def run_all(*, host: str, port: int, workers: int) -> int:
             child.start()
         base = f"http://{host}:{port}"
         wait_healthy(f"{base}/healthz", children)
-        print(f"Open {base}/?token={token}", flush=True)
-        print(f"Token: {token}", flush=True)
+        wait_worker(env["REDIS_URL"] if embedded else settings.required_redis_url, children)
+        # Last, after the children's start-up lines, so that they stand out.
+        print(
+            f"\nKinora is running (Ctrl-C stops it). API docs: {base}/docs\n"
+            f"Open {base}/?token={token}\nToken: {token}\n",
+            flush=True,
+        )
         supervise(children)
     except Stop as reason:
         text = str(reason)

@@ -17,10 +17,11 @@ QUEUE = "kinora"
 GENERATE_VIDEO = "kinora.generate_video"
 
 
-def make_celery() -> Celery:
-    """A Celery app configured from Settings (tests make their own to ping a worker)."""
+def make_celery(broker_url: str | None = None) -> Celery:
+    """A Celery app configured from Settings (`kinora up` and the tests make their own
+    to ping a worker, on the broker they started)."""
     settings = get_settings()
-    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    url = broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
     app = Celery("kinora", broker=url, backend=url)
     # The Redis broker redelivers unacknowledged messages after this long; it must
     # exceed the longest generation or a running job would be delivered twice.

@@ -74,7 +74,7 @@ class Sweeper:
         while True:
             try:
                 lost = redis_lost_its_data()
-                if lost:
+                if lost and not at_start:  # at start, all pending are queued again anyway
                     log.warning("Redis lost its data: every pending video is queued again")
                 sweep_once(at_start=at_start or lost)
                 at_start = False
