@@ -30,7 +30,7 @@ def compose() -> dict[str, Any]:
 
 def test_services_and_their_start_order() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "postgres", "migrate", "api", "worker"}
+    assert set(services) == {"redis", "postgres", "migrate", "api", "worker", "webhooks"}
     assert services["redis"]["image"].startswith("redis:7")
     assert services["postgres"]["image"].startswith("postgres:16")
     for name in ("redis", "postgres", "api"):
@@ -38,7 +38,8 @@ def test_services_and_their_start_order() -> None:
     assert any(v.endswith(":/var/lib/postgresql/data") for v in services["postgres"]["volumes"])
     assert services["migrate"]["command"] == ["kinora", "db", "upgrade"]
     assert services["migrate"]["restart"] == "no"
-    for name in ("api", "worker"):
+    assert services["webhooks"]["command"] == ["kinora", "worker", "--webhooks"]
+    for name in ("api", "worker", "webhooks"):
         depends = services[name]["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         assert depends["redis"]["condition"] == "service_healthy"
@@ -51,7 +52,7 @@ def test_services_and_their_start_order() -> None:
 
 def test_every_kinora_command_in_the_file_is_accepted_by_the_cli() -> None:
     services = compose()["services"]
-    for name in ("migrate", "api", "worker"):
+    for name in ("migrate", "api", "worker", "webhooks"):
         command = [expand(part) for part in services[name]["command"]]
         assert command[0] == "kinora"
         result = subprocess.run(

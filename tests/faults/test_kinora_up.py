@@ -202,7 +202,7 @@ def test_every_part_killed_is_started_again_and_the_video_goes_on(tmp_path: Path
         watcher = Follower([up.base], video, token)
         watcher.start()
         wait_running(up.base, token, video)
-        pool = up.child("worker").children()
+        pool = up.child("worker --concurrency").children()
         assert pool
         for process in pool:
             process.kill()

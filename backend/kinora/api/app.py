@@ -157,6 +157,7 @@ def create_app() -> FastAPI:
     app.add_middleware(TraceMiddleware)
     app.include_router(ops.router)
     app.include_router(videos.router)
+    app.include_router(videos.secrets_router)
     app.include_router(stream.router)
     app.include_router(ws.router)
     # The browser module of any progress_router, at the address the page imports.

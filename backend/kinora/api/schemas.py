@@ -9,9 +9,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kinora.core.config import get_settings
 from kinora.core.models import VideoStatus
-from kinora.jobs import reference
+from kinora.jobs import reference, webhooks
 from kinora.jobs.lifecycle import DEFAULT_SECONDS, DEFAULT_SIZE, Seconds, Size, VideoParameters
+from kinora.jobs.webhooks import WebhookEvent
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -25,6 +27,20 @@ class GenerateRequest(BaseModel):
     )
     seconds: Seconds = DEFAULT_SECONDS
     size: Size = DEFAULT_SIZE
+    webhook_url: str | None = Field(
+        default=None, max_length=2048, description="http(s) URL to POST the video's events to"
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        default=None,
+        description="which events to POST (default: completed, failed, cancelled)",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        return webhooks.check_url(value, allow_private=get_settings().webhook_allow_private)
 
     @field_validator("prompt")
     @classmethod
@@ -54,6 +70,13 @@ class GenerateRequest(BaseModel):
         elif not re.match(r"https?://[^\s/]+", value):
             raise ValueError("must be an http(s):// or data:image/... URL")
         return value
+
+    @property
+    def webhook(self) -> tuple[str, list[str]] | None:
+        if not self.webhook_url:
+            return None
+        events = self.webhook_events or webhooks.DEFAULT_EVENTS
+        return self.webhook_url, sorted(set(events), key=webhooks.EVENTS.index)
 
     @property
     def parameters(self) -> VideoParameters:
@@ -114,3 +137,23 @@ class VideoList(BaseModel):
 class Connections(BaseModel):
     video_id: int
     connections: int
+
+
+class WebhookSecret(BaseModel):
+    secret: str
+
+
+class WebhookAttemptOut(BaseModel):
+    webhook_id: str
+    event: str
+    attempt: int
+    url: str
+    status_code: int | None
+    error: str | None
+    duration_ms: int
+    created_at: datetime
+
+
+class WebhookAttempts(BaseModel):
+    video_id: int
+    attempts: list[WebhookAttemptOut]

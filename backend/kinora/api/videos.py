@@ -30,11 +30,14 @@ from kinora.api.schemas import (
     VideoList,
     VideoOut,
     VideoSummary,
+    WebhookAttemptOut,
+    WebhookAttempts,
+    WebhookSecret,
 )
 from kinora.api.urls import content_url, stream_url
 from kinora.core.db import session_scope
 from kinora.core.models import TERMINAL_STATUSES, Plan, Video, VideoStatus
-from kinora.jobs import idempotency, ratelimit, store, submit
+from kinora.jobs import idempotency, ratelimit, store, submit, webhooks
 from kinora.jobs.lifecycle import VideoParameters
 from kinora.streaming import keys
 from kinora.streaming.events import Event
@@ -112,6 +115,7 @@ async def generate(
             settings.video_cost,
             idempotency_key,
             digest,
+            body.webhook,
         )
         if not submitted.replayed:
             await submit.start(hub.redis, submitted)
@@ -305,3 +309,28 @@ def video_thumbnail(
     header = credentials.credentials if credentials else None
     video = watcher_video(session, video_id, header, token)
     return FileResponse(_file(video, video.thumbnail_path, "thumbnail"), media_type="image/jpeg")
+
+
+@router.get("/{video_id}/webhooks", responses={404: {"description": "no such video of yours"}})
+def video_webhooks(video_id: VideoId, session: SessionDep, user: CurrentUser) -> WebhookAttempts:
+    """Every attempt at delivering the video's webhooks, oldest first."""
+    owned_video(session, video_id, user.id)
+    return WebhookAttempts(
+        video_id=video_id,
+        attempts=[
+            WebhookAttemptOut.model_validate(a, from_attributes=True)
+            for a in webhooks.attempts(session, video_id)
+        ],
+    )
+
+
+secrets_router = APIRouter(prefix="/api/v1/webhooks", tags=["webhooks"])
+
+
+@secrets_router.get("/secret")
+def webhook_secret(session: SessionDep, user: CurrentUser) -> WebhookSecret:
+    """The secret that signs your webhooks (Standard Webhooks: `whsec_…`), so that
+    any of that spec's libraries verifies them."""
+    secret = webhooks.secret_for(session, user.id)
+    session.commit()
+    return WebhookSecret(secret=secret)

@@ -72,8 +72,12 @@ def api(host: str, port: int, workers: int) -> None:
     "--metrics-port", default=0, show_default=True,
     help="Serve this worker's Prometheus metrics on this port (0: off).",
 )  # fmt: skip
+@click.option(
+    "--webhooks", is_flag=True,
+    help="Deliver webhooks (their own queue, many at once in threads) instead of videos.",
+)  # fmt: skip
 @click.option("--quiet", is_flag=True, hidden=True, help="No banner (kinora up).")
-def worker(concurrency: int, metrics_port: int, quiet: bool) -> None:
+def worker(concurrency: int, metrics_port: int, webhooks: bool, quiet: bool) -> None:
     """Run a Celery worker for the generation tasks (needs REDIS_URL)."""
     settings = get_settings()
     settings.required_redis_url  # noqa: B018
@@ -84,12 +88,15 @@ def worker(concurrency: int, metrics_port: int, quiet: bool) -> None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         start_http_server(metrics_port, registry=registry)
+    from kinora.jobs.dispatch import QUEUE, WEBHOOK_QUEUE
     from kinora.worker.celery_app import app
 
-    app.worker_main(
-        ["--quiet"] * quiet
-        + ["worker", "--loglevel", "INFO", "--concurrency", str(concurrency), "-Q", "kinora"]
-    )
+    if webhooks:  # waiting on receivers: threads, a slow one holds up nothing else
+        queue = ["-Q", WEBHOOK_QUEUE, "--pool", "threads", "--concurrency", str(8 * concurrency)]
+        queue += ["--hostname", "webhooks@%h"]
+    else:
+        queue = ["-Q", QUEUE, "--concurrency", str(concurrency)]
+    app.worker_main(["--quiet"] * quiet + ["worker", "--loglevel", "INFO", *queue])
 
 
 def share_metrics(default: Path) -> None:

@@ -231,9 +231,11 @@ def run_all(*, host: str, port: int, workers: int) -> int:
         token = demo_token(settings)
         worker_args = ["worker", "--concurrency", str(workers), "--quiet"]
         api_args = ["api", "--host", host, "--port", str(port)]
+        webhook_args = ["worker", "--webhooks", "--quiet"]
         children.append(Child("kinora worker", lambda: spawn(worker_args, env)))
+        children.append(Child("kinora webhooks", lambda: spawn(webhook_args, env)))
         children.append(Child("kinora api", lambda: spawn(api_args, env)))
-        for child in children[-2:]:
+        for child in children[-3:]:
             child.start()
         base = f"http://{host}:{port}"
         wait_healthy(f"{base}/healthz", children)

@@ -118,6 +118,15 @@ class Settings(BaseSettings):
     # A stream replays history this many events at a time, each page written before the
     # next is read: what bounds a replaying connection's memory (bench.replay).
     history_page_size: int = Field(default=200, ge=1)
+    # Webhooks (CONTRACT §10): the first retry's wait (then doubling, for 24 h), how
+    # long a receiver has to answer, and whether private addresses may receive them.
+    webhook_retry_seconds: float = Field(default=10.0, gt=0)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0)
+    webhook_give_up_seconds: float = 86400.0
+    webhook_allow_private: bool = False
+    # The server's public address, for the URLs inside a webhook's video (the worker
+    # sends it, and does not know the host a client used). Unset: the paths alone.
+    public_url: str | None = None
     # Proxies (comma-separated addresses, or *) whose X-Forwarded-Proto/-For the API
     # trusts, so that the stream and content URLs it returns use the public scheme.
     forwarded_allow_ips: str = "127.0.0.1"

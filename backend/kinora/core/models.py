@@ -93,6 +93,8 @@ class User(Base):
     credits: Mapped[int] = mapped_column(Integer, default=0)
     plan: Mapped[Plan] = mapped_column(_enum(Plan), default=Plan.FREE)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Signs the user's webhooks (Standard Webhooks, `whsec_…`); made when first asked.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), default=None)
 
     videos: Mapped[list[Video]] = relationship(back_populates="user")
 
@@ -133,6 +135,9 @@ class Video(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+    # Where to POST the video's webhooks, and for which of its events (CONTRACT §10).
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
+    webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)
 
     user: Mapped[User] = relationship(back_populates="videos")
 
@@ -166,4 +171,23 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     video_id: Mapped[int | None] = mapped_column(ForeignKey("videos.id"), default=None)
     credits_remaining: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookAttempt(Base):
+    """One attempt at delivering a video's webhook: the same `webhook_id` for all the
+    attempts of one event (receivers deduplicate on it)."""
+
+    __tablename__ = "webhook_attempts"
+    __table_args__ = (Index("ix_webhook_attempts_video", "video_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id"))
+    event: Mapped[str] = mapped_column(String(16))
+    webhook_id: Mapped[str] = mapped_column(String(64))
+    attempt: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str] = mapped_column(String(2048))
+    status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -15,6 +15,10 @@ from kinora.core.config import get_settings
 
 QUEUE = "kinora"
 GENERATE_VIDEO = "kinora.generate_video"
+# Webhooks have a queue and a worker of their own (`kinora worker --webhooks`): a
+# slow receiver never holds up a generation.
+WEBHOOK_QUEUE = "kinora.webhooks"
+DELIVER_WEBHOOK = "kinora.deliver_webhook"
 
 
 def make_celery(broker_url: str | None = None) -> Celery:
@@ -75,6 +79,11 @@ def generate_video(
         retries=retries,
         queue=QUEUE,
     )
+
+
+def deliver_webhook(video_id: int, event: str, webhook_id: str) -> None:
+    """Queue one webhook delivery (its attempts are the task's retries)."""
+    celery().send_task(DELIVER_WEBHOOK, args=[video_id, event, webhook_id], queue=WEBHOOK_QUEUE)
 
 
 def revoke(task_id: str) -> None:

@@ -67,6 +67,7 @@ def create_video(
     task_id: str,
     idempotency_key: str | None = None,
     request_hash: str = "",
+    webhook: tuple[str, list[str]] | None = None,
 ) -> tuple[Video, int]:
     """Charge the user and create the video in one transaction (committed here).
 
@@ -95,6 +96,8 @@ def create_video(
         cost=cost,
         task_id=task_id,
         status=VideoStatus.PENDING,
+        webhook_url=webhook[0] if webhook else None,
+        webhook_events=webhook[1] if webhook else None,
     )
     session.add(video)
     session.flush()

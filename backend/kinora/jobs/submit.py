@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from kinora.core import logs
 from kinora.core.db import session_scope
 from kinora.core.models import User, Video
-from kinora.jobs import dispatch, event_floor, idempotency, store
+from kinora.jobs import dispatch, event_floor, idempotency, store, webhooks
 from kinora.jobs.lifecycle import PROGRESS, Step, VideoParameters
 from kinora.streaming import keys
 from kinora.streaming.events import Outcome, ending, publish_async
@@ -71,6 +71,7 @@ def create(
     cost: int,
     key: str | None,
     digest: str,
+    webhook: tuple[str, list[str]] | None = None,
 ) -> Submitted:
     """Charge and create in one transaction (store.InsufficientCredits when the balance
     is short). A key another request holds meanwhile answers with that request's video."""
@@ -88,6 +89,7 @@ def create(
                 task_id=task_id,
                 idempotency_key=key,
                 request_hash=digest,
+                webhook=webhook,
             )
             return Submitted(video.id, user_id, task_id, remaining)
     except idempotency.KeyTaken:
@@ -119,6 +121,7 @@ async def start(client: aioredis.Redis, submitted: Submitted) -> None:
         log.exception("could not queue video %s", submitted.video_id)
         video = await in_thread(_fail_unqueued, submitted.video_id, str(exc))
         await publish_end(client, video, "failed", "the job queue is unreachable")
+        await in_thread(webhooks.notify, video.id, "failed")
         raise QueueUnreachable(str(exc)) from exc
 
 
@@ -140,6 +143,7 @@ async def cancel(client: aioredis.Redis, video: Video) -> bool:
         return False
     await publish_end(client, video, "cancelled", "its credits were refunded")
     await in_thread(_revoke, video.task_id)
+    await in_thread(webhooks.notify, video.id, "cancelled")
     return True
 
 

@@ -18,7 +18,7 @@ from kinora.core import logs
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.core.models import Video
-from kinora.jobs import dispatch, event_floor, store
+from kinora.jobs import dispatch, event_floor, store, webhooks
 from kinora.jobs.errors import RetryPolicy
 from kinora.jobs.lifecycle import Step, VideoParameters
 from kinora.streaming import keys
@@ -114,6 +114,8 @@ def run(
         "video %s claimed: attempt %d%s", video_id, job.attempt,
         f", resuming model job {job.model_job_id}" if job.model_job_id else "",
     )  # fmt: skip
+    if job.attempt == 1:
+        webhooks.notify(video_id, "started")
     try:
         with Lease(job) as lease, events:
             try:
@@ -141,8 +143,10 @@ def run(
         if policy.will_retry(exc, retry_count):
             raise Retry(exc) from exc
         log.warning("video %s failed: %s", video_id, describe_error(exc))
+        webhooks.notify(video_id, "failed")
         return {"status": "failed", "video_id": video_id, "error": describe_error(exc)}
     log.info("video %s completed", video_id)
+    webhooks.notify(video_id, "completed")
     return {"status": "completed", "video_id": video_id}
 
 

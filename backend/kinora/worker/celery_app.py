@@ -8,7 +8,7 @@ from celery import signals
 
 from kinora.core import logs
 from kinora.jobs import dispatch
-from kinora.worker import handback, tasks  # noqa: F401 (registers the tasks)
+from kinora.worker import handback, tasks, webhooks  # noqa: F401 (registers the tasks)
 from kinora.worker.sweeper import Sweeper
 
 # The one app of this process (kinora.jobs.dispatch), with the worker's tasks.

@@ -16,7 +16,7 @@ import threading
 
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
-from kinora.jobs import dispatch, event_floor, store
+from kinora.jobs import dispatch, event_floor, store, webhooks
 from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger, sync_client
 
@@ -45,6 +45,7 @@ def sweep_once(*, at_start: bool = False) -> store.Sweep:
             message = f"generation took longer than {settings.video_timeout_seconds:g} s"
             events.error(message, error_code="timeout", is_retryable=False)
             events.complete(status="failed", reason=message)
+        webhooks.notify(video_id, "failed")
     if found.requeue:
         for video_id in found.requeue:
             with SSELogger(keys.video(video_id), last_seq=event_floor.floor(video_id)) as events:

@@ -1,0 +1,106 @@
+"""Delivering a video's webhook (CONTRACT §10), in the webhook worker (`kinora worker
+--webhooks`): resolve the host and refuse private addresses unless allowed, POST the
+signed payload, record the attempt, and on a non-2xx answer or a timeout try again,
+the wait doubling from WEBHOOK_RETRY_SECONDS, until 24 h have passed."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any
+
+import httpx
+import orjson
+from celery import shared_task
+
+from kinora.core.config import get_settings
+from kinora.core.db import session_scope
+from kinora.core.models import Video, utcnow
+from kinora.jobs import dispatch, webhooks
+
+log = logging.getLogger(__name__)
+
+
+class Undeliverable(Exception):
+    """Final: the URL resolves to a private address, or the video is gone."""
+
+
+def refuse_private(url: str) -> None:
+    host = httpx.URL(url).host
+    port = httpx.URL(url).port or 443
+    try:
+        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, port)}
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve {host}: {exc}") from exc  # retried: DNS may come
+    bad = sorted(a for a in addresses if webhooks.private(a))
+    if bad:
+        raise Undeliverable(
+            f"refused: {host} resolves to a private address ({bad[0]}); "
+            "set WEBHOOK_ALLOW_PRIVATE=true to allow"
+        )
+
+
+def payload(video_id: int, event: str) -> tuple[str, str, bytes]:
+    """The URL, the user's secret and the body of a video's webhook."""
+    with session_scope() as session:
+        video = session.get(Video, video_id)
+        if video is None or not video.webhook_url:
+            raise Undeliverable(f"video {video_id} has no webhook")
+        secret = webhooks.secret_for(session, video.user_id)
+        body = {
+            "type": f"video.{event}",
+            "timestamp": utcnow().isoformat().replace("+00:00", "Z"),
+            "data": webhooks.video_data(video),
+        }
+        return video.webhook_url, secret, orjson.dumps(body)
+
+
+def attempt_once(url: str, secret: str, hook_id: str, body: bytes) -> httpx.Response:
+    settings = get_settings()
+    if not settings.webhook_allow_private:
+        refuse_private(url)
+    stamp = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "Kinora-Webhooks",
+        "webhook-id": hook_id,
+        "webhook-timestamp": str(stamp),
+        "webhook-signature": webhooks.sign(secret, hook_id, stamp, body),
+    }
+    return httpx.post(url, content=body, headers=headers, timeout=settings.webhook_timeout_seconds)
+
+
+@shared_task(name=dispatch.DELIVER_WEBHOOK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+def deliver_webhook(self: Any, video_id: int, event: str, hook_id: str) -> dict[str, Any]:
+    settings = get_settings()
+    attempt = self.request.retries + 1
+    url = "?"
+    started = time.perf_counter()
+    status_code: int | None = None
+    error: str | None = None
+    try:
+        url, secret, body = payload(video_id, event)
+        response = attempt_once(url, secret, hook_id, body)
+        status_code = response.status_code
+        if response.is_success:
+            return {"status": "delivered", "attempt": attempt, "status_code": status_code}
+        error = f"HTTP {status_code}"
+    except Undeliverable as exc:
+        error = str(exc)
+        return {"status": "refused", "error": error}
+    except (httpx.HTTPError, OSError) as exc:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    finally:
+        if url != "?":
+            webhooks.record(
+                video_id, event, hook_id, attempt, url, status_code=status_code,
+                error=error, duration_ms=round(1000 * (time.perf_counter() - started)),
+            )  # fmt: skip
+    wait = settings.webhook_retry_seconds * 2 ** (attempt - 1)
+    elapsed = sum(settings.webhook_retry_seconds * 2**i for i in range(attempt - 1))
+    if elapsed + wait > settings.webhook_give_up_seconds:
+        log.warning("webhook %s of video %s given up after %d attempts", event, video_id, attempt)
+        return {"status": "given_up", "attempt": attempt, "error": error}
+    log.info("webhook %s of video %s: %s; again in %g s", event, video_id, error, wait)
+    raise self.retry(countdown=wait)
