@@ -169,6 +169,7 @@ def test_a_webhook_is_retried_until_it_is_answered_under_one_id(allowing: str) -
     last = json.loads(completed[-1][1])
     assert last["data"]["status"] == "completed"
     assert last["data"]["video_url"].startswith(f"/api/v1/videos/{video_id}/content?token=")
+    assert set(last["data"]) >= set(video) - {"logs", "last_event_id"}  # the video as GET has it
     gaps = [later[2] - earlier[2] for earlier, later in itertools.pairwise(completed)]
     assert gaps[1] > gaps[0] * 0.9  # backoff: the waits grow (0.5 s, then 1 s, plus the hang)
 

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.core.models import User, Video, WebhookAttempt, utcnow
+from kinora.core.tokens import sign_scoped
 from kinora.jobs import dispatch
 from kinora.jobs.lifecycle import VideoParameters, content_path
 
@@ -129,6 +130,8 @@ def video_data(video: Video) -> dict[str, Any]:
         "error_message": video.error_message,
         "video_url": url("content"),
         "thumbnail_url": url("thumbnail"),
+        "stream_url": f"{base}/api/v1/videos/{video.id}/stream?token="
+        + sign_scoped(video.id, video.user_id),
         "created_at": when(video.created_at),
         "updated_at": when(video.updated_at),
         "completed_at": when(video.completed_at),
