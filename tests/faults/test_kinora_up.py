@@ -157,11 +157,15 @@ def test_a_restart_on_the_same_var_loses_nothing_and_pays_nothing_twice(tmp_path
         )
         queued_start = time.monotonic() - started
         for video in (running, queued):
-            wait_for(
-                f"video {video} to complete",
-                lambda v=video: video_state(again.base, token, v)["status"] == "completed",
-                timeout=90,
-            )
+            try:
+                wait_for(
+                    f"video {video} to complete",
+                    lambda v=video: video_state(again.base, token, v)["status"] == "completed",
+                    timeout=90,
+                )
+            except BaseException:
+                print(first.text()[-4000:], "\n-- after the restart --\n", again.text()[-8000:])
+                raise
         watcher.join(30)
         assert_gapless_to_completed(watcher)
         assert any("Resuming model job" in e["message"] for e in watcher.events)
