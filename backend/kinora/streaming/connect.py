@@ -26,4 +26,7 @@ def sync_redis(url: str) -> redis.Redis:
         socket_timeout=READ_TIMEOUT,
         retry=quick_retry(),
         health_check_interval=30,
+        # One connection, held (and locked per command: the outbox's thread shares it):
+        # no pool to take it from and give it back to on every event.
+        single_connection_client=True,
     )
