@@ -31,4 +31,4 @@ def reset_caches() -> None:
         db.get_engine().dispose()
     db.get_engine.cache_clear()
     db.get_sessionmaker.cache_clear()
-    logger._sync_clients.clear()
+    logger.close_sync_clients()

@@ -18,11 +18,12 @@ import redis
 from sqlalchemy import func, select
 
 from kinora.core.db import session_scope
-from kinora.core.models import CreditEntry, User, Video, VideoStatus
+from kinora.core.models import CreditEntry, User, VideoStatus
 from kinora.worker.engines.mock import prompt_key
 from tests.utils.accounts import Account, make_account
 from tests.utils.clients import events_of, read_stream, submit
 from tests.utils.processes import Stack, wait_for
+from tests.utils.rows import video_row
 
 pytestmark = pytest.mark.slow
 
@@ -39,14 +40,6 @@ def balance_matches_ledger(account: Account) -> tuple[int, int]:
             select(func.sum(CreditEntry.amount)).where(CreditEntry.user_id == account.id)
         )
     return int(credits or 0), int(total or 0)
-
-
-def video_row(video_id: int) -> Video:
-    with session_scope() as session:
-        video = session.get(Video, video_id)
-        assert video is not None
-        session.expunge(video)
-        return video
 
 
 def whole_story(events: list[dict[str, Any]]) -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from kinora.cli.embedded import free_port
 from kinora.core.db import session_scope
-from kinora.core.models import User, Video, VideoStatus
+from kinora.core.models import User, VideoStatus
 from kinora.jobs import store
 from kinora.streaming import keys
 from kinora.streaming.events import parse
@@ -29,6 +29,7 @@ from kinora.worker.engines.base import ModelJob, PolicyRefusal
 from kinora.worker.engines.sora import SoraEngine
 from tests.utils.accounts import Account
 from tests.utils.processes import stop, wait_for
+from tests.utils.rows import video_row
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,14 +82,6 @@ def new_video(account: Account, prompt: str, **parameters: Any) -> int:
             task_id="in-process",
         )
     return video.id
-
-
-def video_row(video_id: int) -> Video:
-    with session_scope() as session:
-        video = session.get(Video, video_id)
-        assert video is not None
-        session.expunge(video)
-        return video
 
 
 def events(client: redis.Redis, video_id: int) -> list[dict[str, Any]]:

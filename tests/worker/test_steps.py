@@ -26,6 +26,7 @@ from kinora.worker.engines.mock import MockEngine, prompt_key
 from kinora.worker.job import worker_identity
 from tests.utils.accounts import Account
 from tests.utils.processes import wait_for
+from tests.utils.rows import video_row
 
 COST = 100
 STEP = 0.02  # the mock's pause between progress updates
@@ -57,14 +58,6 @@ def story(client: redis.Redis, video_id: int) -> list[Any]:
     return [parse(event) for event in raw]
 
 
-def row(video_id: int) -> Video:
-    with session_scope() as session:
-        video = session.get(Video, video_id)
-        assert video is not None
-        session.expunge(video)
-        return video
-
-
 def credits_and_refunds(account: Account) -> tuple[int, int]:
     with session_scope() as session:
         credits = session.scalar(select(User.credits).where(User.id == account.id))
@@ -94,7 +87,7 @@ def test_a_video_runs_every_step_to_completed(account: Account, redis_client: re
     assert events[-1]["type"] == "complete"
     assert events[-1]["status"] == "completed"
     assert events[-1]["video_url"].startswith(f"/api/v1/videos/{video_id}/content?token=")
-    video = row(video_id)
+    video = video_row(video_id)
     assert video.status == VideoStatus.COMPLETED
     assert video.progress == 100
     assert video.end_seq == events[-1]["seq"]
@@ -110,13 +103,13 @@ def test_a_transient_failure_gives_the_video_back_and_the_retry_resumes_it(
 
     with pytest.raises(attempt.Retry):
         run_once(video_id, retry=0)
-    assert row(video_id).status == VideoStatus.PENDING  # given back, not failed
+    assert video_row(video_id).status == VideoStatus.PENDING  # given back, not failed
     error = [e for e in story(redis_client, video_id) if e["type"] == "error"]
     assert error[-1]["is_retryable"] is True
     assert (error[-1]["retry_count"], error[-1]["max_retries"]) == (0, 3)
 
     assert run_once(video_id, retry=1)["status"] == "completed"
-    assert row(video_id).status == VideoStatus.COMPLETED
+    assert video_row(video_id).status == VideoStatus.COMPLETED
     assert model_jobs(redis_client, prompt) == 1  # the mock refused the first create
     assert credits_and_refunds(account) == (1000 - COST, 0)
 
@@ -147,7 +140,7 @@ def test_a_content_policy_refusal_fails_at_once_and_is_refunded(
     error = next(e for e in story(redis_client, video_id) if e["type"] == "error")
     assert error["is_retryable"] is False
     assert error["error_code"] == "moderation_blocked"
-    assert row(video_id).status == VideoStatus.FAILED
+    assert video_row(video_id).status == VideoStatus.FAILED
     assert credits_and_refunds(account) == (1000, 1)
 
 
@@ -169,7 +162,7 @@ def test_a_stalled_model_job_times_out_without_retry_and_is_refunded(
     error = next(e for e in story(redis_client, video_id) if e["type"] == "error")
     assert error["error_code"] == "timeout"
     assert error["is_retryable"] is False
-    assert row(video_id).status == VideoStatus.FAILED
+    assert video_row(video_id).status == VideoStatus.FAILED
     assert credits_and_refunds(account) == (1000, 1)
 
 
@@ -182,14 +175,14 @@ def test_a_cancel_mid_generation_stops_the_attempt_and_refunds_once(
     worker = threading.Thread(target=lambda: results.append(run_once(video_id)))
     worker.start()
     # Cancel once the model job is running (the attempt is polling it).
-    wait_for("the model job", lambda: row(video_id).model_job_id, timeout=10)
+    wait_for("the model job", lambda: video_row(video_id).model_job_id, timeout=10)
     with session_scope() as session:
         assert store.cancel(session, video_id)
     worker.join(timeout=30)
     assert not worker.is_alive()
 
     assert results == [{"status": "abandoned", "video_id": video_id, "video_status": "cancelled"}]
-    video = row(video_id)
+    video = video_row(video_id)
     assert video.status == VideoStatus.CANCELLED
     assert video.file_path is None
     assert credits_and_refunds(account) == (1000, 1)
@@ -203,7 +196,7 @@ def test_a_duplicate_delivery_is_skipped_while_the_first_runs(
     results: list[Any] = []
     first = threading.Thread(target=lambda: results.append(run_once(video_id, task_id="a")))
     first.start()
-    wait_for("the claim", lambda: row(video_id).status == VideoStatus.PROCESSING, timeout=10)
+    wait_for("the claim", lambda: video_row(video_id).status == VideoStatus.PROCESSING, timeout=10)
 
     assert run_once(video_id, task_id="b") == {"status": "skipped", "video_id": video_id}
     first.join(timeout=30)

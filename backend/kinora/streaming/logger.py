@@ -56,6 +56,15 @@ def sync_client(url: str | None = None) -> redis.Redis:
     return client
 
 
+def close_sync_clients() -> None:
+    """Close this process's clients (the settings changed, or the process is done)."""
+    with _sync_lock:
+        for client in _sync_clients.values():
+            client.close()
+            client.connection_pool.disconnect()
+        _sync_clients.clear()
+
+
 def task_redis_url(task: Any) -> str:
     """Where a Celery task's events go: REDIS_URL if set, else the task's app's broker
     when that is Redis (CONTRACT §9)."""
