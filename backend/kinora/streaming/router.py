@@ -31,7 +31,13 @@ from fastapi.responses import FileResponse
 from kinora.core.config import get_settings
 from kinora.streaming import keys
 from kinora.streaming.hub import StreamHub
-from kinora.streaming.sse import EventStream, event_response, frames, parse_last_event_id
+from kinora.streaming.sse import (
+    EventStream,
+    Patrol,
+    event_response,
+    frames,
+    parse_last_event_id,
+)
 from kinora.streaming.ws import CLOSE_BAD_TOKEN, CLOSE_NOT_FOUND, state_of, watch
 
 Authorize = Callable[[Any, str], bool | Awaitable[bool]]
@@ -65,6 +71,7 @@ async def hub_for(app: FastAPI, redis_url: str | None = None) -> AsyncIterator[S
         yield hub
     finally:
         drainer.cancel()
+        await Patrol.stop()
         await hub.stop()
         del app.state.hub
 
