@@ -21,10 +21,15 @@ from fastapi.testclient import TestClient
 from kinora.api.app import create_app
 from kinora.cli.embedded import EmbeddedRedis, free_port
 from kinora.core import db
+from kinora.jobs import dispatch
 from tests.utils.accounts import Account, assert_ledger_matches_balances, make_account
 from tests.utils.inprocess import InProcessApi
 from tests.utils.processes import Stack, kinora, stop, wait_for, worker_ready
 from tests.utils.settings import FAST, reset_caches
+
+# The tests read what tasks returned (a duplicate delivery's "skipped"); the API's own
+# processes do not keep results.
+dispatch.keep_results()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -21,12 +21,28 @@ WEBHOOK_QUEUE = "kinora.webhooks"
 DELIVER_WEBHOOK = "kinora.deliver_webhook"
 
 
-def make_celery(broker_url: str | None = None) -> Celery:
+# Whether this process's app stores (and can read) tasks' results: the worker's does;
+# the API's does not, since with a Redis result backend every task it queued would
+# subscribe its process to that task's result channel, for results nobody reads there.
+_results = False
+
+
+def keep_results() -> None:
+    """Before the app is first made: this process stores tasks' results (the worker; a
+    test that reads them)."""
+    global _results
+    if celery.cache_info().currsize:
+        raise RuntimeError("keep_results() must come before the Celery app is made")
+    _results = True
+
+
+def make_celery(broker_url: str | None = None, *, results: bool | None = None) -> Celery:
     """A Celery app configured from Settings (`kinora up` and the tests make their own
     to ping a worker, on the broker they started)."""
     settings = get_settings()
     url = broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
-    app = Celery("kinora", broker=url, backend=url)
+    keep = _results if results is None else results
+    app = Celery("kinora", broker=url, backend=url if keep else None)
     # The Redis broker redelivers unacknowledged messages after this long; it must
     # exceed the longest generation or a running job would be delivered twice.
     visibility = {"visibility_timeout": settings.video_timeout_seconds + 600}

@@ -11,7 +11,9 @@ from kinora.jobs import dispatch
 from kinora.worker import handback, tasks, webhooks  # noqa: F401 (registers the tasks)
 from kinora.worker.sweeper import Sweeper
 
-# The one app of this process (kinora.jobs.dispatch), with the worker's tasks.
+# The one app of this process (kinora.jobs.dispatch), with the worker's tasks, which
+# stores their results.
+dispatch.keep_results()
 app = dispatch.celery()
 
 
