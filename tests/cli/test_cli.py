@@ -95,6 +95,8 @@ def test_kinora_up_from_a_plain_install_runs_everything_and_stops_cleanly(
         names = " ".join(" ".join(c.cmdline()) for c in children)
         assert "redis-server" in names
         assert "worker" in names
+        assert "worker --webhooks" in names  # the webhook worker runs from the plain install
+        assert not [line for line in up.lines() if "exited" in line]  # and nothing crashed
         assert "api" in names
         # the embedded Redis listens on loopback only
         redis_proc = next(c for c in children if "redis-server" in c.name())

@@ -130,7 +130,9 @@ def test_the_websocket_serves_the_same_events(importer: Celery, host: str) -> No
         }
         importer.send_task("csv_import.import_rows", args=[3], task_id=job)
         received: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 30  # pings come on their own: bound the whole wait
         while not received or received[-1]["event"] != "complete":
+            assert time.monotonic() < deadline, received
             message = json.loads(ws.recv(timeout=10))
             if message["event"] != "ping":
                 received.append(message)

@@ -135,7 +135,7 @@ def video_data(video: Video) -> dict[str, Any]:
         "created_at": when(video.created_at),
         "updated_at": when(video.updated_at),
         "completed_at": when(video.completed_at),
-        "last_event_id": str(video.end_seq or video.last_seq or "") or None,
+        "last_event_id": str(video.last_seq) if video.last_seq else None,
         "logs": [],
     }
 

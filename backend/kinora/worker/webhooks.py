@@ -27,8 +27,8 @@ class Undeliverable(Exception):
 
 
 def refuse_private(url: str) -> None:
-    host = httpx.URL(url).host
-    port = httpx.URL(url).port or 443
+    parsed = httpx.URL(url)
+    host, port = parsed.host, parsed.port or 443
     try:
         addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, port)}
     except socket.gaierror as exc:
@@ -75,7 +75,7 @@ def attempt_once(url: str, secret: str, hook_id: str, body: bytes) -> httpx.Resp
 def deliver_webhook(self: Any, video_id: int, event: str, hook_id: str) -> dict[str, Any]:
     settings = get_settings()
     attempt = self.request.retries + 1
-    url = "?"
+    url: str | None = None  # known once the video is read
     started = time.perf_counter()
     status_code: int | None = None
     error: str | None = None
@@ -92,7 +92,7 @@ def deliver_webhook(self: Any, video_id: int, event: str, hook_id: str) -> dict[
     except (httpx.HTTPError, OSError) as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     finally:
-        if url != "?":
+        if url is not None:
             webhooks.record(
                 video_id, event, hook_id, attempt, url, status_code=status_code,
                 error=error, duration_ms=round(1000 * (time.perf_counter() - started)),
