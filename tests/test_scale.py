@@ -40,8 +40,8 @@ class Cluster:
     redis: redis.Redis
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        process = kinora(*args, env=self.env, log=self.logs / f"{name}.log")
+    def start(self, name: str, *args: str, **settings: str) -> subprocess.Popen[bytes]:
+        process = kinora(*args, env=self.env | settings, log=self.logs / f"{name}.log")
         self.processes[name] = process
         return process
 
@@ -60,8 +60,8 @@ class Cluster:
         wait_for(f"API {name}", up, timeout=30)
         return base
 
-    def worker(self, name: str) -> subprocess.Popen[bytes]:
-        process = self.start(name, "worker", "--concurrency", "2")
+    def worker(self, name: str, **settings: str) -> subprocess.Popen[bytes]:
+        process = self.start(name, "worker", "--concurrency", "2", **settings)
         wait_for(
             f"worker {name}",
             lambda: "ready." in (self.logs / f"{name}.log").read_text(),
@@ -242,3 +242,59 @@ def test_a_stopping_worker_hands_its_video_back_at_once(cluster: Cluster) -> Non
     assert follower.events[-1]["status"] == "completed"
     assert [e["seq"] for e in follower.events] == list(range(1, len(follower.events) + 1))
     assert int(cluster.redis.get("mock:creates") or 0) == creates  # the same job resumed
+
+
+@pytest.mark.timeout(180)
+def test_a_message_that_died_with_its_worker_is_queued_again_within_seconds(
+    cluster: Cluster,
+) -> None:
+    """A worker holds a message it has not started yet (here a retry's, waiting out its
+    countdown) unacknowledged: killed then, the broker would give the message back
+    only after its visibility timeout, over ten minutes. The video is queued again once
+    the dead worker's hold runs out, and finishes in seconds, paid once."""
+    for name in [n for n in cluster.processes if n.startswith("worker")]:
+        stop(cluster.processes.pop(name), timeout=30)
+    api = cluster.api("api-4")
+    slow_retry = {"RETRY_COUNTDOWN_SECONDS": "60"}
+    workers = [cluster.worker(name, **slow_retry) for name in ("worker-5", "worker-6")]
+    token = new_user(cluster, "held@test.kinora")
+    created = httpx.post(
+        f"{api}/api/v1/videos/generate",
+        # The first create fails (transient): the retry's message waits 60 s.
+        json={"prompt": "[mock:transient] A paper boat on a flooded street"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    ).json()
+    video_id = created["video_id"]
+    follower = Follower([api], video_id, token)
+    follower.start()
+
+    def holder() -> str | None:
+        [(status, attempts, owner)] = cluster.sql(
+            "SELECT status, attempts, claimed_by FROM videos WHERE id = %s", video_id
+        )
+        held = status == "pending" and attempts == 1 and (owner or "").endswith(":held")
+        return owner if held else None
+
+    wait_for("a worker to hold the retry's message", lambda: holder() is not None, timeout=30)
+    pid = int(str(holder()).split(":")[1])
+    [doomed] = [w for w in workers if pid in {w.pid, *(c.pid for c in family(w))}]
+    os.killpg(doomed.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    follower.join(45)
+
+    assert not follower.is_alive(), [e["message"] for e in follower.events]
+    assert follower.error is None, follower.error
+    assert time.monotonic() - killed < 45  # not the countdown, nor the visibility timeout
+    events = follower.events
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["type"] for e in events].count("complete") == 1
+    assert events[-1]["status"] == "completed"
+    assert any("stopped answering" in e["message"] for e in events)
+    assert cluster.sql(
+        "SELECT kind, count(*) FROM credit_entries WHERE video_id = %s GROUP BY kind", video_id
+    ) == [("charge", 1)]
+
+
+def family(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    return psutil.Process(process.pid).children(recursive=True)

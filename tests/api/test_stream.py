@@ -312,7 +312,8 @@ def test_a_client_that_never_reads_again_gives_back_its_stream_slot(
     user's cap: with MAX_STREAMS_PER_USER=1, the user can watch again."""
     video = unqueued_video(account)
     env = environment | {"MAX_STREAMS_PER_USER": "1", "SSE_SEND_TIMEOUT_SECONDS": "2"}
-    api, base = start_api(env, var_dir / "api-stall.log")
+    api_log = var_dir / "api-stall.log"
+    api, base = start_api(env, api_log)
     try:
         host, port = base.removeprefix("http://").split(":")
         path = f"/api/v1/videos/{video.id}/stream?token={account.token}"
@@ -320,9 +321,16 @@ def test_a_client_that_never_reads_again_gives_back_its_stream_slot(
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             stalled.connect((host, int(port)))
             stalled.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            seen: list[str] = []
+
+            def capped() -> bool:
+                response = httpx.get(base + path, timeout=5)
+                seen.append(f"{response.status_code} {response.text[:200]}")
+                return response.status_code == 429
+
             wait_for(
-                "the cap reached",
-                lambda: httpx.get(base + path, timeout=5).status_code == 429,
+                lambda: f"the cap reached (answers: {seen}; API: {api_log.read_text()[-3000:]})",
+                capped,
                 timeout=10,
             )
             with SSELogger(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -45,6 +46,34 @@ def test_claim_succeeds_for_exactly_one_of_many(account: Account) -> None:
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(claim, range(16)))
     assert results.count(True) == 1
+
+
+def test_a_hold_blocks_other_holders_until_it_runs_out_and_the_sweep_requeues_it(
+    account: Account,
+) -> None:
+    """A worker that received a video's message holds it; a duplicate message's worker
+    cannot; the claim replaces the hold; a hold nobody renews is swept and queued."""
+    held, claimed, dropped = new_video(account), new_video(account), new_video(account)
+
+    def sweep() -> list[int]:
+        with session_scope() as session:
+            found = store.sweep(session, video_timeout=3600, stale_pending=3600).requeue
+        return [v for v in found if v in (held, claimed, dropped)]
+
+    with session_scope() as session:
+        assert store.hold(session, held, "host:1:held", 60)
+        assert not store.hold(session, held, "host:2:held", 60)  # a live hold
+        assert store.hold(session, claimed, "host:1:held", 60)
+        assert store.claim(session, claimed, "host:11:task", 60)  # its pool process starts it
+        assert store.hold(session, dropped, "host:1:held", 60)
+        assert store.renew_holds(session, "host:1:held", 0.01) == 2  # not the claimed one
+        assert store.drop_holds(session, "host:1:held") == 2  # the worker stops
+        assert store.hold(session, held, "host:1:held", 0.01)  # the worker dies now
+    time.sleep(0.05)
+    assert sweep() == [held]
+    assert sweep() == []  # queued again once
+    with session_scope() as session:
+        assert store.hold(session, held, "host:2:held", 60)  # the new message's worker
 
 
 def test_concurrent_charges_never_overdraw(environment: dict[str, str]) -> None:

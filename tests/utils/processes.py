@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +18,17 @@ from kinora.cli.embedded import free_port
 from tests.utils.accounts import Account
 
 
-def wait_for(what: str, check: object, timeout: float, interval: float = 0.05) -> None:
-    """Poll `check()` until it is truthy; fail after `timeout` seconds."""
+def wait_for(
+    what: str | Callable[[], str], check: object, timeout: float, interval: float = 0.05
+) -> None:
+    """Poll `check()` until it is truthy; fail after `timeout` seconds, saying `what`
+    (or what `what()` says then: what was seen on the way)."""
     assert callable(check)
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            said = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout} s waiting for {said}")
         time.sleep(interval)
 
 

@@ -134,6 +134,48 @@ def claim(session: Session, video_id: int, owner: str, lease_seconds: float) -> 
     )
 
 
+def hold(session: Session, video_id: int, holder: str, lease_seconds: float) -> bool:
+    """A worker has received the video's message and not yet started it (the message
+    waits for a free pool process, or for its countdown): it holds the pending video
+    under a lease its main process renews (`renew_holds`). If that process dies, the
+    message dies with it (the broker gives it back only after its visibility timeout);
+    the sweep queues the video again once the hold runs out. False: not pending, or
+    held by a live other worker (a duplicate message)."""
+    now = utcnow()
+    return _update_one(
+        session,
+        Video.id == video_id,
+        Video.status == VideoStatus.PENDING,
+        Video.claimed_by.is_(None) | (Video.lease_expires_at < now),
+        claimed_by=holder,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+    )
+
+
+def renew_holds(session: Session, holder: str, lease_seconds: float) -> int:
+    """Extend every hold of `holder` on a still-pending video (the claim replaces a
+    hold); how many it renewed."""
+    result = session.execute(
+        update(Video)
+        .where(Video.status == VideoStatus.PENDING, Video.claimed_by == holder)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    session.commit()
+    return cast("CursorResult[Any]", result).rowcount
+
+
+def drop_holds(session: Session, holder: str) -> int:
+    """A worker that stops gives its held messages back to the broker, and its holds
+    with them."""
+    result = session.execute(
+        update(Video)
+        .where(Video.status == VideoStatus.PENDING, Video.claimed_by == holder)
+        .values(claimed_by=None, lease_expires_at=None)
+    )
+    session.commit()
+    return cast("CursorResult[Any]", result).rowcount
+
+
 def lease_left(session: Session, video_id: int, owner_suffix: str) -> float | None:
     """Seconds until the live claim of an owner ending in `owner_suffix` runs out; None
     if the video is not processing under such a claim."""
@@ -320,13 +362,14 @@ def _refund_in_transaction(session: Session, video_id: int) -> bool:
 @dataclass(frozen=True)
 class Sweep:
     timed_out: list[int]  # failed and refunded: past VIDEO_TIMEOUT_SECONDS
-    requeue: list[int]  # pending again (expired claim) or pending too long: queue again
+    # pending again (an expired claim or hold) or pending too long: queue again
+    requeue: list[int]
 
 
 def sweep(session: Session, *, video_timeout: float, stale_pending: float) -> Sweep:
-    """What a periodic sweep finds: videos past their deadline, claims whose worker
-    died, and pending videos whose message may be lost. Each change is conditional, so
-    any number of sweepers can run at once."""
+    """What a periodic sweep finds: videos past their deadline, claims and holds whose
+    worker died, and pending videos whose message may be lost. Each change is
+    conditional, so any number of sweepers can run at once."""
     now = utcnow()
     live = [VideoStatus.PENDING, VideoStatus.PROCESSING]
     overdue = session.scalars(
@@ -346,6 +389,17 @@ def sweep(session: Session, *, video_timeout: float, stale_pending: float) -> Sw
         .values(status=VideoStatus.PENDING, claimed_by=None, lease_expires_at=None, updated_at=now)
         .returning(Video.id)
     ).all()
+    # Held by a worker that died before it started the video (see `hold`).
+    orphaned = session.scalars(
+        update(Video)
+        .where(
+            Video.status == VideoStatus.PENDING,
+            Video.claimed_by.is_not(None),
+            Video.lease_expires_at < now,
+        )
+        .values(claimed_by=None, lease_expires_at=None, updated_at=now)
+        .returning(Video.id)
+    ).all()
     stale = session.scalars(
         update(Video)
         .where(
@@ -356,4 +410,4 @@ def sweep(session: Session, *, video_timeout: float, stale_pending: float) -> Sw
         .returning(Video.id)
     ).all()
     session.commit()
-    return Sweep(timed_out=timed_out, requeue=sorted({*expired, *stale}))
+    return Sweep(timed_out=timed_out, requeue=sorted({*expired, *orphaned, *stale}))

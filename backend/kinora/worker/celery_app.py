@@ -8,7 +8,7 @@ from celery import signals
 
 from kinora.core import logs
 from kinora.jobs import dispatch
-from kinora.worker import handback, tasks, webhooks  # noqa: F401 (registers the tasks)
+from kinora.worker import handback, holds, tasks, webhooks  # noqa: F401 (registers the tasks)
 from kinora.worker.sweeper import Sweeper
 
 # The one app of this process (kinora.jobs.dispatch), with the worker's tasks, which
@@ -49,6 +49,11 @@ def _hand_back_running_videos(**_kwargs: Any) -> None:
     handback.begin()
 
 
+@signals.task_received.connect  # type: ignore[untyped-decorator]
+def _hold_received_video(request: Any, **_kwargs: Any) -> None:
+    holds.received(request)
+
+
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
 def _start_sweeper(**_kwargs: Any) -> None:
     global _sweeper
@@ -60,3 +65,4 @@ def _start_sweeper(**_kwargs: Any) -> None:
 def _stop_sweeper(**_kwargs: Any) -> None:
     if _sweeper is not None:
         _sweeper.stop()
+    holds.drop()  # its held messages go back to the broker as the worker closes

@@ -1,24 +1,27 @@
-"""The sweeper: a thread in every worker's main process that keeps videos from
-getting stuck (CONTRACT §7).
+"""The sweeper: a thread in every worker's main process that keeps videos from getting
+stuck (CONTRACT §7).
 
 Every SWEEP_INTERVAL_SECONDS it fails and refunds videos past VIDEO_TIMEOUT_SECONDS,
-and queues again the videos whose claim expired (their worker died and the broker
-did not hand the message to another) or that stayed pending too long (a lost
-message). A worker-side loop rather than Celery beat: no extra process to run and
-keep single, since every change the sweep makes is a conditional update that any
-number of sweepers can race safely; a duplicate message is skipped at the claim.
+and queues again the videos whose claim or hold expired (their worker died and the
+broker did not hand the message to another) or that stayed pending too long (a lost
+message). Between sweeps it renews this worker's holds (kinora.worker.holds). A
+worker-side loop rather than Celery beat: no extra process to run and keep single,
+since every change the sweep makes is a conditional update that any number of
+sweepers can race safely; a duplicate message is skipped at the claim.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.jobs import dispatch, event_floor, store, webhooks
 from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger, sync_client
+from kinora.worker import holds
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +73,29 @@ class Sweeper:
         self._thread.join(5)
 
     def _loop(self) -> None:
-        interval = get_settings().sweep_interval_seconds
+        settings = get_settings()
+        interval = settings.sweep_interval_seconds
+        # The holds of this worker (kinora.worker.holds) are renewed well within their
+        # lease, whatever the sweep interval.
+        tick = min(interval, settings.lease_seconds / 3)
         at_start = True
+        next_sweep = time.monotonic()
         while True:
             try:
-                lost = redis_lost_its_data()
-                if lost and not at_start:  # at start, all pending are queued again anyway
-                    log.warning("Redis lost its data: every pending video is queued again")
-                sweep_once(at_start=at_start or lost)
-                at_start = False
+                holds.renew()
             except Exception:
-                log.exception("sweep failed; trying again in %s s", interval)
-            if self._stop.wait(interval):
+                log.exception("could not renew this worker's holds")
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + interval
+                try:
+                    lost = redis_lost_its_data()
+                    if lost and not at_start:  # at start, all pending are queued again anyway
+                        log.warning("Redis lost its data: every pending video is queued again")
+                    sweep_once(at_start=at_start or lost)
+                    at_start = False
+                except Exception:
+                    log.exception("sweep failed; trying again in %s s", interval)
+            if self._stop.wait(tick):
                 return
 
 
