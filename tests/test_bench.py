@@ -46,6 +46,16 @@ def test_fanout() -> None:
         assert_sound(run, 30)
 
 
+def test_storm() -> None:
+    result = bench("storm", "--clients", "60", "--videos", "3", "--history", "6", "--live", "2")
+    assert [r["server"] for r in result["runs"]] == ["kinora", "broadcaster", "naive"]
+    kinora = result["runs"][0]
+    assert kinora["streaming"] == 60  # every client back, with its missed events
+    assert kinora["delivered_ratio"] == 1.0
+    assert kinora["server_warnings"] == 0
+    assert kinora["streams_per_s"] > 0
+
+
 def test_latency() -> None:
     result = bench("latency", "--watchers", "1", "10", "--events", "20", "--rate", "50")
     assert [r["watchers"] for r in result["runs"]] == [1, 10]

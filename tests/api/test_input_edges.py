@@ -126,3 +126,20 @@ def test_a_retried_submit_is_replayed_before_the_rate_limit_and_never_counted(
         assert retry.json()["video_id"] == first.json()["video_id"]
     assert other_body.status_code == 422
     assert "different request body" in other_body.json()["detail"]
+
+
+def test_a_scoped_token_opens_only_its_own_video_of_its_own_user(
+    api: TestClient, account: Account
+) -> None:
+    """The scoped path reads no user from the database (the signature says who): it
+    still refuses another video, another user's video, and a video that is not there."""
+    mine, theirs = pending_video(account), pending_video(make_account())
+    cases = {
+        "another video's token": (mine, sign_scoped(theirs, account.id), 401),
+        "a token for another user's video": (theirs, sign_scoped(theirs, account.id), 404),
+        "no such video": (10**9, sign_scoped(10**9, account.id), 404),
+    }
+    for what, (video, token, status) in cases.items():
+        response = api.get(f"/api/v1/videos/{video}/stream", params={"token": token})
+        assert response.status_code == status, (what, response.text)
+        assert_clean_4xx(response, what)

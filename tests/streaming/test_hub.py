@@ -107,6 +107,40 @@ def test_watchers_joining_at_the_same_instant_all_receive_every_event(
     run(environment, body)
 
 
+def test_a_reconnect_storm_shares_history_reads_and_misses_nothing(
+    environment: dict[str, str], video_id: int
+) -> None:
+    """Four hundred watchers of one video come back at once, resuming from a few
+    different events, while it keeps publishing: they share a handful of history
+    reads, and each still gets every event after its own, once, in order."""
+    total = 60
+
+    async def body(hub: StreamHub) -> None:
+        key = keys.video(video_id)
+        with SSELogger(key) as log:
+            for i in range(20):
+                log.log(f"event {i}")
+
+        async def one(after: int) -> list[int]:
+            async with hub.watch(key, after=after) as watcher:
+                return await collect(watcher, total)
+
+        def publish() -> None:
+            with SSELogger(key, last_seq=20) as log:
+                for i in range(20, total):
+                    log.log(f"event {i}")
+
+        publisher = asyncio.create_task(asyncio.to_thread(publish))
+        resumes = [10 + n % 4 for n in range(400)]
+        results = await asyncio.gather(*(one(after) for after in resumes))
+        await publisher
+        for after, seqs in zip(resumes, results, strict=True):
+            assert seqs == list(range(after + 1, total + 1))
+        assert hub.history_reads <= 40, hub.history_reads  # not one per watcher
+
+    run(environment, body)
+
+
 def test_last_watcher_leaving_unsubscribes(
     environment: dict[str, str], video_id: int, redis_client: redis.Redis
 ) -> None:

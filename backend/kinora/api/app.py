@@ -27,6 +27,7 @@ from kinora.api.middleware import (
     TraceMiddleware,
 )
 from kinora.api.quota import StreamQuota
+from kinora.api.recent import RecentVideos
 from kinora.core import logs
 from kinora.core.config import get_settings
 from kinora.streaming.router import hub_for, script_response
@@ -41,6 +42,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # The same hub (and its start, drain and stop) as any app's progress_router.
     async with hub_for(app, settings.required_redis_url):
         app.state.quota = StreamQuota(settings.max_streams_per_user)
+        app.state.recent_videos = RecentVideos()
         tune_gc()
         yield
 

@@ -15,14 +15,25 @@ import redis
 from fastapi import APIRouter, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
-from kinora.api.deps import BearerDep, HubDep, SettingsDep, VideoId, watcher_video
+from kinora.api.deps import (
+    BearerDep,
+    HubDep,
+    SettingsDep,
+    VideoId,
+    not_found,
+    scoped_user,
+    watcher_token,
+    watcher_video,
+)
 from kinora.api.middleware import TRACE_HEADER
 from kinora.api.quota import StreamQuota
+from kinora.api.recent import RecentVideos
 from kinora.api.urls import content_url
 from kinora.core import logs
 from kinora.core.config import Settings
 from kinora.core.db import session_scope
 from kinora.core.models import TERMINAL_STATUSES, Video, utcnow
+from kinora.core.tokens import is_scoped
 from kinora.jobs import event_floor
 from kinora.streaming import keys
 from kinora.streaming.events import Outcome, ending, history_lost, publish_async, terminal_event
@@ -38,8 +49,23 @@ SHUTDOWN_GRACE_SECONDS = 2.0
 router = APIRouter(prefix="/api/v1/videos", tags=["stream"])
 
 
-def authorize(video_id: int, header: str | None, query: str | None) -> Video:
-    """The video, if the token (API or scoped to it) may watch it; else 401/404."""
+async def authorize(
+    recent: RecentVideos, video_id: int, header: str | None, query: str | None
+) -> Video:
+    """The video, if the token (API or scoped to it) may watch it; else 401/404. A
+    scoped token's video comes from `recent` (shared by the requests of a reconnect
+    storm); an API token is looked up in the database."""
+    token = watcher_token(header, query)
+    if not is_scoped(token):
+        return await run_in_threadpool(_authorize, video_id, header, query)
+    user_id = scoped_user(token, video_id)
+    video = await recent.get(video_id)
+    if video is None or video.user_id != user_id:
+        raise not_found(video_id)
+    return video
+
+
+def _authorize(video_id: int, header: str | None, query: str | None) -> Video:
     with session_scope() as session:
         video = watcher_video(session, video_id, header, query)
         session.expunge(video)
@@ -165,7 +191,7 @@ async def stream_video(
     then the live events, ending after `complete`."""
     after = parse_last_event_id(request.headers.get("last-event-id", last_event_id))
     header = credentials.credentials if credentials else None
-    video = await run_in_threadpool(authorize, video_id, header, token)
+    video = await authorize(request.app.state.recent_videos, video_id, header, token)
     if not await hub.reachable():
         raise redis.ConnectionError("Redis has not answered the hub's pings")  # a 503
     request.app.state.quota.check(video.user_id)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, HTTPException, WebSocket, status
-from fastapi.concurrency import run_in_threadpool
 
 from kinora.api.deps import bearer_token
 from kinora.api.quota import StreamQuota
@@ -25,7 +24,7 @@ async def progress(websocket: WebSocket, video_id: int, token: str | None = None
     await websocket.accept()
     bearer = bearer_token(websocket.headers.get("authorization"))
     try:
-        video = await run_in_threadpool(authorize, video_id, bearer, token)
+        video = await authorize(websocket.app.state.recent_videos, video_id, bearer, token)
     except HTTPException as exc:
         code = (
             CLOSE_BAD_TOKEN if exc.status_code == status.HTTP_401_UNAUTHORIZED else CLOSE_NOT_FOUND

@@ -49,6 +49,8 @@ POOL_WAIT_SECONDS = 5.0
 # The hub pings Redis this often; without an answer for PROBE_STALE_SECONDS, new
 # streams are refused with a 503 (open ones end with a `retry:` on their own).
 PROBE_SECONDS = 0.5
+# The command pool's connections (history, presence, rate limit, publish).
+COMMAND_CONNECTIONS = 2
 PROBE_STALE_SECONDS = 2.5
 PROBE_RECHECK_SECONDS = 0.5
 
@@ -79,6 +81,11 @@ class StreamHub:
         # SUBSCRIBEs sent whose confirmation has not come back, per channel.
         self._pending: defaultdict[bytes, int] = defaultdict(int)
         self._ops: asyncio.Queue[tuple[Literal["sub", "unsub"], bytes]] = asyncio.Queue()
+        # History reads not yet sent, by (history key, after): see history_state. At
+        # most two are sent at once, as the command pool has two connections.
+        self._reads: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        self._read_slots = asyncio.Semaphore(COMMAND_CONNECTIONS)
+        self.history_reads = 0  # first pages read (each shared by the watchers that joined)
         self._tasks: list[asyncio.Task[None]] = []
         self.delivered: dict[str, int] = {"sse": 0, "websocket": 0}
         # Commands (history, presence, rate limit, publish) on two connections at most,
@@ -92,7 +99,7 @@ class StreamHub:
         self.redis: aioredis.Redis = aioredis.Redis.from_pool(
             aioredis.BlockingConnectionPool.from_url(
                 redis_url,
-                max_connections=2,
+                max_connections=COMMAND_CONNECTIONS,
                 timeout=POOL_WAIT_SECONDS,
                 socket_timeout=REDIS_TIMEOUT,
                 socket_connect_timeout=REDIS_TIMEOUT,
@@ -213,13 +220,40 @@ class StreamHub:
 
     async def history_state(self, key: StreamKey, after: int) -> tuple[list[Item], int | None]:
         """The first page of history after `after`, and the video's seq counter (None if
-        Redis has none), in one round trip."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            self._page(pipe, key, after)
-            pipe.get(key.seq)
-            raw, counter = await pipe.execute()
+        Redis has none), in one round trip.
+
+        Shared: every watcher that asks for the same before the read is sent joins it
+        (the clients of a video coming back together, a reconnect storm, mostly resume
+        from the same event: one read, not one each, queued on two connections). A
+        read is joined only until it is sent, so it is always sent after the watcher
+        registered: nothing published before that is missed."""
+        flight = (key.history, after)
+        future = self._reads.get(flight)
+        if future is None:
+            future = asyncio.ensure_future(self._read_state(flight, key, after))
+            self._reads[flight] = future
+            future.add_done_callback(lambda f: self._landed(flight, f))
+        # shielded: a watcher that goes away does not cancel the others' read
+        return await asyncio.shield(future)
+
+    async def _read_state(
+        self, flight: tuple[str, int], key: StreamKey, after: int
+    ) -> tuple[list[Item], int | None]:
+        async with self._read_slots:
+            del self._reads[flight]  # sent now: later watchers start a read of their own
+            self.history_reads += 1
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self._page(pipe, key, after)
+                pipe.get(key.seq)
+                raw, counter = await pipe.execute()
         items = [Item.from_raw(r) for r in cast(list[bytes], raw)]
         return items, None if counter is None else int(counter)
+
+    def _landed(self, flight: tuple[str, int], future: asyncio.Future[Any]) -> None:
+        if self._reads.get(flight) is future:  # cancelled before it was sent
+            del self._reads[flight]
+        if not future.cancelled() and future.exception() is None:
+            self._last_pong = asyncio.get_running_loop().time()  # Redis answers
 
     async def end_seq(self, key: StreamKey) -> int | None:
         """The seq of the video's `complete` event, if Redis still knows it."""

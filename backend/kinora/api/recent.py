@@ -1,0 +1,65 @@
+"""The videos streams are opening on, read from the database once for every request
+that wants the same one at about the same time.
+
+When an API process restarts, its clients come back to the others all at once, each
+with a token scoped to its video: the signature already says who may watch which
+video, and what is left to read (the video's state) is the same for every client of
+that video. One read per video (in one thread call) serves every request for it that
+arrives while it runs or within `ttl` seconds after: a reconnect storm of ten
+thousand clients of ten videos costs a few reads, not ten thousand, each a thread.
+
+A state up to `ttl` old is safe for a stream: ownership never changes, and a video
+that ended meanwhile has its `complete` in the history the stream replays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from fastapi.concurrency import run_in_threadpool
+
+from kinora.core.db import session_scope
+from kinora.core.models import Video
+
+
+def load(video_id: int) -> Video | None:
+    with session_scope() as session:
+        video = session.get(Video, video_id)
+        if video is not None:
+            session.expunge(video)  # read-only from here, shared by the requests
+        return video
+
+
+class RecentVideos:
+    def __init__(self, ttl: float = 1.0, loader: Callable[[int], Video | None] = load) -> None:
+        self.ttl = ttl
+        self.loader = loader
+        self.reads = 0  # database reads made (the rest were shared)
+        self._entries: dict[int, tuple[float, asyncio.Future[Video | None]]] = {}
+
+    async def get(self, video_id: int) -> Video | None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        entry = self._entries.get(video_id)
+        if entry is None or (entry[1].done() and now - entry[0] > self.ttl):
+            if len(self._entries) > 10_000:
+                self._forget_old(now)
+            self.reads += 1
+            future = asyncio.ensure_future(run_in_threadpool(self.loader, video_id))
+            # Read by whoever is waiting; when a failed read's waiters were all
+            # cancelled, nobody is: its error is not "never retrieved".
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            entry = self._entries[video_id] = (now, future)
+        try:
+            # shielded: a waiter that goes away does not cancel the others' read
+            return await asyncio.shield(entry[1])
+        except Exception:
+            if self._entries.get(video_id) is entry:
+                del self._entries[video_id]  # the next request reads again
+            raise
+
+    def _forget_old(self, now: float) -> None:
+        for video_id, (at, future) in list(self._entries.items()):
+            if future.done() and now - at > self.ttl:
+                del self._entries[video_id]

@@ -1,0 +1,259 @@
+"""Reconnect storm: an API process restarted, and all its clients come back at once
+to this one, each with the Last-Event-ID it had.
+
+    python -m bench.storm [--clients 10000] [--videos 10] [--history 20] [--live 5]
+
+Every video has `history` events; every client reconnects with Last-Event-ID at
+half of them (with the video's scoped token, as `stream_url` gives it) and must get
+the rest, then `live` new events and `complete`. A connection refused or reset is
+tried again after 0.5 s, as EventSource does. The clocks: until every client is
+streaming again (has its missed events), and the streams opened per second. The
+broadcaster and naive servers run in the same run as peers: they have no history,
+so for them "streaming again" is the response's head, and what they lose is counted.
+
+Prints one JSON object: per server, the seconds until every client streamed again,
+streams per second, connections refused on the way, and delivered/expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import time
+from multiprocessing.synchronize import Event as MpEvent
+from typing import Any, cast
+
+from bench.harness import SPAWN, World, start_server, world
+from kinora.streaming import keys
+
+RETRY_SECONDS = 0.5
+HOST = "127.0.0.1"
+
+
+class StormClient(asyncio.Protocol):
+    """One client: its request, the events it still expects to catch up on, and when
+    it had them; reconnected by `storm_process` when refused."""
+
+    def __init__(self, request: bytes, catch_up: int, stats: dict[str, Any]) -> None:
+        self.request = request
+        self.catch_up = catch_up  # events to receive before it counts as streaming
+        self.stats = stats
+        self.events = 0
+        self.head = b""
+        self.tail = b""
+        self.streaming: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.WriteTransport | None = None
+        self.answered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.WriteTransport, transport)
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.answered:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if b" 200 " not in self.head.split(b"\r\n", 1)[0]:
+                self.stats["refused"] += 1
+                self._close()
+                return
+            self.answered = True
+            data, self.head = self.head[end + 4 :], b""
+        data = self.tail + data
+        cut = data.rfind(b"\n") + 1
+        data, self.tail = data[:cut], data[cut:]
+        self.events += data.count(b"data: ")
+        if self.events >= self.catch_up and not self.streaming.done():
+            self.streaming.set_result(time.monotonic())
+        if b'"type":"complete"' in data:
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+def storm_process(
+    port: int,
+    requests: list[bytes],
+    catch_up: int,
+    expected: int,
+    go: MpEvent,
+    streaming_flag: MpEvent,
+    results: Any,
+    timeout: float,
+) -> None:
+    """All of `requests` at once (each retried after RETRY_SECONDS while refused), then
+    each read until `complete` or the timeout."""
+    import uvloop
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        stats: dict[str, Any] = {"refused": 0, "retries": 0}
+        clients: list[StormClient] = []
+
+        async def reconnect(request: bytes) -> float | None:
+            while True:
+                client = StormClient(request, catch_up, stats)
+                try:
+                    await loop.create_connection(functools.partial(lambda c: c, client), HOST, port)
+                except OSError:
+                    stats["refused"] += 1
+                else:
+                    ends: list[asyncio.Future[Any]] = [client.streaming, client.closed]
+                    await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+                    if client.streaming.done():
+                        clients.append(client)
+                        return client.streaming.result()
+                stats["retries"] += 1
+                await asyncio.sleep(RETRY_SECONDS)
+
+        go.wait(60)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                times = await asyncio.gather(*(reconnect(r) for r in requests))
+        except TimeoutError:
+            times = []
+        streaming_flag.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(c.closed for c in clients))
+        except TimeoutError:
+            pass
+        for client in clients:
+            client._close()
+        return {
+            "started": started,
+            "last_streaming": max((t for t in times if t is not None), default=None),
+            "streaming": len(clients),
+            "delivered": sum(min(c.events, expected) for c in clients),
+            "refused": stats["refused"],
+            "retries": stats["retries"],
+        }
+
+    results.put(uvloop.run(main()))
+
+
+def publish(w: World, videos: list[int], count: int, step: int) -> None:
+    from kinora.streaming.logger import SSELogger
+
+    for video in videos:
+        log = SSELogger(keys.video(video))
+        for i in range(count):
+            log.step(5, f"Processing video... {step + i}", progress=(step + i) % 100)
+
+
+def complete(w: World, videos: list[int]) -> None:
+    from kinora.streaming.logger import SSELogger
+
+    for video in videos:
+        SSELogger(keys.video(video)).complete()
+
+
+def run_storm(
+    w: World, name: str, *, clients: int, videos: int, history: int, live: int, loaders: int
+) -> dict[str, Any]:
+    from kinora.core.tokens import sign_scoped
+
+    ids = w.videos(videos)
+    publish(w, ids, history, 0)
+    resume_at = history // 2
+    server = start_server(name, w)
+    try:
+        requests = []
+        for i in range(clients):
+            video = ids[i % videos]
+            if name == "kinora":
+                path = f"/api/v1/videos/{video}/stream?token={sign_scoped(video, w.user_id)}"
+            else:
+                path = server.url_path(video, w.token)
+            requests.append(
+                f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nLast-Event-ID: {resume_at}\r\n"
+                "Accept: text/event-stream\r\n\r\n".encode()
+            )
+        catch_up = history - resume_at if name == "kinora" else 0
+        expected = catch_up + live + 1
+        go = SPAWN.Event()
+        flags = [SPAWN.Event() for _ in range(loaders)]
+        results = SPAWN.Queue()
+        timeout = 120.0
+        procs = [
+            SPAWN.Process(
+                target=storm_process,
+                args=(server.port, requests[i::loaders], catch_up, expected, go, flags[i]),
+                kwargs={"results": results, "timeout": timeout},
+            )
+            for i in range(loaders)
+        ]
+        for p in procs:
+            p.start()
+        time.sleep(1.0)  # the load generators up
+        go.set()
+        for flag in flags:
+            flag.wait(timeout + 10)
+        time.sleep(1.0)  # the last subscriptions confirmed, for the peers that need it
+        publish(w, ids, live, history)
+        complete(w, ids)
+        parts = [results.get(timeout=timeout + 30) for _ in procs]
+        for p in procs:
+            p.join(30)
+    finally:
+        server.stop()
+    # Refusals the server logged (503s while Redis seemed not to answer, errors).
+    log_lines = (w.tmp / f"{name}.log").read_text(errors="replace").splitlines()
+    warnings = [line for line in log_lines if " WARNING " in line or " ERROR " in line]
+    started = min(p["started"] for p in parts)
+    lasts = [p["last_streaming"] for p in parts]
+    seconds = None if None in lasts else max(cast(list[float], lasts)) - started
+    streaming = sum(p["streaming"] for p in parts)
+    return {
+        "server": name,
+        "clients": clients,
+        "videos": videos,
+        "streaming": streaming,
+        "all_streaming_seconds": None if seconds is None else round(seconds, 2),
+        "streams_per_s": None if not seconds else round(clients / seconds),
+        "refused_or_reset": sum(p["refused"] for p in parts),
+        "delivered_ratio": round(sum(p["delivered"] for p in parts) / (clients * expected), 4),
+        "server_warnings": len(warnings),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=10000)
+    parser.add_argument("--videos", type=int, default=10)
+    parser.add_argument("--history", type=int, default=20, help="events before the storm")
+    parser.add_argument("--live", type=int, default=5, help="events after it")
+    parser.add_argument("--loaders", type=int, default=2)
+    parser.add_argument("--servers", nargs="+", default=["kinora", "broadcaster", "naive"])
+    args = parser.parse_args()
+    runs = []
+    with world() as w:
+        for name in args.servers:
+            run = run_storm(
+                w, name, clients=args.clients, videos=args.videos, history=args.history,
+                live=args.live, loaders=args.loaders,
+            )  # fmt: skip
+            runs.append(run)
+    kinora = next((r for r in runs if r["server"] == "kinora"), None)
+    for run in runs:
+        if kinora and kinora["all_streaming_seconds"] and run["all_streaming_seconds"]:
+            run["seconds_vs_kinora"] = round(
+                run["all_streaming_seconds"] / kinora["all_streaming_seconds"], 2
+            )
+    print(json.dumps({"benchmark": "storm", "runs": runs}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
