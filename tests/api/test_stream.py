@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import itertools
 import signal
 import socket
 import subprocess
@@ -42,7 +43,7 @@ def test_stream_carries_every_step_and_the_video_plays(stack: Stack, account: Ac
 
     assert status == 200
     assert lines[0] == "retry: 3000"
-    assert ": ping" in lines  # the heartbeat (SSE_PING_SECONDS=0.5 in the tests)
+    # (`: ping` comes only while a stream is idle: see the heartbeat test below.)
     events = events_of(lines)
     assert_whole_generation(events)
     assert ids_of(lines) == [e["id"] for e in events]
@@ -196,6 +197,32 @@ def unqueued_video(account: Account) -> Video:
             session, user, prompt="never queued", parameters={}, cost=0, task_id="none"
         )
         return video
+
+
+def test_an_idle_stream_has_the_contract_headers_and_a_heartbeat_every_interval(
+    stack: Stack, account: Account
+) -> None:
+    """CONTRACT §4: `text/event-stream`, `Cache-Control: no-cache`, `X-Accel-Buffering:
+    no`, and `: ping` every SSE_PING_SECONDS (0.5 here) while nothing happens."""
+    video = unqueued_video(account)
+    url = f"{stack.base_url}/api/v1/videos/{video.id}/stream"
+    pings: list[float] = []
+    with (
+        httpx.Client(timeout=httpx.Timeout(5, read=3)) as client,
+        client.stream("GET", url, headers=account.headers) as response,
+    ):
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache"
+        assert response.headers["x-accel-buffering"] == "no"
+        started = time.monotonic()
+        for line in response.iter_lines():
+            if line == ": ping":
+                pings.append(time.monotonic() - started)
+            if len(pings) == 4:
+                break
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert all(0.3 < gap < 1.5 for gap in gaps), pings
 
 
 def test_clients_that_disconnect_leave_no_subscription(

@@ -1,4 +1,4 @@
-"""The SSE stream of one video (CONTRACT §4), on sse-starlette's EventSourceResponse.
+"""The SSE stream of one video (CONTRACT §4), as an EventStream (kinora.streaming.sse).
 
 The hub does the hard part (history after `Last-Event-ID`, then live events, merged
 by `seq`); this module authorizes, decides between `204` and a stream, and frames.

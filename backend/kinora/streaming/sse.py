@@ -1,15 +1,23 @@
-"""The SSE response: sse-starlette's EventSourceResponse, with a client that stopped
-reading cut off cheaply.
+"""The SSE response: a lean streaming response on sse-starlette's framing, with the
+heartbeats, the stalled-client cut-off and the shutdown notice of every open stream
+done by one patrol task per event loop.
 
-sse-starlette can time out every send (`send_timeout`), but that costs a cancel scope
-and a timer per send, that is per event per watcher: a fifth of the API's CPU under
-fan-out (bench.fanout). Here the ASGI `send` is wrapped instead (the public interface
-of any ASGI response): each send notes when it began, and ONE patrol task per event
-loop, waking every `stall_seconds / 4`, ends any response whose send has been stuck
-for `stall_seconds` (a task per response cost 5.5 KB per idle connection, bench.fanout
-at 2,000). The client, if it is still there, reconnects with Last-Event-ID and loses
-nothing. (uvicorn logs each such response as "returned without completing response":
-it could not be finished, and the server closes its connection.)
+sse-starlette's EventSourceResponse runs four tasks in an anyio task group for every
+response (the body, the heartbeat, the shutdown listener, the disconnect listener):
+under a reconnect storm, spawning them was a fifth of the API's CPU (bench.storm),
+and they are memory held by every idle connection (bench.fanout). Here a response
+writes its body in the request's own task and keeps one plain task that waits for
+the client to disconnect; ONE patrol task per event loop, waking every
+PATROL_SECONDS, sends `: ping` on a stream idle for `ping_seconds`, ends a stream
+whose write has been stuck for `stall_seconds` (the client stopped reading: it
+reconnects with Last-Event-ID and loses nothing), and when the server starts
+shutting down (sse-starlette's AppStatus, which hooks uvicorn's exit) sets the
+app's shutdown event, so the hub tells every stream to end with a last `retry:`, and
+ends whatever is still open SHUTDOWN_GRACE_SECONDS later. The frames are
+sse-starlette's: the hub encodes each event once (kinora.streaming.frames), and the
+heartbeat is its `ServerSentEvent` comment. (uvicorn logs a response ended this way
+as "returned without completing response": it could not be finished, and the server
+closes its connection.)
 """
 
 from __future__ import annotations
@@ -26,7 +34,9 @@ from typing import Any, ClassVar
 import anyio
 import redis
 from fastapi import HTTPException, status
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
+from sse_starlette.sse import AppStatus
+from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from kinora.core.config import Settings
@@ -38,47 +48,93 @@ log = logging.getLogger(__name__)
 # How long a stream has to say goodbye (`retry:`) on shutdown before it is cancelled;
 # well within uvicorn's graceful shutdown (kinora api).
 SHUTDOWN_GRACE_SECONDS = 2.0
+# How often the patrol looks at every open stream (heartbeats are this late at most).
+PATROL_SECONDS = 0.5
+PING = ServerSentEvent(comment="ping", sep="\n").encode()
+END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
-class EventStream(EventSourceResponse):
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"
+
     def __init__(
-        self, content: Any, status_code: int = 200, *, stall_seconds: float, **kwargs: Any
+        self,
+        content: AsyncIterator[bytes],
+        status_code: int = 200,
+        *,
+        ping_seconds: float,
+        stall_seconds: float,
+        shutdown: anyio.Event | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         # status_code named: FastAPI reads its default off this signature for /docs.
-        super().__init__(content, status_code, **kwargs)
+        base = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
+        super().__init__(content, status_code, headers={**base, **(headers or {})})
+        self.ping_seconds = ping_seconds
         self.stall_seconds = stall_seconds
-        self.stalled = False
-        self.sending_since = 0.0  # when the send in progress began; 0: none
-        self.cancel_scope: anyio.CancelScope | None = None
+        self.shutdown = shutdown
+        self.sending_since = 0.0  # when the write in progress began; 0: none
+        self.last_write = 0.0
+        self.ended: str | None = None  # why the patrol or the listener ended it
+        self.task: asyncio.Task[Any] | None = None
+        self.send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def watched(message: Message) -> None:
-            self.sending_since = time.monotonic()
-            await send(message)
-            self.sending_since = 0.0
-
+        start = {"type": "http.response.start", "status": self.status_code}
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            # A stream on HEAD would never end: the head, and no body.
+            await send({**start, "headers": self.raw_headers})
+            await send(END)
+            return
+        self.task = asyncio.current_task()
+        self.send = send
         patrol = Patrol.of_this_loop()
-        patrol.streams.add(self)
+        patrol.add(self)
+        listener = asyncio.get_running_loop().create_task(self._listen(receive))
         try:
-            with anyio.CancelScope() as self.cancel_scope:
-                patrol.start(self.stall_seconds / 4)
-                await super().__call__(scope, receive, watched)
+            await self._write({**start, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await self._write({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self._write(END)
+        except asyncio.CancelledError:
+            if self.ended is None or self.task is None:
+                raise  # not ours: the server is cancelling its tasks
+            self.task.uncancel()
         finally:
-            patrol.streams.discard(self)
+            patrol.discard(self)
+            listener.cancel()
+            # The body's cleanup (the hub's watcher let go), if it was stopped at a yield.
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
-    def cut(self) -> None:
-        """Cancels the response (its generator's cleanup runs), which then returns with
-        the body unfinished, so the server closes the connection: a body that cannot be
-        written cannot be ended."""
-        self.stalled = True
-        log.info("an SSE client stopped reading: disconnected")
-        if self.cancel_scope is not None:
-            self.cancel_scope.cancel()
+    async def _write(self, message: Message) -> None:
+        assert self.send is not None
+        self.sending_since = time.monotonic()
+        await self.send(message)
+        self.last_write = time.monotonic()
+        self.sending_since = 0.0
+
+    async def _listen(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.end("the client disconnected")
+
+    def end(self, why: str) -> None:
+        """Stop the response (its body's cleanup runs); it returns unfinished, and the
+        server closes the connection."""
+        if self.ended is None and self.task is not None and not self.task.done():
+            self.ended = why
+            self.task.cancel()
+
+    async def _ping(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._write({"type": "http.response.body", "body": PING, "more_body": True})
 
 
 class Patrol:
-    """The open streams of one event loop, and the one task that cuts a stalled one;
-    the task ends by itself once no stream is open (or with the app: `stop`)."""
+    """The open streams of one event loop, and the one task that pings the idle ones,
+    cuts the stalled ones, and ends them all when the server shuts down; the task ends
+    by itself once no stream is open (or with the app: `stop`)."""
 
     _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Patrol]] = (
         weakref.WeakKeyDictionary()
@@ -87,6 +143,8 @@ class Patrol:
     def __init__(self) -> None:
         self.streams: set[EventStream] = set()
         self.task: asyncio.Task[None] | None = None
+        self.pings: set[asyncio.Task[None]] = set()
+        self.exiting_since = 0.0
 
     @classmethod
     def of_this_loop(cls) -> Patrol:
@@ -96,20 +154,41 @@ class Patrol:
             patrol = cls._by_loop[loop] = cls()
         return patrol
 
-    def start(self, interval: float) -> None:
+    def add(self, stream: EventStream) -> None:
+        self.streams.add(stream)
         if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(
-                self._run(interval), name="sse-stall-patrol"
-            )
+            self.task = asyncio.get_running_loop().create_task(self._run(), name="sse-patrol")
 
-    async def _run(self, interval: float) -> None:
+    def discard(self, stream: EventStream) -> None:
+        self.streams.discard(stream)
+
+    async def _run(self) -> None:
         while self.streams:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(PATROL_SECONDS)
             now = time.monotonic()
+            if AppStatus.should_exit:
+                self._shutting_down(now)
             for stream in list(self.streams):
                 began = stream.sending_since
-                if began and now - began >= stream.stall_seconds and not stream.stalled:
-                    stream.cut()
+                if began:
+                    if now - began >= stream.stall_seconds:
+                        log.info("an SSE client stopped reading: disconnected")
+                        stream.end("the client stopped reading")
+                elif now - stream.last_write >= stream.ping_seconds and stream.ended is None:
+                    stream.last_write = now  # one heartbeat per interval, even if it waits
+                    ping = asyncio.get_running_loop().create_task(stream._ping())
+                    self.pings.add(ping)
+                    ping.add_done_callback(self.pings.discard)
+
+    def _shutting_down(self, now: float) -> None:
+        if not self.exiting_since:
+            self.exiting_since = now
+            for stream in self.streams:
+                if stream.shutdown is not None:
+                    stream.shutdown.set()  # the app's hub tells its streams to end
+        elif now - self.exiting_since >= SHUTDOWN_GRACE_SECONDS:
+            for stream in list(self.streams):
+                stream.end("the server is shutting down")
 
     @classmethod
     async def stop(cls) -> None:
@@ -133,10 +212,6 @@ def parse_last_event_id(value: str | None) -> int:
             detail=f"malformed Last-Event-ID {value!r}: send the `id:` of the last event received",
         )
     return int(text)
-
-
-def ping() -> ServerSentEvent:
-    return ServerSentEvent(comment="ping", sep="\n")
 
 
 async def frames(
@@ -180,16 +255,12 @@ def event_response(
     headers: Mapping[str, str] | None = None,
 ) -> EventStream:
     """The SSE response of a stream (CONTRACT §4): heartbeats, no caching, a stalled
-    client cut off, and a last `retry:` when the server shuts down."""
+    client cut off, and a last `retry:` when the server shuts down (`shutdown`: set
+    then; the app drains its hub on it, and the streams end on their own)."""
     return EventStream(
         body,
-        ping=int(settings.sse_ping_seconds) or 1,
-        ping_message_factory=ping,
-        sep="\n",
-        headers={"Cache-Control": "no-cache", **(headers or {})},
+        ping_seconds=settings.sse_ping_seconds,
         stall_seconds=settings.sse_send_timeout_seconds,
-        # Set by sse-starlette when the server shuts down; the app drains the hub then,
-        # and the streams end on their own with a last `retry:`.
-        shutdown_event=shutdown,
-        shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+        shutdown=shutdown,
+        headers=headers,
     )
