@@ -105,6 +105,11 @@ class Server:
     def rss(self) -> int:
         return int(psutil.Process(self.process.pid).memory_info().rss)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user and system) of the server and its worker processes so far."""
+        root = psutil.Process(self.process.pid)
+        return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+
     def redis_connections(self, redis_port: int) -> int:
         conns = psutil.Process(self.process.pid).net_connections(kind="tcp")
         return sum(1 for c in conns if c.raddr and c.raddr.port == redis_port)
@@ -118,12 +123,22 @@ class Server:
             self.process.wait(5)
 
 
-def start_server(name: str, w: World) -> Server:
-    """`kinora` (our API), `naive` (a pub/sub connection per client, as in the original
-    notes) or `broadcaster` (sse-starlette + the broadcaster package)."""
+def start_server(name: str, w: World, *, workers: int = 1) -> Server:
+    """`kinora` (our API, `workers` processes on one port), `naive` (a pub/sub
+    connection per client, as in the original notes) or `broadcaster` (sse-starlette +
+    the broadcaster package)."""
     port = free_port()
     if name == "kinora":
-        args = [sys.executable, "-m", "kinora", "api", "--port", str(port)]
+        args = [
+            sys.executable,
+            "-m",
+            "kinora",
+            "api",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ]
         path = "/api/v1/videos/{video}/stream?token={token}"
     else:
         args = [

@@ -29,6 +29,7 @@ from bench.harness import SPAWN, World, start_server, world
 from kinora.streaming import keys
 
 RETRY_SECONDS = 0.5
+DRAIN_SECONDS = 15.0
 HOST = "127.0.0.1"
 
 
@@ -126,7 +127,9 @@ def storm_process(
             times = []
         streaming_flag.set()
         try:
-            async with asyncio.timeout(timeout):
+            # The live events and `complete` follow within a second or two; a client
+            # still open DRAIN_SECONDS later never gets them (a peer lost them).
+            async with asyncio.timeout(DRAIN_SECONDS):
                 await asyncio.gather(*(c.closed for c in clients))
         except TimeoutError:
             pass
