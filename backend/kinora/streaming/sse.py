@@ -75,7 +75,8 @@ class EventStream(StreamingResponse):
         self.shutdown = shutdown
         self.sending_since = 0.0  # when the write in progress began; 0: none
         self.last_write = 0.0
-        self.ended: str | None = None  # why the patrol or the listener ended it
+        self.ended: str | None = None  # why it ended early, or "finished"
+        self.cut = False  # cancelled by `end`
         self.task: asyncio.Task[Any] | None = None
         self.send: Send | None = None
 
@@ -95,11 +96,13 @@ class EventStream(StreamingResponse):
             await self._write({**start, "headers": self.raw_headers})
             async for chunk in self.body_iterator:
                 await self._write({"type": "http.response.body", "body": chunk, "more_body": True})
+            # Finished: nothing cuts it from here on (uvicorn tells the listener the
+            # response is complete as a disconnect).
+            self.ended = "finished"
             await self._write(END)
         except asyncio.CancelledError:
-            if self.ended is None or self.task is None:
-                raise  # not ours: the server is cancelling its tasks
-            self.task.uncancel()
+            if not self.cut or self.task is None or self.task.uncancel() > 0:
+                raise  # not (only) ours: the server is cancelling its tasks
         finally:
             patrol.discard(self)
             listener.cancel()
@@ -115,8 +118,9 @@ class EventStream(StreamingResponse):
         self.sending_since = 0.0
 
     async def _listen(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        with contextlib.suppress(Exception):
+            while (await receive())["type"] != "http.disconnect":
+                pass
         self.end("the client disconnected")
 
     def end(self, why: str) -> None:
@@ -124,6 +128,7 @@ class EventStream(StreamingResponse):
         server closes the connection."""
         if self.ended is None and self.task is not None and not self.task.done():
             self.ended = why
+            self.cut = True
             self.task.cancel()
 
     async def _ping(self) -> None:
