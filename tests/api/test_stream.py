@@ -348,12 +348,21 @@ def test_a_client_that_never_reads_again_gives_back_its_stream_slot(
             stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             stalled.connect((host, int(port)))
             stalled.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            # Its stream is open (and holds the user's one slot) once its first line came:
+            # a probe sent before that could take the slot itself.
+            stalled.settimeout(10)
+            head = b""
+            while b"retry:" not in head:
+                chunk = stalled.recv(4096)
+                assert chunk, head
+                head += chunk
+            assert b" 200 " in head.split(b"\r\n", 1)[0], head
             seen: list[str] = []
 
             def capped() -> bool:
-                response = httpx.get(base + path, timeout=5)
-                seen.append(f"{response.status_code} {response.text[:200]}")
-                return response.status_code == 429
+                with httpx.stream("GET", base + path, timeout=5) as response:
+                    seen.append(str(response.status_code))
+                    return response.status_code == 429
 
             wait_for(
                 lambda: f"the cap reached (answers: {seen}; API: {api_log.read_text()[-3000:]})",
