@@ -66,7 +66,7 @@ def test_cores() -> None:
         assert run["delivered_ratio"] == 1.0
         assert run["api_cpu_us_per_delivered_event"] > 0
         assert run["redis_connections_per_process"] <= 3
-    assert result["runs"][0]["cpu_per_event_vs_one"] == 1.0
+        assert run["cpu_per_event_vs_one"] > 0
 
 
 def test_latency() -> None:

@@ -69,6 +69,22 @@ class Cluster:
         )
         return process
 
+    def stop_workers(self) -> None:
+        for name in [n for n in self.processes if n.startswith("worker")]:
+            stop(self.processes.pop(name), timeout=30)
+
+    def watched_video(self, api: str, token: str, prompt: str) -> tuple[int, Follower]:
+        """A video submitted through `api`, and a watcher of it already reading."""
+        created = httpx.post(
+            f"{api}/api/v1/videos/generate",
+            json={"prompt": prompt},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        ).json()
+        follower = Follower([api], created["video_id"], token)
+        follower.start()
+        return created["video_id"], follower
+
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.database) as conn:
             return conn.execute(query, params).fetchall()
@@ -201,20 +217,11 @@ def test_videos_survive_a_killed_worker_and_a_killed_api(cluster: Cluster) -> No
 
 @pytest.mark.timeout(180)
 def test_a_stopping_worker_hands_its_video_back_at_once(cluster: Cluster) -> None:
-    for name in [n for n in cluster.processes if n.startswith("worker")]:
-        stop(cluster.processes.pop(name), timeout=30)
+    cluster.stop_workers()
     api = cluster.api("api-3")
     leaving = cluster.worker("worker-3")
     token = new_user(cluster, "handback@test.kinora")
-    created = httpx.post(
-        f"{api}/api/v1/videos/generate",
-        json={"prompt": "A tram climbing a hill in the rain"},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    ).json()
-    video_id = created["video_id"]
-    follower = Follower([api], video_id, token)
-    follower.start()
+    video_id, follower = cluster.watched_video(api, token, "A tram climbing a hill in the rain")
 
     def model_job() -> str | None:
         value: str | None = cluster.sql("SELECT model_job_id FROM videos WHERE id = %s", video_id)[
@@ -252,22 +259,14 @@ def test_a_message_that_died_with_its_worker_is_queued_again_within_seconds(
     countdown) unacknowledged: killed then, the broker would give the message back
     only after its visibility timeout, over ten minutes. The video is queued again once
     the dead worker's hold runs out, and finishes in seconds, paid once."""
-    for name in [n for n in cluster.processes if n.startswith("worker")]:
-        stop(cluster.processes.pop(name), timeout=30)
+    cluster.stop_workers()
     api = cluster.api("api-4")
     slow_retry = {"RETRY_COUNTDOWN_SECONDS": "60"}
     workers = [cluster.worker(name, **slow_retry) for name in ("worker-5", "worker-6")]
     token = new_user(cluster, "held@test.kinora")
-    created = httpx.post(
-        f"{api}/api/v1/videos/generate",
-        # The first create fails (transient): the retry's message waits 60 s.
-        json={"prompt": "[mock:transient] A paper boat on a flooded street"},
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=10,
-    ).json()
-    video_id = created["video_id"]
-    follower = Follower([api], video_id, token)
-    follower.start()
+    # The first create fails (transient): the retry's message waits 60 s.
+    prompt = "[mock:transient] A paper boat on a flooded street"
+    video_id, follower = cluster.watched_video(api, token, prompt)
 
     def holder() -> str | None:
         [(status, attempts, owner)] = cluster.sql(

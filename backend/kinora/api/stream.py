@@ -155,11 +155,8 @@ async def find_end(hub: StreamHub, video: Video, video_url: str | None) -> int |
         message, fields = ending(
             key, outcome(video), reason=video.error_message, video_url=video_url
         )
-        end = await publish_async(
-            hub.redis, key, "complete", message, floor=video.last_seq, **fields
-        )
-        if end is None:  # someone else published it meanwhile
-            key = keys.video(video.id)
+        # None: someone else published it meanwhile; either way Redis has it now.
+        await publish_async(hub.redis, key, "complete", message, floor=video.last_seq, **fields)
     end = await hub.end_seq(key)
     if end is not None:
         await run_in_threadpool(event_floor.record, video.id, end, end=True)

@@ -52,6 +52,7 @@ SHUTDOWN_GRACE_SECONDS = 2.0
 PATROL_SECONDS = 0.5
 PING = ServerSentEvent(comment="ping", sep="\n").encode()
 END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
+FINISHED = "finished"  # EventStream.ended once its body is written: nothing cuts it then
 
 
 class EventStream(StreamingResponse):
@@ -75,8 +76,7 @@ class EventStream(StreamingResponse):
         self.shutdown = shutdown
         self.sending_since = 0.0  # when the write in progress began; 0: none
         self.last_write = 0.0
-        self.ended: str | None = None  # why it ended early, or "finished"
-        self.cut = False  # cancelled by `end`
+        self.ended: str | None = None  # why `end` cut it, or FINISHED
         self.task: asyncio.Task[Any] | None = None
         self.send: Send | None = None
 
@@ -98,10 +98,11 @@ class EventStream(StreamingResponse):
                 await self._write({"type": "http.response.body", "body": chunk, "more_body": True})
             # Finished: nothing cuts it from here on (uvicorn tells the listener the
             # response is complete as a disconnect).
-            self.ended = "finished"
+            self.ended = FINISHED
             await self._write(END)
         except asyncio.CancelledError:
-            if not self.cut or self.task is None or self.task.uncancel() > 0:
+            cut = self.ended not in (None, FINISHED)
+            if not cut or self.task is None or self.task.uncancel() > 0:
                 raise  # not (only) ours: the server is cancelling its tasks
         finally:
             patrol.discard(self)
@@ -128,7 +129,6 @@ class EventStream(StreamingResponse):
         server closes the connection."""
         if self.ended is None and self.task is not None and not self.task.done():
             self.ended = why
-            self.cut = True
             self.task.cancel()
 
     async def _ping(self) -> None:
