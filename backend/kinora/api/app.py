@@ -17,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
 from kinora import __version__
 from kinora.api import ops, stream, videos, ws
@@ -31,6 +32,7 @@ from kinora.api.recent import RecentVideos
 from kinora.core import logs
 from kinora.core.config import get_settings
 from kinora.streaming.router import hub_for, script_response
+from kinora.streaming.sse import direct_writes
 
 log = logging.getLogger(__name__)
 
@@ -171,3 +173,9 @@ def create_app() -> FastAPI:
         return FileResponse(WEB / "index.html", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+def serve() -> ASGIApp:
+    """The app as `kinora api` serves it: streams write their bodies straight to the
+    server (kinora.streaming.sse.direct_writes)."""
+    return direct_writes(create_app())

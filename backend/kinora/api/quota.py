@@ -5,7 +5,7 @@ cannot take a process's memory from everyone else (CONTRACT §8)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from fastapi import HTTPException, status
@@ -35,10 +35,3 @@ class StreamQuota:
             self.open[user_id] -= 1
             if self.open[user_id] <= 0:
                 del self.open[user_id]
-
-    async def counted(self, user_id: int, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """`body`, counted as one of the user's streams while it runs (from its first
-        chunk: a response never started holds nothing)."""
-        with self.held(user_id):
-            async for chunk in body:
-                yield chunk

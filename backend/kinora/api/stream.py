@@ -224,8 +224,9 @@ def event_stream(
 ) -> Response:
     quota: StreamQuota = request.app.state.quota
     return event_response(
-        quota.counted(user_id, body),
+        body,
         settings,
         shutdown=request.app.state.shutdown,
         headers={TRACE_HEADER: logs.current_trace_id() or ""},
+        lease=quota.held(user_id),  # one of the user's streams while it runs
     )

@@ -52,7 +52,7 @@ def api(host: str, port: int, workers: int) -> None:
     settings.required_redis_url  # noqa: B018  (fail early with a clear message)
     share_metrics(settings.var_dir / "metrics" / f"api-{socket.gethostname()}-{port}")
     uvicorn.run(
-        "kinora.api.app:create_app",
+        "kinora.api.app:serve",
         factory=True,
         host=host,
         port=port,

@@ -8,5 +8,6 @@ them to browsers (SSE and WebSocket) and to pollers.
 
 from kinora.streaming.logger import SSELogger
 from kinora.streaming.router import progress_router
+from kinora.streaming.sse import direct_writes
 
-__all__ = ["SSELogger", "progress_router"]
+__all__ = ["SSELogger", "direct_writes", "progress_router"]

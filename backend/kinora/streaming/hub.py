@@ -35,7 +35,7 @@ from kinora.streaming.connect import quick_retry
 from kinora.streaming.frames import RESYNC, Item
 from kinora.streaming.keys import StreamKey
 from kinora.streaming.presence import Presence
-from kinora.streaming.watcher import HISTORY_PAGE, LostNotice, Topic, Watcher
+from kinora.streaming.watcher import HISTORY_PAGE, LostNotice, Pacer, Topic, Watcher
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class StreamHub:
         self.slow_cuts = 0
         self._last_pong = 0.0
         self._topics: dict[bytes, Topic] = {}
+        self._pacer = Pacer()  # one for every topic: the loop reads Redis between slices
         # SUBSCRIBEs sent whose confirmation has not come back, per channel.
         self._pending: defaultdict[bytes, int] = defaultdict(int)
         self._ops: asyncio.Queue[tuple[Literal["sub", "unsub"], bytes]] = asyncio.Queue()
@@ -163,7 +164,7 @@ class StreamHub:
         name = key.channel.encode()
         topic = self._topics.get(name)
         if topic is None:
-            topic = self._topics[name] = Topic()
+            topic = self._topics[name] = Topic(self._pacer)
             self._pending[name] += 1
             self._ops.put_nowait(("sub", name))
         watcher = Watcher(self, key, topic, after, transport, floor=floor, lost=lost)

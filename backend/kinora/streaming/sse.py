@@ -37,7 +37,7 @@ from fastapi import HTTPException, status
 from sse_starlette import ServerSentEvent
 from sse_starlette.sse import AppStatus
 from starlette.responses import StreamingResponse
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kinora.core.config import Settings
 from kinora.streaming.hub import StreamHub, SubscribeTimeout
@@ -55,6 +55,32 @@ END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 FINISHED = "finished"  # EventStream.ended once its body is written: nothing cuts it then
 
 
+class LastChunk(bytes):
+    """A body's last chunk (its `complete` event): written with the end of the
+    response, in one write."""
+
+
+# The server's own `send`, put in every HTTP request's scope by `direct_writes`.
+SERVER_SEND = "kinora.server_send"
+
+
+def direct_writes(app: ASGIApp) -> ASGIApp:
+    """`app`, with the server's own `send` kept in each request's scope: a stream writes
+    its head (and so its headers: CORS, the trace id) through the app's middleware,
+    and its body, event after event, straight to the server. Each middleware wraps
+    `send` in a coroutine of its own (Starlette's error and exception handlers, three
+    in a FastAPI app), and a hot video's stream writes tens of thousands of times a
+    second; none of them looks at a body (a middleware that rewrites bodies, such as
+    compression, has no place on an event stream anyway)."""
+
+    async def server_send_in_scope(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[SERVER_SEND] = send
+        await app(scope, receive, send)
+
+    return server_send_in_scope
+
+
 class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
@@ -67,6 +93,7 @@ class EventStream(StreamingResponse):
         stall_seconds: float,
         shutdown: anyio.Event | None = None,
         headers: Mapping[str, str] | None = None,
+        lease: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
         # status_code named: FastAPI reads its default off this signature for /docs.
         base = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
@@ -74,6 +101,7 @@ class EventStream(StreamingResponse):
         self.ping_seconds = ping_seconds
         self.stall_seconds = stall_seconds
         self.shutdown = shutdown
+        self.lease = lease  # held while the response runs (a user's count of streams)
         self.sending_since = 0.0  # when the write in progress began; 0: none
         self.last_write = 0.0
         self.ended: str | None = None  # why `end` cut it, or FINISHED
@@ -88,18 +116,31 @@ class EventStream(StreamingResponse):
             await send(END)
             return
         self.task = asyncio.current_task()
-        self.send = send
+        self.send = scope.get(SERVER_SEND, send)
         patrol = Patrol.of_this_loop()
         patrol.add(self)
         listener = asyncio.get_running_loop().create_task(self._listen(receive))
+        with self.lease or contextlib.nullcontext():
+            await self._run(start, send, patrol, listener)
+
+    async def _run(
+        self, start: Message, send: Send, patrol: Patrol, listener: asyncio.Task[None]
+    ) -> None:
         try:
-            await self._write({**start, "headers": self.raw_headers})
+            # The head through the app's middleware, the body straight to the server.
+            self.sending_since = time.monotonic()
+            await send({**start, "headers": self.raw_headers})
+            self.sending_since = 0.0
+            last = b""
             async for chunk in self.body_iterator:
+                if type(chunk) is LastChunk:
+                    last = chunk
+                    break
                 await self._write({"type": "http.response.body", "body": chunk, "more_body": True})
             # Finished: nothing cuts it from here on (uvicorn tells the listener the
             # response is complete as a disconnect).
             self.ended = FINISHED
-            await self._write(END)
+            await self._write({**END, "body": last})
         except asyncio.CancelledError:
             cut = self.ended not in (None, FINISHED)
             if not cut or self.task is None or self.task.uncancel() > 0:
@@ -238,9 +279,10 @@ async def frames(
         async with watch as watcher:
             # One write per batch: everything that arrived since this client's last one.
             async for batch in watcher.batches(deadline):
-                yield b"".join(item.sse for item in batch)
                 if batch[-1].terminal:  # `complete` is a job's last event
+                    yield LastChunk(b"".join([item.sse for item in batch]))
                     return
+                yield b"".join([item.sse for item in batch])
             if watcher.drained:
                 # Spread over time, the reconnects of a whole process's clients do not
                 # land on the other processes at one instant.
@@ -258,14 +300,17 @@ def event_response(
     *,
     shutdown: anyio.Event | None,
     headers: Mapping[str, str] | None = None,
+    lease: contextlib.AbstractContextManager[Any] | None = None,
 ) -> EventStream:
     """The SSE response of a stream (CONTRACT §4): heartbeats, no caching, a stalled
     client cut off, and a last `retry:` when the server shuts down (`shutdown`: set
-    then; the app drains its hub on it, and the streams end on their own)."""
+    then; the app drains its hub on it, and the streams end on their own). `lease` is
+    held while the stream runs."""
     return EventStream(
         body,
         ping_seconds=settings.sse_ping_seconds,
         stall_seconds=settings.sse_send_timeout_seconds,
         shutdown=shutdown,
         headers=headers,
+        lease=lease,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
@@ -32,6 +33,41 @@ class Source(Protocol):
     def detach(self, watcher: Watcher) -> None: ...
 
 
+# Watchers woken per turn of the event loop (see Pacer).
+WAKE_SLICE = 128
+
+
+class Pacer:
+    """Wakes sleeping watchers, at most WAKE_SLICE per turn of the event loop, in the
+    order they went to sleep, so the loop reads its sockets (the Redis subscriber among
+    them) between slices: an event that arrives while thousands of watchers are being
+    written to reaches the ones not yet written to in the same pass, instead of waiting
+    for the whole pass to end (which doubled the worst latency of a hot video). A
+    watcher that has just written goes to the back of the line: every watcher writes
+    once per pass, with everything that arrived since its last write."""
+
+    __slots__ = ("handle", "queue")
+
+    def __init__(self) -> None:
+        self.queue: deque[asyncio.Future[None]] = deque()
+        self.handle: asyncio.Handle | None = None
+
+    def release(self, waiting: list[asyncio.Future[None]]) -> None:
+        self.queue.extend(waiting)
+        if self.handle is None:
+            self._turn()
+
+    def _turn(self) -> None:
+        self.handle = None
+        queue = self.queue
+        for _ in range(min(WAKE_SLICE, len(queue))):
+            future = queue.popleft()
+            if not future.done():
+                future.set_result(None)
+        if queue:
+            self.handle = asyncio.get_running_loop().call_soon(self._turn)
+
+
 class Topic:
     """One video's live events in this process, shared by all its watchers.
 
@@ -40,9 +76,10 @@ class Topic:
     watch it, and memory is bounded per video, not per watcher.
     """
 
-    __slots__ = ("base", "log", "ready", "waiting", "watchers")
+    __slots__ = ("base", "log", "pacer", "ready", "waiting", "watchers")
 
-    def __init__(self) -> None:
+    def __init__(self, pacer: Pacer | None = None) -> None:
+        self.pacer = pacer or Pacer()
         self.watchers: set[Watcher] = set()
         self.ready = asyncio.Event()
         self.log: list[Item] = []
@@ -66,10 +103,9 @@ class Topic:
         return [w for w in self.watchers if w.cursor < self.base]
 
     def wake(self) -> None:
-        waiting, self.waiting = self.waiting, []
-        for future in waiting:
-            if not future.done():
-                future.set_result(None)
+        if self.waiting:
+            waiting, self.waiting = self.waiting, []
+            self.pacer.release(waiting)
 
 
 # History is read in pages of this many events, each written before the next is read:
