@@ -25,7 +25,7 @@ from kinora.core.models import User, Video
 from kinora.jobs import store
 from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger
-from tests.utils.accounts import Account
+from tests.utils.accounts import Account, make_account
 from tests.utils.clients import assert_whole_generation, events_of, ids_of, read_stream, submit
 from tests.utils.processes import Stack, start_api, stop, wait_for
 
@@ -186,6 +186,62 @@ def test_fifty_clients_at_once_receive_identical_sequences(
         lambda: redis_connections(stack.api, redis_port) == before,
         timeout=10,
     )
+
+
+def test_the_api_holds_three_redis_connections_while_it_streams_and_queues(
+    stack: Stack, environment: dict[str, str]
+) -> None:
+    """At most three Redis connections per API process (the hub's subscriber and
+    command connection, and one to queue jobs), however many requests stream, submit
+    and cancel at once."""
+    account = make_account(credits=2000)
+    redis_port = int(environment["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    watched = submit(stack, account, "Ten people watching a kite over the dunes")
+    seen: list[int] = []
+    done = False
+
+    def sample() -> None:
+        while not done:
+            seen.append(redis_connections(stack.api, redis_port))
+            time.sleep(0.02)
+
+    async def watch(client: httpx.AsyncClient) -> int:
+        events = 0
+        async with client.stream("GET", watched["stream_url"]) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                events += line.startswith("data: ")
+        return events
+
+    async def everything_at_once() -> tuple[list[int], list[int]]:
+        async with httpx.AsyncClient(
+            base_url=stack.base_url, headers=account.headers, timeout=httpx.Timeout(60)
+        ) as client:
+            streams = [asyncio.create_task(watch(client)) for _ in range(10)]
+            submits = await asyncio.gather(
+                *(
+                    client.post("/api/v1/videos/generate", json={"prompt": f"Kite number {n}"})
+                    for n in range(12)
+                )
+            )
+            assert all(r.status_code == 202 for r in submits), [r.text for r in submits]
+            cancels = await asyncio.gather(
+                *(client.post(f"/api/v1/videos/{r.json()['video_id']}/cancel") for r in submits[:6])
+            )
+            async with asyncio.timeout(90):
+                return await asyncio.gather(*streams), [r.status_code for r in cancels]
+
+    with ThreadPoolExecutor(1) as sampler:
+        sampling = sampler.submit(sample)
+        try:
+            events, cancelled = asyncio.run(everything_at_once())
+        finally:
+            done = True
+            sampling.result(timeout=10)
+    assert all(n >= 10 for n in events), events  # every stream ran to `complete`
+    assert cancelled == [200] * 6
+    assert len(seen) > 10
+    assert 2 <= max(seen) <= 3, seen
 
 
 def unqueued_video(account: Account) -> Video:

@@ -8,8 +8,10 @@ with the worker's signals.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from kinora.core.config import get_settings
 
@@ -36,9 +38,28 @@ def keep_results() -> None:
     _results = True
 
 
-def make_celery(broker_url: str | None = None, *, results: bool | None = None) -> Celery:
+class _PublishingChannel(kombu_redis.Channel):
+    """kombu's Redis channel keeps two connection pools: one it pings and polls with
+    (for consuming), one it publishes on. A process that only queues work (the API)
+    needs one socket, not two: here both are the publishing pool."""
+
+    @property
+    def async_pool(self) -> Any:
+        return self.pool
+
+
+class PublishingTransport(kombu_redis.Transport):
+    """The Redis transport of a process that only queues (see _PublishingChannel)."""
+
+    Channel = _PublishingChannel
+
+
+def make_celery(
+    broker_url: str | None = None, *, results: bool | None = None, publisher: bool = False
+) -> Celery:
     """A Celery app configured from Settings (`kinora up` and the tests make their own
-    to ping a worker, on the broker they started)."""
+    to ping a worker, on the broker they started). `publisher`: the app only queues
+    work, on one Redis connection (the API's, with the hub's two: CONTRACT's three)."""
     settings = get_settings()
     url = broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
     keep = _results if results is None else results
@@ -62,13 +83,18 @@ def make_celery(broker_url: str | None = None, *, results: bool | None = None) -
         worker_hijack_root_logger=False,
         task_default_queue=QUEUE,
     )
+    if publisher:
+        # One connection to the broker, shared by the requests that queue (a publish
+        # is one LPUSH: they wait their turn for it, briefly).
+        app.conf.update(broker_transport=PublishingTransport, broker_pool_limit=1)
     return app
 
 
 @cache
 def celery() -> Celery:
-    """This process's one Celery app."""
-    app = make_celery()
+    """This process's one Celery app: a publisher unless it keeps results (the
+    worker's, which consumes)."""
+    app = make_celery(publisher=not _results)
     # The current app is per thread; make this one the default too, so that
     # `shared_task` resolves to it in every thread.
     app.set_default()
@@ -101,7 +127,3 @@ def deliver_webhook(video_id: int, event: str, webhook_id: str) -> None:
     """Queue one webhook delivery (its attempts are the task's retries)."""
     celery().send_task(DELIVER_WEBHOOK, args=[video_id, event, webhook_id], queue=WEBHOOK_QUEUE)
 
-
-def revoke(task_id: str) -> None:
-    """Drop a queued message (a running attempt notices a cancellation itself)."""
-    celery().control.revoke(task_id)

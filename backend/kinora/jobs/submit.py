@@ -137,12 +137,14 @@ def _fail_unqueued(video_id: int, reason: str) -> Video:
 
 
 async def cancel(client: aioredis.Redis, video: Video) -> bool:
-    """Cancel and refund (one transaction), tell the watchers, drop a queued message.
-    False if the video had already ended."""
+    """Cancel and refund (one transaction), tell the watchers. False if the video had
+    already ended. Its message, if still queued, is not revoked: the worker that
+    takes it finds the video cancelled and cannot claim it (a claim needs a pending
+    video), and a running attempt notices between steps that its claim is gone. (A
+    revoke is a broadcast on a connection of its own, which the API does not keep.)"""
     if not await in_thread(_cancel, video.id):
         return False
     await publish_end(client, video, "cancelled", "its credits were refunded")
-    await in_thread(_revoke, video.task_id)
     await in_thread(webhooks.notify, video.id, "cancelled")
     return True
 
@@ -150,15 +152,6 @@ async def cancel(client: aioredis.Redis, video: Video) -> bool:
 def _cancel(video_id: int) -> bool:
     with session_scope() as session:
         return store.cancel(session, video_id)
-
-
-def _revoke(task_id: str) -> None:
-    """Best effort: a queued message is dropped; a running attempt notices the
-    cancellation itself between steps (its claim is gone)."""
-    try:
-        dispatch.revoke(task_id)
-    except Exception as exc:
-        log.warning("could not revoke task %s: %s", task_id, exc)
 
 
 async def publish_end(
