@@ -372,9 +372,11 @@ def run_load(
         target=publisher_process, args=(w.env, ids, per_video, rate, go, done)
     )
     publisher.start()
+    cpu_before = server.cpu_seconds()
     go.set()
     step_median = done.get(timeout=timeout + per_video * videos / rate)
     parts = [results.get(timeout=timeout + 30) for _ in procs]
+    streaming_cpu = server.cpu_seconds() - cpu_before
     for p in [*procs, publisher]:
         p.join(30)
     latencies = np.concatenate([np.frombuffer(part[4], dtype=np.float64) for part in parts])
@@ -398,5 +400,7 @@ def run_load(
         ),
         "server_rss_mb": round(rss_connected / 2**20, 1),
         "server_redis_connections": redis_conns,
+        # The server's CPU while the events were published and delivered, per delivery.
+        "cpu_us_per_delivery": round(streaming_cpu / max(delivered, 1) * 1e6, 1),
         "publish_step_median_us": round(step_median * 1e6, 1),
     }

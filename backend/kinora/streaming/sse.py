@@ -6,8 +6,8 @@ sse-starlette's EventSourceResponse runs four tasks in an anyio task group for e
 response (the body, the heartbeat, the shutdown listener, the disconnect listener):
 under a reconnect storm, spawning them was a fifth of the API's CPU (bench.storm),
 and they are memory held by every idle connection (bench.fanout). Here a response
-writes its body in the request's own task and keeps one plain task that waits for
-the client to disconnect; ONE patrol task per event loop, waking every
+has two plain tasks: one writes the body (a shallow one: see EventStream.__call__),
+one waits for the client to disconnect; ONE patrol task per event loop, waking every
 PATROL_SECONDS, sends `: ping` on a stream idle for `ping_seconds`, ends a stream
 whose write has been stuck for `stall_seconds` (the client stopped reading: it
 reconnects with Last-Event-ID and loses nothing), and when the server starts
@@ -115,17 +115,27 @@ class EventStream(StreamingResponse):
             await send({**start, "headers": self.raw_headers})
             await send(END)
             return
-        self.task = asyncio.current_task()
         self.send = scope.get(SERVER_SEND, send)
+        loop = asyncio.get_running_loop()
         patrol = Patrol.of_this_loop()
-        patrol.add(self)
-        listener = asyncio.get_running_loop().create_task(self._listen(receive))
         with self.lease or contextlib.nullcontext():
-            await self._run(start, send, patrol, listener)
+            # The body is written by a task of its own. Resuming the request's task runs
+            # through the coroutine of every middleware and router layer (two dozen in a
+            # FastAPI app), and a stream resumes once a write: from the body's task, it
+            # is three deep (bench.fanout: a quarter of the CPU per write). The request's
+            # task waits for it; cancelling the request cancels it.
+            self.task = loop.create_task(self._run(start, send), name="sse-body")
+            listener = loop.create_task(self._listen(receive), name="sse-disconnect")
+            patrol.add(self)
+            try:
+                await self.task
+            finally:
+                patrol.discard(self)
+                listener.cancel()
+                if not self.task.done():  # the request was cancelled: so is the body
+                    await asyncio.wait({self.task})
 
-    async def _run(
-        self, start: Message, send: Send, patrol: Patrol, listener: asyncio.Task[None]
-    ) -> None:
+    async def _run(self, start: Message, send: Send) -> None:
         try:
             # The head through the app's middleware, the body straight to the server.
             self.sending_since = time.monotonic()
@@ -142,12 +152,10 @@ class EventStream(StreamingResponse):
             self.ended = FINISHED
             await self._write({**END, "body": last})
         except asyncio.CancelledError:
-            cut = self.ended not in (None, FINISHED)
-            if not cut or self.task is None or self.task.uncancel() > 0:
-                raise  # not (only) ours: the server is cancelling its tasks
+            if self.ended in (None, FINISHED):
+                raise  # not ours: the server is cancelling the request
+            # Cut by `end`: the response returns unfinished.
         finally:
-            patrol.discard(self)
-            listener.cancel()
             # The body's cleanup (the hub's watcher let go), if it was stopped at a yield.
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
