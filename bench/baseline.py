@@ -1,8 +1,10 @@
-"""The same SSE load against three servers in one run: Kinora's API, the naive
+"""The same SSE load against four servers in one run: Kinora's API, the naive
 design of the original notes (`bench/naive_server.py`: one Redis pub/sub
-subscription per client) and the usual shared-subscriber recipe
-(`bench/broadcaster_server.py`: sse-starlette + broadcaster). Each figure of the
-other two is also given as a ratio to Kinora's, with each one's delivered ratio.
+subscription per client), the usual shared-subscriber recipe
+(`bench/broadcaster_server.py`: sse-starlette + broadcaster) and the floor
+(`bench/floor_server.py`: Kinora's design with nothing else, as a bare ASGI app).
+Each figure of the other three is also given as a ratio to Kinora's, with each one's
+delivered ratio.
 
     python -m bench.baseline [--watchers 1000 3000] [--rate 100] [--fast-rate 1000]
 
@@ -18,7 +20,7 @@ from typing import Any
 
 from bench.harness import run_load, start_server, world
 
-SERVERS = ("kinora", "naive", "broadcaster")
+SERVERS = ("kinora", "naive", "broadcaster", "floor")
 COMPARED = ("p50_ms", "p99_ms", "rss_per_connection_kb", "server_redis_connections")
 
 
@@ -67,6 +69,7 @@ def main() -> None:
                     "delivered_ratio": {n: r["delivered_ratio"] for n, r in runs.items()},
                     "naive_vs_kinora": ratios(runs["kinora"], runs["naive"]),
                     "broadcaster_vs_kinora": ratios(runs["kinora"], runs["broadcaster"]),
+                    "floor_vs_kinora": ratios(runs["kinora"], runs["floor"]),
                     "runs": list(runs.values()),
                 }
             )

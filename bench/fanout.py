@@ -1,17 +1,27 @@
 """Fan-out: many concurrent SSE connections to one API process (one uvicorn worker),
-spread over many videos and all on one; events at a fixed aggregate rate.
+spread over many videos and all on one (a hot video); events at a fixed aggregate rate.
 
     python -m bench.fanout [--watchers 1000 5000 10000] [--rate 100] [--events 20]
+                           [--peers broadcaster naive]
 
-Prints one JSON object: per scenario, delivered/expected (must be 1.0), latency
-percentiles, server RSS per connection and the Redis connections the API holds.
+Each watcher count runs twice: over watchers/100 videos with `--events` each, then all
+on ONE video with the same events in all (as long a run, at the same rate). The hot
+video at the largest count runs against the peers too (sse-starlette + broadcaster,
+the naive design, and the floor: Kinora's design with nothing else), in the same
+run, each figure also as a ratio to Kinora's.
+
+Prints one JSON object: per run, delivered/expected (must be 1.0 for Kinora), latency
+percentiles, server RSS per connection, the server's CPU per delivery while events
+flow, and the Redis connections the server holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
+from bench.baseline import ratios
 from bench.harness import run_load, start_server, world
 
 
@@ -19,26 +29,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--watchers", type=int, nargs="+", default=[1000, 5000, 10000])
     parser.add_argument("--rate", type=float, default=100.0, help="events per second, in all")
-    parser.add_argument("--events", type=int, default=20, help="events per video")
+    parser.add_argument("--events", type=int, default=20, help="events per video, spread")
     parser.add_argument("--loaders", type=int, default=2)
+    parser.add_argument("--peers", nargs="*", default=["broadcaster", "naive", "floor"])
+    parser.add_argument(
+        "--peer-timeout", type=float, default=60.0,
+        help="seconds a peer's clients wait for a `complete` that may never come",
+    )  # fmt: skip
     args = parser.parse_args()
-    runs = []
+    runs: list[dict[str, Any]] = []
+    hot_peers: dict[str, Any] = {}
     with world() as w:
         for n in args.watchers:
-            for videos in (max(1, n // 100), 1):
-                # A fresh server each run: its RSS before and after the connections
-                # gives the memory per connection.
-                server = start_server("kinora", w)
-                try:
-                    run = run_load(
-                        w, server, watchers=n, videos=videos, rate=args.rate,
-                        per_video=args.events if videos > 1 else args.events * 5,
-                        loaders=args.loaders,
-                    )  # fmt: skip
-                    runs.append(run)
-                finally:
-                    server.stop()
-    print(json.dumps({"benchmark": "fanout", "runs": runs}, indent=2))
+            spread = max(1, n // 100)
+            for videos in (spread, 1):
+                per_video = args.events * spread // videos  # the same events in all
+                names = ["kinora"]
+                if videos == 1 and n == max(args.watchers):
+                    names += args.peers
+                ours: dict[str, Any] = {}
+                for name in names:
+                    # A fresh server each run: its RSS before and after the connections
+                    # gives the memory per connection.
+                    server = start_server(name, w)
+                    try:
+                        run = run_load(
+                            w, server, watchers=n, videos=videos, rate=args.rate,
+                            per_video=per_video, loaders=args.loaders,
+                            **({} if name == "kinora" else {"timeout": args.peer_timeout}),
+                        )  # fmt: skip
+                    finally:
+                        server.stop()
+                    if name == "kinora":
+                        ours = run
+                        runs.append(run)
+                    else:
+                        hot_peers[name] = {**run, "vs_kinora": ratios(ours, run)}
+    print(json.dumps({"benchmark": "fanout", "runs": runs, "hot_video_peers": hot_peers}, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,10 +40,22 @@ def assert_sound(run: dict[str, Any], watchers: int) -> None:
 
 
 def test_fanout() -> None:
-    result = bench("fanout", "--watchers", "30", "--events", "3", "--rate", "50")
-    assert [r["videos"] for r in result["runs"]] == [1, 1]
+    result = bench(
+        "fanout", "--watchers", "200", "--events", "3", "--rate", "50",
+        "--peers", "naive", "--peer-timeout", "10",
+    )  # fmt: skip
+    assert [(r["videos"], r["events_per_video"]) for r in result["runs"]] == [(2, 3), (1, 6)]
     for run in result["runs"]:
-        assert_sound(run, 30)
+        assert_sound(run, 200)
+        assert run["cpu_us_per_delivery"] > 0
+    naive = result["hot_video_peers"]["naive"]  # in the same run, as ratios to Kinora's
+    assert naive["connected"] == 200
+    assert set(naive["vs_kinora"]) == {
+        "p50_ms",
+        "p99_ms",
+        "rss_per_connection_kb",
+        "server_redis_connections",
+    }
 
 
 def test_storm() -> None:
@@ -82,9 +94,11 @@ def test_baseline() -> None:
         "--timeout", "6",  # the other two servers may never end a stream: they lose events
     )  # fmt: skip
     [scenario] = result["scenarios"]
-    assert [r["server"] for r in scenario["runs"]] == ["kinora", "naive", "broadcaster"]
+    servers = [r["server"] for r in scenario["runs"]]
+    assert servers == ["kinora", "naive", "broadcaster", "floor"]
     assert_sound(scenario["runs"][0], 20)
-    for other in ("naive_vs_kinora", "broadcaster_vs_kinora"):
+    assert_sound(scenario["runs"][3], 20)  # the floor loses nothing either
+    for other in ("naive_vs_kinora", "broadcaster_vs_kinora", "floor_vs_kinora"):
         assert scenario[other]["p99_ms"] is not None
 
 
