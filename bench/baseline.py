@@ -29,7 +29,7 @@ def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, float | No
     out: dict[str, float | None] = {}
     for key in COMPARED:
         a, b = ours.get(key), theirs.get(key)
-        out[key] = round(b / a, 1) if a and b is not None else None
+        out[key] = round(b / a, 2) if a and b is not None else None
     return out
 
 
