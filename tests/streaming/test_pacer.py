@@ -85,3 +85,23 @@ def test_a_watcher_that_went_away_is_skipped() -> None:
         assert gone.cancelled()
 
     asyncio.run(main())
+
+
+def test_a_turn_is_taken_behind_every_watcher_in_line() -> None:
+    """A finished stream's teardown waits until the watchers already in line have
+    been woken (and so written to); with nobody in line it goes at once."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pacer = Pacer()
+        await asyncio.wait_for(pacer.wait_turn(), 1)  # nobody in line
+
+        line = [loop.create_future() for _ in range(2 * WAKE_SLICE)]
+        pacer.release(line)  # the first slice is woken at once, the second is in line
+        teardown = asyncio.create_task(pacer.wait_turn())
+        woken_when_it_ran: list[int] = []
+        teardown.add_done_callback(lambda _: woken_when_it_ran.append(sum(f.done() for f in line)))
+        await asyncio.wait_for(teardown, 1)
+        assert woken_when_it_ran == [2 * WAKE_SLICE]
+
+    asyncio.run(main())

@@ -82,7 +82,6 @@ class StreamHub:
         self.slow_cuts = 0
         self._last_pong = 0.0
         self._topics: dict[bytes, Topic] = {}
-        self._pacer = Pacer()  # one for every topic: the loop reads Redis between slices
         # SUBSCRIBEs sent whose confirmation has not come back, per channel.
         self._pending: defaultdict[bytes, int] = defaultdict(int)
         self._ops: asyncio.Queue[tuple[Literal["sub", "unsub"], bytes]] = asyncio.Queue()
@@ -168,7 +167,7 @@ class StreamHub:
         name = key.channel.encode()
         topic = self._topics.get(name)
         if topic is None:
-            topic = self._topics[name] = Topic(self._pacer)
+            topic = self._topics[name] = Topic(Pacer.of_this_loop())
             self._pending[name] += 1
             self._ops.put_nowait(("sub", name))
         watcher = Watcher(self, key, topic, after, transport, floor=floor, lost=lost)

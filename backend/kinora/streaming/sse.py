@@ -42,7 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kinora.core.config import Settings
 from kinora.streaming.hub import StreamHub, SubscribeTimeout
 from kinora.streaming.keys import StreamKey
-from kinora.streaming.watcher import LostNotice
+from kinora.streaming.watcher import LostNotice, Pacer
 
 log = logging.getLogger(__name__)
 # How long a stream has to say goodbye (`retry:`) on shutdown before it is cancelled;
@@ -151,6 +151,11 @@ class EventStream(StreamingResponse):
             # response is complete as a disconnect).
             self.ended = FINISHED
             await self._write({**END, "body": last})
+            # The rest (letting the body go, the request's unwinding, the connection's
+            # end) waits until the clients already in line have been written to: a
+            # video's streams all end in the pass that delivers its `complete`, and
+            # each end costs several writes' worth.
+            await Pacer.of_this_loop().wait_turn()
         except asyncio.CancelledError:
             if self.ended in (None, FINISHED):
                 raise  # not ours: the server is cancelling the request

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from kinora.core import metrics
 from kinora.streaming.events import history_lost
@@ -44,13 +45,33 @@ class Pacer:
     written to reaches the ones not yet written to in the same pass, instead of waiting
     for the whole pass to end (which doubled the worst latency of a hot video). A
     watcher that has just written goes to the back of the line: every watcher writes
-    once per pass, with everything that arrived since its last write."""
+    once per pass, with everything that arrived since its last write. One per event
+    loop (`of_this_loop`), shared by every hub and stream of it."""
 
-    __slots__ = ("handle", "queue")
+    __slots__ = ("__weakref__", "handle", "queue")
+    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pacer]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self) -> None:
         self.queue: deque[asyncio.Future[None]] = deque()
         self.handle: asyncio.Handle | None = None
+
+    @classmethod
+    def of_this_loop(cls) -> Pacer:
+        loop = asyncio.get_running_loop()
+        pacer = cls._by_loop.get(loop)
+        if pacer is None:
+            pacer = cls._by_loop[loop] = cls()
+        return pacer
+
+    async def wait_turn(self) -> None:
+        """Wait behind every watcher already in line, for work that can wait until they
+        have written (a finished stream's teardown)."""
+        if self.queue:
+            turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.queue.append(turn)
+            await turn
 
     def release(self, waiting: list[asyncio.Future[None]]) -> None:
         self.queue.extend(waiting)
