@@ -59,7 +59,7 @@ def make_celery(
 ) -> Celery:
     """A Celery app configured from Settings (`kinora up` and the tests make their own
     to ping a worker, on the broker they started). `publisher`: the app only queues
-    work, on one Redis connection (the API's, with the hub's two: CONTRACT's three)."""
+    work, on one Redis connection (the API's third, with the hub's two)."""
     settings = get_settings()
     url = broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
     keep = _results if results is None else results

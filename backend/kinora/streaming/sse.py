@@ -122,8 +122,8 @@ class EventStream(StreamingResponse):
             # The body is written by a task of its own. Resuming the request's task runs
             # through the coroutine of every middleware and router layer (two dozen in a
             # FastAPI app), and a stream resumes once a write: from the body's task, it
-            # is three deep (bench.fanout: a quarter of the CPU per write). The request's
-            # task waits for it; cancelling the request cancels it.
+            # is three deep (a sixth of the CPU per write, by bench.harness's accounting).
+            # The request's task waits for it; cancelling the request cancels it.
             self.task = loop.create_task(self._run(start, send), name="sse-body")
             listener = loop.create_task(self._listen(receive), name="sse-disconnect")
             patrol.add(self)
