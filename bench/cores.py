@@ -6,7 +6,9 @@ how deliveries grow with cores).
     python -m bench.cores [--workers 1 2] [--watchers 2000] [--videos 20] [--rate 200]
 
 For each process count: the API's CPU time per delivered event (all its processes),
-Redis's CPU time per published event (what they all share), delivery and latency.
+Redis's CPU time per published event (what they all share), delivery and latency,
+and the most Redis connections one process holds while it streams and then while
+it queues `--submits` videos at once.
 `cpu_per_event_vs_one` near 1.0 means N processes spend what one does per event, so
 deliveries grow with cores until something shared saturates; Redis's share shows how
 far that is. Prints one JSON object.
@@ -15,9 +17,11 @@ far that is. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from typing import Any
 
+import httpx
 import psutil
 
 from bench.harness import Server, World, run_load, start_server, world
@@ -37,6 +41,27 @@ def per_process_connections(server: Server, port: int) -> int:
     )
 
 
+def submit_at_once(server: Server, token: str, count: int) -> int:
+    """`count` videos submitted at once (they are queued; no worker takes them);
+    returns how many were accepted."""
+
+    async def all_at_once() -> list[int]:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{server.port}",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        ) as client:
+            answers = await asyncio.gather(
+                *(
+                    client.post("/api/v1/videos/generate", json={"prompt": f"bench {n}"})
+                    for n in range(count)
+                )
+            )
+        return [a.status_code for a in answers]
+
+    return sum(code == 202 for code in asyncio.run(all_at_once()))
+
+
 def measure(w: World, workers: int, args: argparse.Namespace) -> dict[str, Any]:
     server: Server = start_server("kinora", w, workers=workers)
     try:
@@ -48,6 +73,8 @@ def measure(w: World, workers: int, args: argparse.Namespace) -> dict[str, Any]:
         api_cpu = server.cpu_seconds() - api_before
         shared_cpu = redis_cpu(w) - redis_before
         connections = per_process_connections(server, w.redis.port)
+        submitted = submit_at_once(server, w.token, args.submits)
+        after_submits = per_process_connections(server, w.redis.port)
     finally:
         server.stop()
     delivered = run["delivered_ratio"] * args.watchers * args.events
@@ -61,6 +88,8 @@ def measure(w: World, workers: int, args: argparse.Namespace) -> dict[str, Any]:
         "api_cpu_us_per_delivered_event": round(api_cpu / max(delivered, 1) * 1e6, 2),
         "redis_cpu_us_per_published_event": round(shared_cpu / max(published, 1) * 1e6, 1),
         "redis_connections_per_process": connections,
+        "submitted": submitted,
+        "redis_connections_per_process_after_submits": after_submits,
     }
 
 
@@ -71,6 +100,7 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=20)
     parser.add_argument("--rate", type=float, default=200.0, help="events per second, in all")
     parser.add_argument("--events", type=int, default=50, help="events per video")
+    parser.add_argument("--submits", type=int, default=20, help="videos queued at once, after")
     args = parser.parse_args()
     with world() as w:
         runs = [measure(w, n, args) for n in args.workers]

@@ -78,6 +78,8 @@ def world() -> Iterator[World]:
                 "STREAM_QUEUE_SIZE": "1024",
                 # thousands of watchers of one user's videos: no per-user stream cap
                 "MAX_STREAMS_PER_USER": "0",
+                # bench.cores queues videos at once: no per-user submit rate limit
+                "GENERATE_RATE_LIMIT": "0",
             }
             os.environ.update(env)
             from kinora.core import db
@@ -87,7 +89,7 @@ def world() -> Iterator[World]:
             get_settings.cache_clear()
             db.get_engine.cache_clear()
             db.upgrade()
-            user, token = create_user("bench@kinora.local", credits=0, plan="pro")
+            user, token = create_user("bench@kinora.local", credits=10**9, plan="pro")
             yield World(server, env, token, user.id, tmp)
             db.get_engine().dispose()
 

@@ -78,6 +78,8 @@ def test_cores() -> None:
         assert run["delivered_ratio"] == 1.0
         assert run["api_cpu_us_per_delivered_event"] > 0
         assert run["redis_connections_per_process"] <= 3
+        assert run["submitted"] == 20
+        assert run["redis_connections_per_process_after_submits"] <= 3
         assert run["cpu_per_event_vs_one"] > 0
 
 

@@ -1,0 +1,85 @@
+"""The SSE response against the ASGI interface itself: with `direct_writes`, a
+stream's head goes through the app's middleware and its body straight to the server;
+without it, everything goes through the middleware (a library host's app)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kinora.streaming.sse import EventStream, LastChunk, direct_writes
+
+
+def app_with_a_watching_middleware(seen: list[str]) -> FastAPI:
+    class Watching:
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            async def watched(message: Message) -> None:
+                seen.append(message["type"])
+                await send(message)
+
+            await self.app(scope, receive, watched)
+
+    app = FastAPI()
+    app.add_middleware(Watching)
+
+    @app.get("/stream")
+    async def stream() -> EventStream:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"id: 1\ndata: {}\n\n"
+            yield LastChunk(b'id: 2\ndata: {"type":"complete"}\n\n')
+
+        return EventStream(body(), ping_seconds=60, stall_seconds=60)
+
+    return app
+
+
+def serve_one(app: Any) -> list[Message]:
+    """One GET /stream, as a server would call the app; what the server was sent."""
+    sent: list[Message] = []
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/stream", "raw_path": b"/stream", "query_string": b"",
+        "headers": [], "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+
+    async def main() -> None:
+        never = asyncio.Event()
+
+        async def receive() -> Message:
+            await never.wait()  # the client stays (the response ends by itself)
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        await asyncio.wait_for(app(scope, receive, send), 5)
+
+    asyncio.run(main())
+    return sent
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_body_goes_past_the_middleware_only_with_direct_writes(direct: bool) -> None:
+    seen: list[str] = []
+    app = app_with_a_watching_middleware(seen)
+    sent = serve_one(direct_writes(app) if direct else app)
+
+    assert [m["type"] for m in sent] == ["http.response.start", *["http.response.body"] * 2]
+    assert sent[0]["status"] == 200
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+    first, last = sent[1], sent[2]
+    assert (first["body"], first["more_body"]) == (b"id: 1\ndata: {}\n\n", True)
+    # `complete` and the end of the response: one write
+    assert (last["body"], last["more_body"]) == (b'id: 2\ndata: {"type":"complete"}\n\n', False)
+    if direct:
+        assert seen == ["http.response.start"]
+    else:
+        assert seen == ["http.response.start", "http.response.body", "http.response.body"]
