@@ -4,8 +4,10 @@ machine's cores are shared with the load generators, so raw throughput cannot sh
 how deliveries grow with cores).
 
     python -m bench.cores [--workers 1 2] [--watchers 2000] [--videos 20] [--rate 200]
+                          [--repeat 3]
 
-For each process count: the API's CPU time per delivered event (all its processes),
+For each process count, from its run with the least API CPU of `--repeat` (all are
+printed): the API's CPU time per delivered event (all its processes),
 Redis's CPU time per published event (what they all share), delivery and latency,
 and the most Redis connections one process holds while it streams and then while
 it queues `--submits` videos at once.
@@ -53,7 +55,7 @@ def submit_at_once(server: Server, token: str, count: int) -> int:
         ) as client:
             answers = await asyncio.gather(
                 *(
-                    client.post("/api/v1/videos/generate", json={"prompt": f"bench {n}"})
+                    client.post("/api/v1/videos/generate", json={"prompt": f"Benchmark video {n}"})
                     for n in range(count)
                 )
             )
@@ -99,11 +101,30 @@ def main() -> None:
     parser.add_argument("--watchers", type=int, default=2000)
     parser.add_argument("--videos", type=int, default=20)
     parser.add_argument("--rate", type=float, default=200.0, help="events per second, in all")
-    parser.add_argument("--events", type=int, default=50, help="events per video")
+    parser.add_argument("--events", type=int, default=100, help="events per video")
     parser.add_argument("--submits", type=int, default=20, help="videos queued at once, after")
+    parser.add_argument(
+        "--repeat", type=int, default=3,
+        help="rounds of every process count, interleaved; each count's least CPU is used",
+    )  # fmt: skip
     args = parser.parse_args()
+    tried: dict[int, list[dict[str, Any]]] = {n: [] for n in args.workers}
     with world() as w:
-        runs = [measure(w, n, args) for n in args.workers]
+        # Interleaved (1, 2, 1, 2, ...): a slow spell of this shared machine lands on
+        # both counts alike. One run's figure moves by up to a quarter from run to run
+        # (the load generators share the cores); what disturbs a run only adds CPU, so
+        # each count's least is its cost, and every run is printed.
+        for _ in range(args.repeat):
+            for n in args.workers:
+                tried[n].append(measure(w, n, args))
+    runs = []
+    for measured in tried.values():
+        measured.sort(key=lambda run: run["api_cpu_us_per_delivered_event"])
+        best = measured[0]
+        best["api_cpu_us_per_delivered_event_runs"] = [
+            run["api_cpu_us_per_delivered_event"] for run in measured
+        ]
+        runs.append(best)
     one = runs[0]["api_cpu_us_per_delivered_event"]
     for run in runs:
         run["cpu_per_event_vs_one"] = round(run["api_cpu_us_per_delivered_event"] / one, 3)

@@ -72,7 +72,10 @@ def test_storm() -> None:
 
 
 def test_cores() -> None:
-    result = bench("cores", "--watchers", "40", "--videos", "2", "--events", "5", "--rate", "50")
+    result = bench(
+        "cores", "--watchers", "40", "--videos", "2", "--events", "5", "--rate", "50",
+        "--repeat", "1",
+    )  # fmt: skip
     assert [r["workers"] for r in result["runs"]] == [1, 2]
     for run in result["runs"]:
         assert run["delivered_ratio"] == 1.0
