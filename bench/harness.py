@@ -179,14 +179,15 @@ SENT_AT = re.compile(rb'"sent_at":([0-9.e+-]+)')
 COMPLETE = b'"type":"complete"'
 
 
-class SSEClient(asyncio.Protocol):
-    """One SSE connection, read in `data_received` as bytes arrive: the events'
-    `sent_at` are found with a regular expression over the whole read, which costs a
-    few microseconds an event, so the load generator is not what is measured."""
+class RawSSE(asyncio.Protocol):
+    """One SSE connection on a raw socket, read in `data_received` as bytes arrive: it
+    sends its request, checks the response's status line (`answered`), and hands the
+    body on in whole lines (`lines`), so a `data:` line never arrives in two pieces.
+    (uvicorn frames the body in chunks even for HTTP/1.0; a chunk is one write of
+    whole frames, so its size lines are lines of their own, ignored.)"""
 
-    def __init__(self, path: str, result: LoadResult) -> None:
-        self.request = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode()
-        self.result = result
+    def __init__(self, request: bytes) -> None:
+        self.request = request
         self.head = b""  # the response head, until it is complete
         self.tail = b""  # a line that has not fully arrived yet
         self.answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -198,9 +199,7 @@ class SSEClient(asyncio.Protocol):
         self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
-        received = time.time()
         if not self.answered.done():
-            # HTTP/1.0: the body is the raw stream, no chunked framing to undo.
             self.head += data
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
@@ -212,15 +211,14 @@ class SSEClient(asyncio.Protocol):
                 return
             data, self.head = self.head[end + 4 :], b""
         data = self.tail + data
-        cut = data.rfind(b"\n") + 1  # whole lines only (`data:` is one line); the rest waits
+        cut = data.rfind(b"\n") + 1
         data, self.tail = data[:cut], data[cut:]
-        latencies = self.result.latencies
-        before = len(latencies)
-        latencies.extend(received - float(m[1]) for m in SENT_AT.finditer(data))
-        self.result.delivered += len(latencies) - before
+        self.lines(data)
         if COMPLETE in data:
-            self.result.complete += 1
             self._close()
+
+    def lines(self, data: bytes) -> None:
+        """Whole lines of the body, as they arrive."""
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -231,6 +229,25 @@ class SSEClient(asyncio.Protocol):
             self.answered.set_result(False)
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+class SSEClient(RawSSE):
+    """A load generator's client: the events' `sent_at` are found with a regular
+    expression over the whole read, which costs a few microseconds an event, so the
+    load generator is not what is measured."""
+
+    def __init__(self, path: str, result: LoadResult) -> None:
+        super().__init__(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        self.result = result
+
+    def lines(self, data: bytes) -> None:
+        received = time.time()
+        latencies = self.result.latencies
+        before = len(latencies)
+        latencies.extend(received - float(m[1]) for m in SENT_AT.finditer(data))
+        self.result.delivered += len(latencies) - before
+        if COMPLETE in data:
+            self.result.complete += 1
 
 
 def load_process(

@@ -25,7 +25,7 @@ import time
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any, cast
 
-from bench.harness import SPAWN, World, start_server, world
+from bench.harness import SPAWN, RawSSE, World, start_server, world
 from kinora.streaming import keys
 
 RETRY_SECONDS = 0.5
@@ -33,54 +33,26 @@ DRAIN_SECONDS = 15.0
 HOST = "127.0.0.1"
 
 
-class StormClient(asyncio.Protocol):
+class StormClient(RawSSE):
     """One client: its request, the events it still expects to catch up on, and when
     it had them; reconnected by `storm_process` when refused."""
 
     def __init__(self, request: bytes, catch_up: int, stats: dict[str, Any]) -> None:
-        self.request = request
+        super().__init__(request)
         self.catch_up = catch_up  # events to receive before it counts as streaming
         self.stats = stats
         self.events = 0
-        self.head = b""
-        self.tail = b""
         self.streaming: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.transport: asyncio.WriteTransport | None = None
-        self.answered = False
+        self.answered.add_done_callback(self._refused)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.WriteTransport, transport)
-        self.transport.write(self.request)
+    def _refused(self, answered: asyncio.Future[bool]) -> None:
+        if not answered.result():  # not a 200, or reset before the head came
+            self.stats["refused"] += 1
 
-    def data_received(self, data: bytes) -> None:
-        if not self.answered:
-            self.head += data
-            end = self.head.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            if b" 200 " not in self.head.split(b"\r\n", 1)[0]:
-                self.stats["refused"] += 1
-                self._close()
-                return
-            self.answered = True
-            data, self.head = self.head[end + 4 :], b""
-        data = self.tail + data
-        cut = data.rfind(b"\n") + 1
-        data, self.tail = data[:cut], data[cut:]
+    def lines(self, data: bytes) -> None:
         self.events += data.count(b"data: ")
         if self.events >= self.catch_up and not self.streaming.done():
             self.streaming.set_result(time.monotonic())
-        if b'"type":"complete"' in data:
-            self._close()
-
-    def _close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed.done():
-            self.closed.set_result(None)
 
 
 def storm_process(

@@ -176,11 +176,14 @@ class StreamHub:
         clients = metrics.CLIENTS.labels(transport)
         clients.inc()
         try:
-            try:
-                async with asyncio.timeout(self.subscribe_timeout):
-                    await topic.ready.wait()
-            except TimeoutError:
-                raise SubscribeTimeout(f"no subscription to {name.decode()} from Redis") from None
+            if not topic.ready.is_set():  # (most watchers join a channel already live)
+                try:
+                    async with asyncio.timeout(self.subscribe_timeout):
+                        await topic.ready.wait()
+                except TimeoutError:
+                    raise SubscribeTimeout(
+                        f"no subscription to {name.decode()} from Redis"
+                    ) from None
             yield watcher
         finally:
             clients.dec()

@@ -27,9 +27,8 @@ import contextlib
 import logging
 import random
 import time
-import weakref
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 import redis
@@ -42,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kinora.core.config import Settings
 from kinora.streaming.hub import StreamHub, SubscribeTimeout
 from kinora.streaming.keys import StreamKey
+from kinora.streaming.per_loop import PerLoop
 from kinora.streaming.watcher import LostNotice, Pacer
 
 log = logging.getLogger(__name__)
@@ -195,23 +195,15 @@ class Patrol:
     cuts the stalled ones, and ends them all when the server shuts down; the task ends
     by itself once no stream is open (or with the app: `stop`)."""
 
-    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Patrol]] = (
-        weakref.WeakKeyDictionary()
-    )
-
     def __init__(self) -> None:
         self.streams: set[EventStream] = set()
         self.task: asyncio.Task[None] | None = None
         self.pings: set[asyncio.Task[None]] = set()
         self.exiting_since = 0.0
 
-    @classmethod
-    def of_this_loop(cls) -> Patrol:
-        loop = asyncio.get_running_loop()
-        patrol = cls._by_loop.get(loop)
-        if patrol is None:
-            patrol = cls._by_loop[loop] = cls()
-        return patrol
+    @staticmethod
+    def of_this_loop() -> Patrol:
+        return _PATROLS.get()
 
     def add(self, stream: EventStream) -> None:
         self.streams.add(stream)
@@ -249,14 +241,17 @@ class Patrol:
             for stream in list(self.streams):
                 stream.end("the server is shutting down")
 
-    @classmethod
-    async def stop(cls) -> None:
+    @staticmethod
+    async def stop() -> None:
         """At the app's shutdown: no task left pending when the loop closes."""
-        patrol = cls._by_loop.get(asyncio.get_running_loop())
+        patrol = _PATROLS.peek()
         if patrol is not None and patrol.task is not None:
             patrol.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await patrol.task
+
+
+_PATROLS: PerLoop[Patrol] = PerLoop(Patrol)
 
 
 def parse_last_event_id(value: str | None) -> int:

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import ClassVar, Protocol
+from typing import Protocol
 
 from kinora.core import metrics
 from kinora.streaming.events import history_lost
 from kinora.streaming.frames import RESYNC, Item
 from kinora.streaming.keys import StreamKey
+from kinora.streaming.per_loop import PerLoop
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +48,15 @@ class Pacer:
     once per pass, with everything that arrived since its last write. One per event
     loop (`of_this_loop`), shared by every hub and stream of it."""
 
-    __slots__ = ("__weakref__", "handle", "queue")
-    _by_loop: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Pacer]] = (
-        weakref.WeakKeyDictionary()
-    )
+    __slots__ = ("handle", "queue")
 
     def __init__(self) -> None:
         self.queue: deque[asyncio.Future[None]] = deque()
         self.handle: asyncio.Handle | None = None
 
-    @classmethod
-    def of_this_loop(cls) -> Pacer:
-        loop = asyncio.get_running_loop()
-        pacer = cls._by_loop.get(loop)
-        if pacer is None:
-            pacer = cls._by_loop[loop] = cls()
-        return pacer
+    @staticmethod
+    def of_this_loop() -> Pacer:
+        return _PACERS.get()
 
     async def wait_turn(self) -> None:
         """Wait behind every watcher already in line, for work that can wait until they
@@ -87,6 +80,9 @@ class Pacer:
                 future.set_result(None)
         if queue:
             self.handle = asyncio.get_running_loop().call_soon(self._turn)
+
+
+_PACERS: PerLoop[Pacer] = PerLoop(Pacer)
 
 
 class Topic:
