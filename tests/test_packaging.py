@@ -33,7 +33,7 @@ app.include_router(progress_router(authorize=lambda request, job_id: True), pref
 PUBLISH = """
 from kinora.streaming import SSELogger
 
-with SSELogger("bare-job") as log:
+with SSELogger("bare-job", kind="job") as log:
     for i in range(1, 4):
         log.update(i, 3, f"part {i}")
     log.complete()

@@ -22,6 +22,7 @@ import redis
 
 from kinora.core.db import session_scope
 from kinora.core.models import User, Video
+from kinora.core.tokens import sign_scoped
 from kinora.jobs import store
 from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger
@@ -487,3 +488,26 @@ def test_sigterm_tells_streams_to_come_back_and_exits_within_ten_seconds(
         timeout=10,
     )
     assert [e["seq"] for e in events_of(rest)] == [int(ids_of(lines)[-1]) + 1]
+
+
+def test_a_shared_stream_url_has_any_audience_while_the_api_token_is_capped(
+    account: Account, environment: dict[str, str], var_dir: Path
+) -> None:
+    """MAX_STREAMS_PER_USER counts API tokens, not audiences (CONTRACT §2): with a cap of
+    1 and the owner's one stream open, five viewers of the shared scoped link all get
+    their stream, and the owner's second API-token stream is the one refused."""
+    video = unqueued_video(account)
+    api, base = start_api(environment | {"MAX_STREAMS_PER_USER": "1"}, var_dir / "api-audience.log")
+    path = f"{base}/api/v1/videos/{video.id}/stream"
+    shared = f"{path}?token={sign_scoped(video.id, account.id)}"
+    try:
+        with contextlib.ExitStack() as streams, httpx.Client(timeout=10) as client:
+            owner = streams.enter_context(client.stream("GET", path, headers=account.headers))
+            assert owner.status_code == 200
+            viewers = [streams.enter_context(client.stream("GET", shared)) for _ in range(5)]
+            assert [v.status_code for v in viewers] == [200] * 5
+            second = client.get(path, headers=account.headers)
+            assert second.status_code == 429, second.text
+            assert "API token" in second.json()["detail"]
+    finally:
+        stop(api)

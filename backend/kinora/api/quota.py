@@ -1,6 +1,10 @@
-"""How many streams (SSE and WebSocket) one user may hold open at once in one API
+"""How many streams (SSE and WebSocket) one API token may hold open at once in one API
 process: a client in a reconnect loop, or a script that opens streams and never reads,
-cannot take a process's memory from everyone else (CONTRACT §8)."""
+cannot take a process's memory from everyone else (CONTRACT §2, §8).
+
+The cap counts API tokens, not audiences: a stream opened with a video's scoped
+`stream_url` (a link its owner may share with any number of viewers) counts against no
+one, and its holder is None here."""
 
 from __future__ import annotations
 
@@ -16,22 +20,29 @@ class StreamQuota:
         self.limit = limit  # 0: no limit
         self.open: Counter[int] = Counter()
 
-    def check(self, user_id: int) -> None:
+    def full(self, holder: int | None) -> bool:
+        return holder is not None and bool(self.limit) and self.open[holder] >= self.limit
+
+    def check(self, holder: int | None) -> None:
         """429 when the user holds `limit` streams already."""
-        if self.limit and self.open[user_id] >= self.limit:
+        if self.full(holder):
+            assert holder is not None
             raise HTTPException(
                 status.HTTP_429_TOO_MANY_REQUESTS,
-                detail=f"you have {self.open[user_id]} streams open (at most {self.limit}): "
-                "close one, or watch several videos through one page",
+                detail=f"you have {self.open[holder]} streams open with your API token (at "
+                f"most {self.limit}): close one, or share the video's stream_url instead",
                 headers={"Retry-After": "5"},
             )
 
     @contextmanager
-    def held(self, user_id: int) -> Iterator[None]:
-        self.open[user_id] += 1
+    def held(self, holder: int | None) -> Iterator[None]:
+        if holder is None:
+            yield
+            return
+        self.open[holder] += 1
         try:
             yield
         finally:
-            self.open[user_id] -= 1
-            if self.open[user_id] <= 0:
-                del self.open[user_id]
+            self.open[holder] -= 1
+            if self.open[holder] <= 0:
+                del self.open[holder]

@@ -65,6 +65,12 @@ async def authorize(
     return video
 
 
+def stream_holder(video: Video, header: str | None, query: str | None) -> int | None:
+    """Whose stream counts against the cap: the user, when they watch with their API
+    token; no one, when the token is scoped to the video (a shared link, any audience)."""
+    return None if is_scoped(watcher_token(header, query)) else video.user_id
+
+
 def _authorize(video_id: int, header: str | None, query: str | None) -> Video:
     with session_scope() as session:
         video = watcher_video(session, video_id, header, query)
@@ -191,7 +197,8 @@ async def stream_video(
     video = await authorize(request.app.state.recent_videos, video_id, header, token)
     if not await hub.reachable():
         raise redis.ConnectionError("Redis has not answered the hub's pings")  # a 503
-    request.app.state.quota.check(video.user_id)
+    holder = stream_holder(video, header, token)
+    request.app.state.quota.check(holder)
     key = keys.video(video_id)
     lost = lost_notice(video_id)
     url = content_url(request, video)
@@ -202,7 +209,7 @@ async def stream_video(
             return Response(status_code=status.HTTP_204_NO_CONTENT)
         if end is not None:
             body = ended_frames(hub, video, after, end, settings.sse_retry_ms, lost, url)
-            return event_stream(body, request, settings, video.user_id)
+            return event_stream(body, request, settings, holder)
     return event_stream(
         frames(
             hub,
@@ -215,12 +222,12 @@ async def stream_video(
         ),
         request,
         settings,
-        video.user_id,
+        holder,
     )
 
 
 def event_stream(
-    body: AsyncIterator[bytes], request: Request, settings: Settings, user_id: int
+    body: AsyncIterator[bytes], request: Request, settings: Settings, holder: int | None
 ) -> Response:
     quota: StreamQuota = request.app.state.quota
     return event_response(
@@ -228,5 +235,5 @@ def event_stream(
         settings,
         shutdown=request.app.state.shutdown,
         headers={TRACE_HEADER: logs.current_trace_id() or ""},
-        lease=quota.held(user_id),  # one of the user's streams while it runs
+        lease=quota.held(holder),  # one of the user's streams while it runs
     )

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, WebSocket, status
 
 from kinora.api.deps import bearer_token
 from kinora.api.quota import StreamQuota
-from kinora.api.stream import authorize
+from kinora.api.stream import authorize, stream_holder
 from kinora.streaming import keys
 from kinora.streaming.hub import StreamHub
 from kinora.streaming.ws import CLOSE_BAD_TOKEN, CLOSE_NOT_FOUND, CLOSE_TRY_LATER, watch
@@ -33,10 +33,11 @@ async def progress(websocket: WebSocket, video_id: int, token: str | None = None
         return
     hub: StreamHub = websocket.app.state.hub
     quota: StreamQuota = websocket.app.state.quota
-    if quota.limit and quota.open[video.user_id] >= quota.limit:
+    holder = stream_holder(video, bearer, token)
+    if quota.full(holder):
         await websocket.close(CLOSE_TRY_LATER, reason="too many streams open: close one")
         return
-    with quota.held(video.user_id):
+    with quota.held(holder):
         await watch(
             websocket,
             hub,

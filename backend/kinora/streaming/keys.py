@@ -54,6 +54,19 @@ class StreamKey:
         return f"{self.kind}_id"
 
 
+def of(kind: str, job_id: str | int) -> StreamKey:
+    """The stream of a job of `kind`. A video's id is an integer, whether it was given as
+    7 or "7", so `SSELogger("7")` and `GET /api/v1/videos/7/stream` meet on `video:7`."""
+    if kind == "video" and not isinstance(job_id, int):
+        if not (job_id.isascii() and job_id.isdigit()):
+            raise ValueError(
+                f"a video's id is an integer, not {job_id!r}: for another kind of job, "
+                'name it (SSELogger(job_id, kind="job"))'
+            )
+        job_id = int(job_id)
+    return StreamKey(kind, job_id)
+
+
 def job(job_id: str | int) -> StreamKey:
     """Any job's stream, by its id (a Celery task's id, say)."""
     return StreamKey("job", job_id)

@@ -83,9 +83,12 @@ def task_redis_url(task: Any) -> str:
 class SSELogger:
     """Publishes the steps of one job; usable as a context manager.
 
-    `job` is any job's id (a string or an integer: its events carry `job_id`), or a
-    StreamKey (Kinora's videos: `keys.video(id)`, events with `video_id`). In a bound
-    Celery task, `SSELogger.for_task(self)` takes the task's id and its broker.
+    `job` is a job's id (a string or an integer) or a StreamKey. The design card's call,
+    `SSELogger(video_id)`, is that video's stream (`video:<id>`, events with `video_id`),
+    from any Celery task (CONTRACT §6); another kind of job names itself:
+    `SSELogger(job_id, kind="import")` publishes to `import:<id>`, events with
+    `import_id`. In a bound Celery task, `SSELogger.for_task(self)` takes the task's id,
+    kind `job` unless given one, and the task's broker.
 
     `will_retry(exc)` tells whether an exception leaving the block will be retried
     (the job's retry policy decides); if not, it is final and a `complete` event with
@@ -100,6 +103,7 @@ class SSELogger:
         self,
         job: StreamKey | str | int,
         *,
+        kind: str = "video",
         redis_url: str | None = None,
         retry_count: int = 0,
         max_retries: int = 0,
@@ -109,7 +113,7 @@ class SSELogger:
         last_seq: int = 0,
         on_complete: Callable[[int], None] | None = None,
     ) -> None:
-        self.key = job if isinstance(job, StreamKey) else keys.job(job)
+        self.key = job if isinstance(job, StreamKey) else keys.of(kind, job)
         self._redis_url = redis_url
         self.retry_count = retry_count
         self.max_retries = max_retries
@@ -123,14 +127,14 @@ class SSELogger:
         self._on_complete = on_complete
 
     @classmethod
-    def for_task(cls, task: Any, **kwargs: Any) -> Self:
+    def for_task(cls, task: Any, *, kind: str = "job", **kwargs: Any) -> Self:
         """The logger of a bound Celery task's run (`@app.task(bind=True)`): its job id
-        is the task's id, its retries are told on error events, and its events go to
-        REDIS_URL or, unset, to the task's Redis broker."""
+        is the task's id (kind `job` unless given one), its retries are told on error
+        events, and its events go to REDIS_URL or, unset, to the task's Redis broker."""
         kwargs.setdefault("retry_count", task.request.retries or 0)
         if isinstance(task.max_retries, int):
             kwargs.setdefault("max_retries", task.max_retries)
-        return cls(keys.job(task.request.id), redis_url=task_redis_url(task), **kwargs)
+        return cls(keys.of(kind, task.request.id), redis_url=task_redis_url(task), **kwargs)
 
     def __enter__(self) -> Self:
         return self
