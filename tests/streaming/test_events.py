@@ -7,7 +7,7 @@ import redis
 from prometheus_client import REGISTRY
 
 from kinora.streaming import keys
-from kinora.streaming.events import parse
+from kinora.streaming.events import encode_body, parse
 from kinora.streaming.logger import SSELogger
 from kinora.streaming.outbox import OUTBOX
 from tests.utils.settings import reset_caches
@@ -56,6 +56,34 @@ def test_history_is_capped(
         monkeypatch.delenv("EVENT_HISTORY_MAX")
         reset_caches()
     assert [e["seq"] for e in history(redis_client, video_id)] == list(range(16, 26))
+
+
+def test_every_redis_structure_of_a_video_is_bounded_like_its_history(
+    redis_client: redis.Redis, video_id: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CONTRACT §8: 1,000 events with a cap of 50 leave no structure of the video with
+    more than 50 entries, each with its retention set; and the newest events' resends
+    are still recognised (not published twice)."""
+    monkeypatch.setenv("EVENT_HISTORY_MAX", "50")
+    reset_caches()
+    try:
+        log = SSELogger(keys.video(video_id))
+        for i in range(1000):
+            log.log(f"event {i}")
+        sizes = {}
+        for name in redis_client.scan_iter(match=f"video:{video_id}*"):
+            kind = redis_client.type(name).decode()
+            size = {"zset": redis_client.zcard, "hash": redis_client.hlen}.get(kind)
+            sizes[name.decode()] = size(name) if size else 1
+            assert redis_client.ttl(name) > 0, name
+        body = encode_body(log.key, "log", "once", {})
+        assert log._send("log", body, False, "resent-id") == 1001
+        assert log._send("log", body, False, "resent-id") == 1001  # a resend: the same seq
+    finally:
+        monkeypatch.delenv("EVENT_HISTORY_MAX")
+        reset_caches()
+    assert max(sizes.values()) <= 50, sizes
+    assert len(history(redis_client, video_id)) == 50
 
 
 def test_an_exception_leaving_the_block_is_published_then_propagates(

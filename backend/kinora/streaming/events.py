@@ -70,11 +70,12 @@ SEQ_JUMP_AFTER_LOSS = 100
 # brace), channel, history cap, retention seconds, floor (the highest seq the publisher
 # knows was used), "1" if this is the `complete` event, the event's unique id. Returns
 # the new seq; the seq it already has when the same event is sent again (a call that
-# timed out may still have run: the outbox's resend must not publish it twice); 0 when
+# timed out may still have run: the outbox's resend must not publish it twice: the ids
+# of the newest events, as many as the history keeps, are remembered); 0 when
 # the video's `complete` was published already: nothing is published after it.
 PUBLISH_LUA = (
     """
-local prior = redis.call('HGET', KEYS[4], ARGV[7])
+local prior = redis.call('ZSCORE', KEYS[4], ARGV[7])
 if prior then
   return tonumber(prior)
 end
@@ -102,7 +103,8 @@ local data = '{"id":"' .. seq .. '","seq":' .. seq .. ',' .. ARGV[1]
 redis.call('ZADD', KEYS[2], seq, data)
 -- Keep the newest ARGV[3] events (a no-op while there are fewer).
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -1 - tonumber(ARGV[3]))
-redis.call('HSET', KEYS[4], ARGV[7], seq)
+redis.call('ZADD', KEYS[4], seq, ARGV[7])
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -1 - tonumber(ARGV[3]))
 -- The retention is renewed every 16th event, at the end, and whenever a key has
 -- none (the first event, or after Redis lost data): three fewer calls per event.
 if seq % 16 == 1 or ARGV[6] == '1' or redis.call('TTL', KEYS[2]) < 0 then
