@@ -182,3 +182,41 @@ def test_a_webhook_is_retried_until_it_is_answered_under_one_id(allowing: str) -
     print("webhook delivery log:")
     for a in listed["attempts"]:
         print(f"  {a['event']:<9} attempt {a['attempt']} -> {a['status_code']} {a['error'] or ''}")
+
+
+def test_a_retry_resends_the_same_message_and_retries_spread_out(allowing: str) -> None:
+    """CONTRACT §10: the `started` webhook of a video that then failed is retried with the
+    bytes rendered when it started (`"status": "processing"` under its webhook-id, not
+    the `failed` it has by the retry); and the retries of eight deliveries that failed
+    at once do not come back at the same instant (jitter, as Celery's retry_jitter)."""
+    account = make_account()
+    with (
+        Receiver({"video.started": [500, 200]}) as receiver,
+        httpx.Client(base_url=allowing, headers=account.headers, timeout=30) as client,
+    ):
+        ids = [
+            client.post(
+                "/api/v1/videos/generate",
+                json={"prompt": f"[mock:policy] refused {i}", "webhook_url": receiver.url,
+                      "webhook_events": ["started", "failed"]},
+            ).json()["video_id"]
+            for i in range(8)
+        ]  # fmt: skip
+        wait_for(
+            lambda: (
+                f"two started deliveries of each of 8 videos (got {len(receiver.of('started'))})"
+            ),
+            lambda: len(receiver.of("started")) == 16,
+            timeout=60,
+        )
+        wait_for("the failed webhooks", lambda: len(receiver.of("failed")) == 8, timeout=30)
+    gaps = []
+    for video_id in ids:
+        tries = [g for g in receiver.of("started") if json.loads(g[1])["data"]["id"] == video_id]
+        assert len(tries) == 2
+        assert tries[0][1] == tries[1][1]  # the same bytes
+        assert json.loads(tries[1][1])["data"]["status"] == "processing"
+        gaps.append(tries[1][2] - tries[0][2])
+    # WEBHOOK_RETRY_SECONDS is 0.5: each wait is drawn from 0.25-0.5 s.
+    assert min(gaps) > 0.2, gaps
+    assert max(gaps) - min(gaps) > 0.03, gaps

@@ -123,6 +123,8 @@ def generate_video(
     )
 
 
-def deliver_webhook(video_id: int, event: str, webhook_id: str) -> None:
-    """Queue one webhook delivery (its attempts are the task's retries)."""
-    celery().send_task(DELIVER_WEBHOOK, args=[video_id, event, webhook_id], queue=WEBHOOK_QUEUE)
+def deliver_webhook(video_id: int, event: str, webhook_id: str, body: str) -> None:
+    """Queue one webhook delivery of `body` (its attempts are the task's retries)."""
+    celery().send_task(
+        DELIVER_WEBHOOK, args=[video_id, event, webhook_id, body], queue=WEBHOOK_QUEUE
+    )

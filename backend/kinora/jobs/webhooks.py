@@ -14,11 +14,13 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import random
 import secrets
 from datetime import datetime
 from typing import Any, Literal, get_args
 
 import httpx
+import orjson
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -94,7 +96,10 @@ def webhook_id(video_id: int, event: str) -> str:
 
 
 def notify(video_id: int, event: WebhookEvent) -> None:
-    """Queue the video's webhook for `event` if it asked for one. Never raises."""
+    """Queue the video's webhook for `event` if it asked for one, its body rendered now,
+    when the event happens: every attempt resends these bytes under one `webhook-id`
+    (a retry of `started` must not say `failed` because the video failed since). Never
+    raises: generation goes on whatever happens to its webhooks."""
     try:
         with session_scope() as session:
             video = session.get(Video, video_id)
@@ -102,9 +107,29 @@ def notify(video_id: int, event: WebhookEvent) -> None:
                 return
             if event not in (video.webhook_events or DEFAULT_EVENTS):
                 return
-        dispatch.deliver_webhook(video_id, event, webhook_id(video_id, event))
+            body = render(video, event)
+        dispatch.deliver_webhook(video_id, event, webhook_id(video_id, event), body.decode())
     except Exception:
         log.exception("webhook %s of video %s not queued", event, video_id)
+
+
+def render(video: Video, event: str) -> bytes:
+    """The body of the video's webhook for `event`: the video as it is now."""
+    body = {
+        "type": f"video.{event}",
+        "timestamp": utcnow().isoformat().replace("+00:00", "Z"),
+        "data": video_data(video),
+    }
+    return orjson.dumps(body)
+
+
+def retry_delay(attempt: int, base: float) -> float:
+    """How long after failed attempt `attempt` (1, 2, …) the next one waits: doubling from
+    `base`, each wait drawn from its upper half (jitter, as Celery's `retry_jitter`), so
+    the deliveries that failed together while a receiver was down do not all come back
+    at the same second."""
+    nominal: float = base * 2 ** (attempt - 1)
+    return nominal * (0.5 + 0.5 * random.random())
 
 
 def video_data(video: Video) -> dict[str, Any]:

@@ -11,12 +11,11 @@ import time
 from typing import Any
 
 import httpx
-import orjson
 from celery import shared_task
 
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
-from kinora.core.models import Video, utcnow
+from kinora.core.models import Video
 from kinora.jobs import dispatch, webhooks
 
 log = logging.getLogger(__name__)
@@ -41,19 +40,23 @@ def refuse_private(url: str) -> None:
         )
 
 
-def payload(video_id: int, event: str) -> tuple[str, str, bytes]:
-    """The URL, the user's secret and the body of a video's webhook."""
+def destination(video_id: int) -> tuple[str, str]:
+    """The URL and the user's signing secret of a video's webhook."""
     with session_scope() as session:
         video = session.get(Video, video_id)
         if video is None or not video.webhook_url:
             raise Undeliverable(f"video {video_id} has no webhook")
-        secret = webhooks.secret_for(session, video.user_id)
-        body = {
-            "type": f"video.{event}",
-            "timestamp": utcnow().isoformat().replace("+00:00", "Z"),
-            "data": webhooks.video_data(video),
-        }
-        return video.webhook_url, secret, orjson.dumps(body)
+        return video.webhook_url, webhooks.secret_for(session, video.user_id)
+
+
+def rendered(video_id: int, event: str) -> bytes:
+    """The body of a delivery queued before bodies were rendered when the event happened
+    (a message from an older release): the video as it is now."""
+    with session_scope() as session:
+        video = session.get(Video, video_id)
+        if video is None:
+            raise Undeliverable(f"video {video_id} is gone")
+        return webhooks.render(video, event)
 
 
 def attempt_once(url: str, secret: str, hook_id: str, body: bytes) -> httpx.Response:
@@ -72,7 +75,9 @@ def attempt_once(url: str, secret: str, hook_id: str, body: bytes) -> httpx.Resp
 
 
 @shared_task(name=dispatch.DELIVER_WEBHOOK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
-def deliver_webhook(self: Any, video_id: int, event: str, hook_id: str) -> dict[str, Any]:
+def deliver_webhook(
+    self: Any, video_id: int, event: str, hook_id: str, body: str | None = None
+) -> dict[str, Any]:
     settings = get_settings()
     attempt = self.request.retries + 1
     url: str | None = None  # known once the video is read
@@ -80,8 +85,9 @@ def deliver_webhook(self: Any, video_id: int, event: str, hook_id: str) -> dict[
     status_code: int | None = None
     error: str | None = None
     try:
-        url, secret, body = payload(video_id, event)
-        response = attempt_once(url, secret, hook_id, body)
+        url, secret = destination(video_id)
+        content = body.encode() if body is not None else rendered(video_id, event)
+        response = attempt_once(url, secret, hook_id, content)
         status_code = response.status_code
         if response.is_success:
             return {"status": "delivered", "attempt": attempt, "status_code": status_code}
@@ -97,10 +103,11 @@ def deliver_webhook(self: Any, video_id: int, event: str, hook_id: str) -> dict[
                 video_id, event, hook_id, attempt, url, status_code=status_code,
                 error=error, duration_ms=round(1000 * (time.perf_counter() - started)),
             )  # fmt: skip
-    wait = settings.webhook_retry_seconds * 2 ** (attempt - 1)
+    nominal = settings.webhook_retry_seconds * 2 ** (attempt - 1)
     elapsed = sum(settings.webhook_retry_seconds * 2**i for i in range(attempt - 1))
-    if elapsed + wait > settings.webhook_give_up_seconds:
+    if elapsed + nominal > settings.webhook_give_up_seconds:
         log.warning("webhook %s of video %s given up after %d attempts", event, video_id, attempt)
         return {"status": "given_up", "attempt": attempt, "error": error}
-    log.info("webhook %s of video %s: %s; again in %g s", event, video_id, error, wait)
+    wait = webhooks.retry_delay(attempt, settings.webhook_retry_seconds)
+    log.info("webhook %s of video %s: %s; again in %.3g s", event, video_id, error, wait)
     raise self.retry(countdown=wait)
