@@ -74,6 +74,23 @@ def test_too_few_credits_is_402_and_creates_nothing(app: InProcessApi, environme
         ({"prompt": PROMPT, "size": "1920x1080"}, "size"),
         ({"prompt": PROMPT, "image_url": "ftp://example.com/a.png"}, "image_url"),
         ({"prompt": PROMPT, "image_url": "data:text/plain;base64,aGk="}, "image_url"),
+        *(
+            ({"prompt": PROMPT, "image_url": f"http://{host}:8000/inside.png"}, "image_url")
+            for host in (
+                "127.1",
+                "2130706433",
+                "0x7f000001",
+                "[::ffff:127.0.0.1]",
+                "[::1]",
+                "localhost",
+                "LOCALHOST",
+                "0.0.0.0",
+                "user@127.0.0.1",
+                "10.0.0.8",
+            )
+        ),
+        ({"prompt": PROMPT, "image_url": "http://example.com/" + "a" * 15 * 2**20}, "image_url"),
+        ({"prompt": PROMPT, "image_url": "http://example.com/a\r\nb.png"}, "image_url"),
         ({"prompt": PROMPT, "duration": 4}, "duration"),
         ({}, "prompt"),
     ],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,14 @@ PROMPT = "A heron standing in a misty river at dawn"
         ("http://[::1]/hook", "loopback, private or link-local"),
         ("http://169.254.169.254/latest", "loopback, private or link-local"),
         ("http://localhost:8080/hook", "localhost"),
+        ("http://LOCALHOST./hook", "localhost"),
+        ("http://127.1/hook", "loopback, private or link-local"),
+        ("http://2130706433/hook", "loopback, private or link-local"),
+        ("http://0x7f000001/hook", "loopback, private or link-local"),
+        ("http://0x7f.1/hook", "loopback, private or link-local"),
+        ("http://0/hook", "loopback, private or link-local"),
+        ("http://[::ffff:127.0.0.1]/hook", "loopback, private or link-local"),
+        ("http://user@127.0.0.1/hook", "loopback, private or link-local"),
         ("ftp://example.com/hook", "http:// or https://"),
     ],
 )
@@ -177,7 +186,7 @@ def test_a_webhook_is_retried_until_it_is_answered_under_one_id(allowing: str) -
     assert [a["attempt"] for a in attempts] == [1, 2, 3]
     assert [a["status_code"] for a in attempts] == [500, None, 200]
     assert attempts[0]["error"] == "HTTP 500"
-    assert "Timeout" in attempts[1]["error"]
+    assert attempts[1]["error"] == "unreachable: it did not answer in time"
     assert attempts[2]["error"] is None
     print("webhook delivery log:")
     for a in listed["attempts"]:
@@ -220,3 +229,39 @@ def test_a_retry_resends_the_same_message_and_retries_spread_out(allowing: str) 
     # WEBHOOK_RETRY_SECONDS is 0.5: each wait is drawn from 0.25-0.5 s.
     assert min(gaps) > 0.2, gaps
     assert max(gaps) - min(gaps) > 0.03, gaps
+
+
+def test_a_webhook_to_a_name_that_resolves_inside_is_refused_at_delivery(
+    stack: Stack, environment: dict[str, str], tmp_path: Path
+) -> None:
+    """This machine's own name is taken at submit (names are judged once resolved); the
+    webhook worker resolves it, refuses it before connecting, and the attempts log says
+    so without telling what the name resolves to."""
+    account = make_account()
+    hooks = kinora("worker", "--webhooks", env=environment, log=tmp_path / "webhooks.log")
+    try:
+        wait_for(
+            "the webhook worker", lambda: b"ready." in (tmp_path / "webhooks.log").read_bytes(), 30
+        )
+        with Receiver({}) as receiver, stack.client(account) as client:
+            url = receiver.url.replace("127.0.0.1", socket.gethostname())
+            created = client.post(
+                "/api/v1/videos/generate",
+                json={"prompt": PROMPT, "webhook_url": url, "webhook_events": ["started"]},
+            )
+            assert created.status_code == 202, created.text
+            video_id = created.json()["video_id"]
+
+            def listed() -> list[dict[str, Any]]:
+                got = client.get(f"/api/v1/videos/{video_id}/webhooks").json()["attempts"]
+                return list(got)
+
+            wait_for(lambda: f"the attempt recorded (got {listed()})", listed, timeout=30)
+            (attempt,) = listed()
+            assert receiver.got == []
+    finally:
+        stop(hooks)
+    assert attempt["error"] == (
+        "refused: its host is not a public address (set WEBHOOK_ALLOW_PRIVATE=true to allow)"
+    )
+    assert attempt["status_code"] is None

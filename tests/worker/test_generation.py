@@ -7,8 +7,10 @@ RETRY_COUNTDOWN_SECONDS=1, VIDEO_TIMEOUT_SECONDS=12, LEASE_SECONDS=3."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -233,19 +235,35 @@ def test_a_bad_inline_reference_image_is_422_and_charges_nothing(
     assert balance_matches_ledger(account) == (1000, 1000)
 
 
-def test_an_unreachable_reference_image_fails_the_video_and_refunds(
+def test_a_reference_image_at_a_name_that_resolves_inside_is_refused_and_refunded(
     stack: Stack, account: Account
 ) -> None:
-    created = submit(
-        stack, account, "With a missing picture", image_url="http://127.0.0.1:9/missing.png"
-    )
-    _, lines = read_stream(created["stream_url"])
-    events = events_of(lines)
+    """This machine's own name passes the submit (a name is judged once resolved); the
+    worker resolves it, refuses it before connecting (the listener sees nothing), and
+    the error says "refused", not what is listening there."""
+    seen: list[str] = []
 
+    class Inside(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_error(404)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Inside)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        url = f"http://{socket.gethostname()}:{server.server_address[1]}/missing.png"
+        created = submit(stack, account, "With an inside picture", image_url=url)
+        _, lines = read_stream(created["stream_url"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    events = events_of(lines)
     whole_story(events)
     (error,) = [e for e in events if e["type"] == "error"]
     assert error["error_code"] == "invalid_reference_image"
-    assert "could not fetch the reference image" in error["message"]
+    assert "refused: its host is not a public address" in error["message"]
+    assert "404" not in error["message"]
+    assert seen == []
     assert events[-1]["status"] == "failed"
     assert video_row(created["video_id"]).file_path is None
     assert balance_matches_ledger(account) == (1000, 1000)

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from kinora.core import egress
 from kinora.core.config import get_settings
 from kinora.core.models import VideoStatus
 from kinora.jobs import reference, webhooks
@@ -23,7 +24,9 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(min_length=10, max_length=2000, description="What the video shows")
     image_url: str | None = Field(
-        default=None, description="http(s) or data: URL of a PNG/JPEG reference image"
+        default=None,
+        description="http(s) URL (at most 2,048 characters) or data: URL (at most 10 MB "
+        "of image) of a PNG/JPEG reference image",
     )
     seconds: Seconds = DEFAULT_SECONDS
     size: Size = DEFAULT_SIZE
@@ -67,8 +70,13 @@ class GenerateRequest(BaseModel):
                 reference.check(reference.load(value))
             except reference.BadReference as exc:
                 raise ValueError(str(exc)) from None
-        elif not re.match(r"https?://[^\s/]+", value):
-            raise ValueError("must be an http(s):// or data:image/... URL")
+        else:
+            # What the egress guard decides without DNS: a malformed URL, localhost or
+            # a private address in any spelling is a 422 here, not a refund later.
+            try:
+                egress.check(value, allow_private=get_settings().reference_allow_private)
+            except egress.Refused as exc:
+                raise ValueError(f"{exc} (an http(s):// or data:image/... URL)") from None
         return value
 
     @property

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     webhook_give_up_seconds: float = 86400.0
     webhook_allow_private: bool = False
+    # A reference image's URL may lead to a loopback, private or link-local address
+    # (CONTRACT §8 "Egress": off, so the worker is nobody's way inside).
+    reference_allow_private: bool = False
     # The server's public address, for the URLs inside a webhook's video (the worker
     # sends it, and does not know the host a client used). Unset: the paths alone.
     public_url: str | None = None

@@ -7,12 +7,12 @@ from __future__ import annotations
 import base64
 import binascii
 
-import httpx
-
+from kinora.core import egress
+from kinora.core.config import get_settings
 from kinora.jobs.errors import EngineError
 
 MAX_BYTES = 10 * 1024 * 1024
-FETCH_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+FETCH_SECONDS = 15.0  # the whole fetch, redirects included
 
 
 class BadReference(EngineError):
@@ -23,7 +23,8 @@ class BadReference(EngineError):
 
 
 def load(url: str) -> bytes:
-    """The image's bytes, from a data: URL or an http(s) URL, at most MAX_BYTES."""
+    """The image's bytes, from a data: URL or an http(s) URL (through the egress guard:
+    public addresses only unless REFERENCE_ALLOW_PRIVATE), at most MAX_BYTES."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
@@ -36,22 +37,17 @@ def load(url: str) -> bytes:
             raise BadReference(f"reference image is larger than {MAX_BYTES // 2**20} MB")
         return data
     try:
-        with (
-            httpx.Client(timeout=FETCH_TIMEOUT, follow_redirects=True) as client,
-            client.stream("GET", url) as response,
-        ):
-            if response.status_code != 200:
-                raise BadReference(f"fetching the reference image gave HTTP {response.status_code}")
-            chunks: list[bytes] = []
-            size = 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > MAX_BYTES:
-                    raise BadReference(f"reference image is larger than {MAX_BYTES // 2**20} MB")
-                chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise BadReference(f"could not fetch the reference image: {exc}") from None
-    return b"".join(chunks)
+        answer = egress.fetch(
+            "GET", url, allow_private=get_settings().reference_allow_private,
+            timeout=FETCH_SECONDS, max_bytes=MAX_BYTES, follow_redirects=True,
+        )  # fmt: skip
+    except egress.Refused as exc:
+        raise BadReference(f"reference image URL refused: {exc}") from None
+    except egress.Unreachable as exc:
+        raise BadReference(f"reference image URL unreachable: {exc}") from None
+    if answer.status_code != 200:
+        raise BadReference("reference image URL unreachable: it did not answer with the image")
+    return answer.content
 
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

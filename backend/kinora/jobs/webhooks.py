@@ -12,18 +12,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import ipaddress
 import logging
 import random
 import secrets
 from datetime import datetime
 from typing import Any, Literal, get_args
 
-import httpx
 import orjson
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from kinora.core import egress
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.core.models import User, Video, WebhookAttempt, utcnow
@@ -38,35 +37,14 @@ EVENTS: tuple[WebhookEvent, ...] = get_args(WebhookEvent)
 DEFAULT_EVENTS: list[WebhookEvent] = ["completed", "failed", "cancelled"]
 
 
-def private(address: str) -> bool:
-    """Loopback, private, link-local and the like: not the public internet."""
-    ip = ipaddress.ip_address(address)
-    return not ip.is_global or ip.is_multicast
-
-
 def check_url(url: str, *, allow_private: bool) -> str:
-    """The URL as given, or ValueError saying why it cannot receive webhooks. A name is
-    checked at delivery, once resolved; here only what the URL says literally."""
+    """The URL as given, or ValueError saying why it cannot receive webhooks: what the
+    egress guard decides without DNS (a name is resolved and checked at delivery)."""
     try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise ValueError(f"not a URL ({exc})") from None
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError("must be an http:// or https:// URL with a host")
-    if allow_private:
-        return url
-    host = parsed.host.rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        raise ValueError("must not be localhost (set WEBHOOK_ALLOW_PRIVATE=true to allow)")
-    try:
-        literal = private(host)
-    except ValueError:  # a name: resolved at delivery
-        return url
-    if literal:
-        raise ValueError(
-            "must not be a loopback, private or link-local address "
-            "(set WEBHOOK_ALLOW_PRIVATE=true to allow)"
-        )
+        egress.check(url, allow_private=allow_private)
+    except egress.Refused as exc:
+        hint = "" if allow_private else " (set WEBHOOK_ALLOW_PRIVATE=true to allow)"
+        raise ValueError(f"{exc}{hint}") from None
     return url
 
 

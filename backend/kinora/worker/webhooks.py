@@ -1,18 +1,17 @@
 """Delivering a video's webhook (CONTRACT §10), in the webhook worker (`kinora worker
---webhooks`): resolve the host and refuse private addresses unless allowed, POST the
-signed payload, record the attempt, and on a non-2xx answer or a timeout try again,
+--webhooks`): POST the signed payload through the egress guard (private addresses
+refused unless allowed), record the attempt, and on a non-2xx answer or a timeout try again,
 the wait doubling from WEBHOOK_RETRY_SECONDS, until 24 h have passed."""
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import Any
 
-import httpx
 from celery import shared_task
 
+from kinora.core import egress
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.core.models import Video
@@ -22,22 +21,7 @@ log = logging.getLogger(__name__)
 
 
 class Undeliverable(Exception):
-    """Final: the URL resolves to a private address, or the video is gone."""
-
-
-def refuse_private(url: str) -> None:
-    parsed = httpx.URL(url)
-    host, port = parsed.host, parsed.port or 443
-    try:
-        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, port)}
-    except socket.gaierror as exc:
-        raise OSError(f"cannot resolve {host}: {exc}") from exc  # retried: DNS may come
-    bad = sorted(a for a in addresses if webhooks.private(a))
-    if bad:
-        raise Undeliverable(
-            f"refused: {host} resolves to a private address ({bad[0]}); "
-            "set WEBHOOK_ALLOW_PRIVATE=true to allow"
-        )
+    """Final: the video is gone, or has no webhook."""
 
 
 def destination(video_id: int) -> tuple[str, str]:
@@ -59,10 +43,11 @@ def rendered(video_id: int, event: str) -> bytes:
         return webhooks.render(video, event)
 
 
-def attempt_once(url: str, secret: str, hook_id: str, body: bytes) -> httpx.Response:
+def attempt_once(url: str, secret: str, hook_id: str, body: bytes) -> egress.Answer:
+    """One POST through the egress guard (private addresses refused unless
+    WEBHOOK_ALLOW_PRIVATE, the address checked is the one connected to); a redirect is
+    an answer like any other non-2xx."""
     settings = get_settings()
-    if not settings.webhook_allow_private:
-        refuse_private(url)
     stamp = int(time.time())
     headers = {
         "content-type": "application/json",
@@ -71,7 +56,10 @@ def attempt_once(url: str, secret: str, hook_id: str, body: bytes) -> httpx.Resp
         "webhook-timestamp": str(stamp),
         "webhook-signature": webhooks.sign(secret, hook_id, stamp, body),
     }
-    return httpx.post(url, content=body, headers=headers, timeout=settings.webhook_timeout_seconds)
+    return egress.fetch(
+        "POST", url, allow_private=settings.webhook_allow_private, headers=headers,
+        content=body, timeout=settings.webhook_timeout_seconds, max_bytes=64 * 1024,
+    )  # fmt: skip
 
 
 @shared_task(name=dispatch.DELIVER_WEBHOOK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
@@ -89,14 +77,19 @@ def deliver_webhook(
         content = body.encode() if body is not None else rendered(video_id, event)
         response = attempt_once(url, secret, hook_id, content)
         status_code = response.status_code
-        if response.is_success:
+        if 200 <= status_code < 300:
             return {"status": "delivered", "attempt": attempt, "status_code": status_code}
         error = f"HTTP {status_code}"
+    except egress.Refused as exc:
+        error = f"refused: {exc}" + (
+            "" if settings.webhook_allow_private else " (set WEBHOOK_ALLOW_PRIVATE=true to allow)"
+        )
+        return {"status": "refused", "error": error}
     except Undeliverable as exc:
         error = str(exc)
         return {"status": "refused", "error": error}
-    except (httpx.HTTPError, OSError) as exc:
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    except egress.Unreachable as exc:  # retried: the receiver (or its DNS) may come back
+        error = f"unreachable: {exc}"
     finally:
         if url is not None:
             webhooks.record(
