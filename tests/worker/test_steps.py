@@ -21,7 +21,7 @@ from kinora.core.models import CreditEntry, CreditKind, User, Video, VideoStatus
 from kinora.jobs import store
 from kinora.streaming import keys
 from kinora.streaming.events import parse
-from kinora.worker import attempt
+from kinora.worker import attempt, sweeper
 from kinora.worker.engines.mock import MockEngine, prompt_key
 from kinora.worker.job import worker_identity
 from tests.utils.accounts import Account
@@ -220,3 +220,39 @@ def test_the_same_task_redelivered_while_its_lease_lives_waits_for_it(
     assert story(redis_client, video_id)[-1]["message"].startswith(
         "Its worker stopped answering: resuming in"
     )
+
+
+def test_a_finished_model_job_is_delivered_though_its_deadline_passed_while_it_waited(
+    account: Account, redis_client: redis.Redis
+) -> None:
+    """CONTRACT §8: the worker died after the model accepted the job; the model finished
+    it; the claim's lease ran out and the deadline passed before another worker took the
+    video over. The sweeps leave it to that worker, which looks at the model's job first
+    and delivers it: completed, charged once, nothing refunded, no second model job."""
+    prompt = "A lighthouse keeper winding the clockwork at dusk"
+    video_id = new_video(account, prompt)
+    engine = MockEngine(step_seconds=STEP)
+    job = engine.create(prompt=prompt, seconds=4, size="1280x720")
+    wait_for("the model job to finish", lambda: engine.retrieve(job.id).status == "completed", 10)
+    timeout = get_settings().video_timeout_seconds
+    with session_scope() as session:  # what a worker killed after set_model_job leaves
+        session.execute(
+            update(Video)
+            .where(Video.id == video_id)
+            .values(
+                status=VideoStatus.PROCESSING, claimed_by="dead-worker", attempts=1,
+                lease_expires_at=utcnow() - timedelta(seconds=1), model_job_id=job.id,
+                model_submitted_at=utcnow() - timedelta(seconds=timeout + 30),
+                created_at=utcnow() - timedelta(seconds=timeout + 30),
+            )
+        )  # fmt: skip
+
+    found = sweeper.sweep_once()
+    assert video_id not in found.timed_out
+    assert video_id in found.requeue
+    assert run_once(video_id, retry=0) == {"status": "completed", "video_id": video_id}
+
+    assert video_row(video_id).status == VideoStatus.COMPLETED
+    assert credits_and_refunds(account) == (900, 0)
+    assert model_jobs(redis_client, prompt) == 1
+    assert story(redis_client, video_id)[-1]["status"] == "completed"

@@ -372,9 +372,14 @@ def sweep(session: Session, *, video_timeout: float, stale_pending: float) -> Sw
     conditional, so any number of sweepers can run at once."""
     now = utcnow()
     live = [VideoStatus.PENDING, VideoStatus.PROCESSING]
+    # A video whose model job exists is left to the worker that takes it over: that one
+    # looks at the model's job first, and delivers a finished one whatever the deadline
+    # (a paid result is not refunded); an unfinished one it fails at the deadline.
     overdue = session.scalars(
         select(Video.id).where(
-            Video.status.in_(live), Video.created_at < now - timedelta(seconds=video_timeout)
+            Video.status.in_(live),
+            Video.created_at < now - timedelta(seconds=video_timeout),
+            Video.model_job_id.is_(None),
         )
     ).all()
     session.rollback()

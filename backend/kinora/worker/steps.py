@@ -72,7 +72,11 @@ class Generation:
         give it back if the worker is shutting down (unless it is almost done)."""
         if self.lease.lost.is_set():
             raise JobLost(self.job.video_id)
-        if not self.finalizing and handback.requested():
+        if self.finalizing:
+            # The model's job is done and paid for: it is delivered, whatever the
+            # deadline (CONTRACT §8; the deadline bounds the wait for the model).
+            return
+        if handback.requested():
             raise handback.HandBack
         if utcnow() > self.job.deadline:
             raise VideoTimeout(self.settings.video_timeout_seconds)
@@ -135,6 +139,7 @@ class Generation:
         if model_job.status == "failed":
             message = model_job.error_message or "the model could not generate this video"
             raise PolicyRefusal(message, code=model_job.error_code or "model_failed")
+        self.finalizing = True  # looked at before the deadline: a finished job is delivered
         self.step(Step.PROCESSING, self.processing_message(100))
         return model_job
 
