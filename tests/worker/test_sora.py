@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +18,19 @@ import httpx
 import pytest
 import redis
 from PIL import Image
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
 
 from kinora.cli.embedded import free_port
 from kinora.core.db import session_scope
-from kinora.core.models import User, VideoStatus
+from kinora.core.models import User, Video, VideoStatus, utcnow
 from kinora.jobs import store
 from kinora.streaming import keys
 from kinora.streaming.events import parse
 from kinora.worker import attempt
 from kinora.worker.engines.base import ModelJob, PolicyRefusal
 from kinora.worker.engines.sora import SoraEngine
-from tests.utils.accounts import Account
+from tests.utils.accounts import Account, make_account
 from tests.utils.processes import stop, wait_for
 from tests.utils.rows import video_row
 
@@ -190,3 +193,66 @@ def test_unknown_job_and_bad_key_are_clear_errors(fake_api: str) -> None:
         engine(fake_api).retrieve("video_does_not_exist")
     assert missing.value.retryable is False
     assert not isinstance(missing.value, PolicyRefusal)
+
+
+def submitted_unanswered(video_id: int, **values: Any) -> None:
+    """What a worker killed between the model's create and recording its answer leaves:
+    the time of the create, no model job id."""
+    with session_scope() as session:
+        session.execute(
+            update(Video)
+            .where(Video.id == video_id)
+            .values(model_submitted_at=utcnow() - timedelta(seconds=1), **values)
+        )
+
+
+def test_a_crashed_create_never_adopts_the_job_another_video_recorded(
+    fake_api: str, account: Account
+) -> None:
+    """CONTRACT §8, tenancy: two users, one prompt, one shared API key. The first user's
+    create never reached the model (its worker died); the second user's job is made and
+    recorded meanwhile. The first video's next attempt finds that job in the model's list
+    and leaves it: it makes its own."""
+    prompt = f"A red kite over the dunes {account.email}"
+    mine = new_video(account, prompt)
+    submitted_unanswered(mine)
+    theirs = new_video(make_account(), prompt)
+    sora = engine(fake_api)
+    assert attempt.run(theirs, task_id="t-b", retry_count=0, max_retries=3, engine=sora)[
+        "status"
+    ] == "completed"  # fmt: skip
+
+    assert attempt.run(mine, task_id="t-a", retry_count=1, max_retries=3, engine=sora)[
+        "status"
+    ] == "completed"  # fmt: skip
+    assert video_row(mine).model_job_id != video_row(theirs).model_job_id
+    assert stats(fake_api)["creates"][prompt] == 2
+
+
+def test_a_crashed_create_in_doubt_makes_a_new_job_rather_than_someone_elses(
+    fake_api: str, account: Account
+) -> None:
+    """The other user's create was answered but not yet recorded when the first video
+    looks: one job in the list, two videos that may own it. In doubt, a new job."""
+    prompt = f"A glass of water on a train table {account.email}"
+    mine = new_video(account, prompt)
+    submitted_unanswered(mine)
+    theirs = new_video(make_account(), prompt)
+    submitted_unanswered(theirs, status=VideoStatus.PROCESSING, claimed_by="elsewhere",
+                         lease_expires_at=utcnow() + timedelta(minutes=5))  # fmt: skip
+    sora = engine(fake_api)
+    their_job = sora.create(prompt=prompt, seconds=4, size="720x1280")
+
+    assert attempt.run(mine, task_id="t-c", retry_count=1, max_retries=3, engine=sora)[
+        "status"
+    ] == "completed"  # fmt: skip
+    assert video_row(mine).model_job_id != their_job.id
+    assert stats(fake_api)["creates"][prompt] == 2
+
+
+def test_one_model_job_cannot_be_recorded_for_two_videos(account: Account) -> None:
+    first, second = new_video(account, "one job, two videos"), new_video(account, "two videos")
+    with session_scope() as session:
+        session.execute(update(Video).where(Video.id == first).values(model_job_id="video_x1"))
+    with pytest.raises(IntegrityError), session_scope() as session:
+        session.execute(update(Video).where(Video.id == second).values(model_job_id="video_x1"))

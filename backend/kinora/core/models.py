@@ -104,6 +104,8 @@ class Video(Base):
     __table_args__ = (
         Index("ix_videos_user_created", "user_id", "created_at"),
         Index("ix_videos_status_lease", "status", "lease_expires_at"),
+        # A model job belongs to exactly one video (CONTRACT §8, tenancy).
+        Index("uq_videos_model_job_id", "model_job_id", unique=True),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

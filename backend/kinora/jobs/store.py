@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Result, case, select, update
+from sqlalchemy import CursorResult, Result, case, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kinora.core.models import (
@@ -262,8 +263,44 @@ def mark_submitting(session: Session, video_id: int, owner: str) -> bool:
     )
 
 
+class ModelJobTaken(Exception):
+    """The model job is another video's already (the unique index says so)."""
+
+
 def set_model_job(session: Session, video_id: int, owner: str, job_id: str) -> bool:
-    return _update_one(session, *_owned(video_id, owner), model_job_id=job_id, updated_at=utcnow())
+    """Record the video's model job; ModelJobTaken if another video has it."""
+    try:
+        return _update_one(
+            session, *_owned(video_id, owner), model_job_id=job_id, updated_at=utcnow()
+        )
+    except IntegrityError:
+        session.rollback()
+        raise ModelJobTaken(job_id) from None
+
+
+def adoptable(session: Session, video_id: int, prompt: str, found: list[str]) -> str | None:
+    """Which of the model jobs `found` for a video's unanswered create (same prompt and
+    parameters, created since) is surely its own: the one no other video has recorded,
+    when exactly one is left and no other live video of the same prompt has a create
+    whose answer it never got either. Under one shared API key a job can be another
+    user's; in doubt, None: a new job is made rather than someone else's adopted."""
+    if not found:
+        return None
+    recorded = set(session.scalars(select(Video.model_job_id).where(Video.model_job_id.in_(found))))
+    free = [job for job in found if job not in recorded]
+    rival = session.scalar(
+        select(func.count())
+        .select_from(Video)
+        .where(
+            Video.id != video_id,
+            Video.prompt == prompt,
+            Video.status.in_([VideoStatus.PENDING, VideoStatus.PROCESSING]),
+            Video.model_submitted_at.is_not(None),
+            Video.model_job_id.is_(None),
+        )
+    )
+    session.rollback()
+    return free[0] if len(free) == 1 and not rival else None
 
 
 def complete(

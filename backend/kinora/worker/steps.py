@@ -103,27 +103,51 @@ class Generation:
     def submit(self, ref: bytes | None) -> ModelJob:
         job = self.job
         self.events.stage(Step.SUBMITTED.stage, "Generating video")
-        model_job = None
-        if job.model_submitted_at is not None:
-            # An earlier attempt called create but never learned the outcome.
-            model_job = self.engine.find(
-                prompt=job.prompt, since=job.model_submitted_at.timestamp() - 1
-            )
-            if model_job is not None:
-                self.events.log(f"Found model job {model_job.id} from an earlier attempt")
-        if model_job is None:
-            with session_scope() as session:
-                if not store.mark_submitting(session, job.video_id, job.owner):
-                    raise JobLost(job.video_id)
-            model_job = self.engine.create(
-                prompt=job.prompt, seconds=job.params.seconds, size=job.params.size, reference=ref
-            )
-        with session_scope() as session:
-            if not store.set_model_job(session, job.video_id, job.owner, model_job.id):
-                raise JobLost(job.video_id)
+        model_job = self.find_own() if job.model_submitted_at is not None else None
+        try:
+            if model_job is None:
+                model_job = self.create(ref)
+            self.record(model_job)
+        except store.ModelJobTaken as taken:
+            # Adopted, but another video recorded it first: it was that one's.
+            self.events.log(f"Model job {taken} belongs to another video: a new one is made")
+            model_job = self.create(ref)
+            self.record(model_job)
         self.step(Step.SUBMITTED, f"Model job {model_job.id} submitted")
         self.step(Step.WAITING, "Waiting for the model to start...")
         return model_job
+
+    def find_own(self) -> ModelJob | None:
+        """An earlier attempt called create but never learned the outcome: the job it
+        made, if the model lists one that is surely this video's (same prompt and
+        parameters, recorded by no other video, no other create in doubt)."""
+        job = self.job
+        assert job.model_submitted_at is not None
+        found = self.engine.find(
+            prompt=job.prompt, seconds=job.params.seconds, size=job.params.size,
+            since=job.model_submitted_at.timestamp() - 1,
+        )  # fmt: skip
+        with session_scope() as session:
+            own = store.adoptable(session, job.video_id, job.prompt, [j.id for j in found])
+        if own is not None:
+            self.events.log(f"Found model job {own} from an earlier attempt")
+        elif found:
+            self.events.log("No model job is surely this video's: a new one is made")
+        return next((j for j in found if j.id == own), None)
+
+    def create(self, ref: bytes | None) -> ModelJob:
+        job = self.job
+        with session_scope() as session:
+            if not store.mark_submitting(session, job.video_id, job.owner):
+                raise JobLost(job.video_id)
+        return self.engine.create(
+            prompt=job.prompt, seconds=job.params.seconds, size=job.params.size, reference=ref
+        )
+
+    def record(self, model_job: ModelJob) -> None:
+        with session_scope() as session:
+            if not store.set_model_job(session, self.job.video_id, self.job.owner, model_job.id):
+                raise JobLost(self.job.video_id)
 
     def poll(self, model_job: ModelJob) -> ModelJob:
         reported = -1

@@ -36,10 +36,11 @@ class VideoEngine(Protocol):
         self, *, prompt: str, seconds: int, size: str, reference: bytes | None = None
     ) -> ModelJob: ...
 
-    def find(self, *, prompt: str, since: float) -> ModelJob | None:
-        """A job for `prompt` created at or after `since` (epoch seconds), if any: a
-        create whose outcome is unknown (a timeout, a crash) is looked up here before
-        any second, paid, create."""
+    def find(self, *, prompt: str, seconds: int, size: str, since: float) -> list[ModelJob]:
+        """The jobs with this prompt, length and size created at or after `since` (epoch
+        seconds): a create whose outcome is unknown (a timeout, a crash) is looked for
+        here before any second, paid, create. Which of them is the video's own, if any,
+        is the database's call (jobs.store.adoptable)."""
         ...
 
     def retrieve(self, job_id: str) -> ModelJob: ...

@@ -112,9 +112,17 @@ class MockEngine:
         log.info("mock model job %s created for prompt %s", job_id, prompt_digest(prompt))
         return ModelJob(id=job_id, status="queued", progress=0, poll_after=self.step_seconds)
 
-    def find(self, *, prompt: str, since: float) -> ModelJob | None:
+    def find(self, *, prompt: str, seconds: int, size: str, since: float) -> list[ModelJob]:
         found = cast(list[bytes], self.redis.zrangebyscore(prompt_key(prompt), since, "+inf"))
-        return self.retrieve(found[0].decode()) if found else None
+        alike = []
+        for raw in found:
+            fields = self._fields(raw.decode())
+            if (
+                fields.get(b"seconds") == str(seconds).encode()
+                and fields.get(b"size") == size.encode()
+            ):
+                alike.append(self.retrieve(raw.decode()))
+        return alike
 
     def _fields(self, job_id: str) -> dict[bytes, bytes]:
         fields = cast(dict[bytes, bytes], self.redis.hgetall(job_key(job_id)))

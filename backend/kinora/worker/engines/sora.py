@@ -102,15 +102,20 @@ class SoraEngine:
             raise _translate(exc) from exc
         return _job(raw.parse(), raw.headers)
 
-    def find(self, *, prompt: str, since: float) -> ModelJob | None:
+    def find(self, *, prompt: str, seconds: int, size: str, since: float) -> list[ModelJob]:
         try:
             page = self.client.videos.list(order="desc", limit=FIND_WINDOW)
         except openai.OpenAIError as exc:
             raise _translate(exc) from exc
-        for video in page.data:
-            if video.prompt == prompt and video.created_at >= since:
-                return _job(video)
-        return None
+        return [
+            _job(video)
+            for video in page.data
+            if video.prompt == prompt
+            and video.created_at >= since
+            and str(video.seconds) == str(seconds)
+            and video.size == size
+            and video.model == self.model
+        ]
 
     def download(self, job_id: str, dest: Path) -> None:
         try:

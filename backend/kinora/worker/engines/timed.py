@@ -37,9 +37,9 @@ class TimedEngine:
                 prompt=prompt, seconds=seconds, size=size, reference=reference
             )
 
-    def find(self, *, prompt: str, since: float) -> ModelJob | None:
+    def find(self, *, prompt: str, seconds: int, size: str, since: float) -> list[ModelJob]:
         with timed_model_call("find"):
-            return self.engine.find(prompt=prompt, since=since)
+            return self.engine.find(prompt=prompt, seconds=seconds, size=size, since=since)
 
     def retrieve(self, job_id: str) -> ModelJob:
         with timed_model_call("retrieve"):
