@@ -1,7 +1,7 @@
 """`pip install kinora` is the live-progress layer alone (CONTRACT §9): installed in a
 clean venv, it has none of the service's heavy dependencies, and a Celery-less
 publisher and a FastAPI host of its own (served by uvicorn, the host's choice) run
-from it against a real Redis."""
+from it against a real Redis, over SSE and WebSocket alike."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from websockets.sync.client import connect
 
 from kinora.cli.embedded import free_port
 from tests.utils.clients import events_of, read_stream
@@ -83,6 +84,9 @@ def test_the_bare_package_is_the_library_alone(tmp_path: Path, environment: dict
         wait_for("the host app", lambda: b"startup complete" in log.read_bytes(), timeout=30)
         subprocess.run([str(python), "-c", PUBLISH], env=env, check=True, timeout=60)
         status, lines = read_stream(f"{base}/progress/bare-job/stream", timeout=20)
+        # The WebSocket of the documented install, not a silent 404 (CONTRACT §9).
+        with connect(f"ws://127.0.0.1:{port}/progress/bare-job/ws", open_timeout=10) as ws:
+            said = [json.loads(ws.recv(timeout=10))["event"] for _ in range(2)]
     finally:
         stop(host)
     assert status == 200, log.read_text()
@@ -91,3 +95,4 @@ def test_the_bare_package_is_the_library_alone(tmp_path: Path, environment: dict
         ("bare-job", 1, 33), ("bare-job", 2, 67), ("bare-job", 3, 100), ("bare-job", 4, 100)
     ]  # fmt: skip
     assert events[-1]["status"] == "completed"
+    assert said == ["connected", "initial_state"]

@@ -21,6 +21,7 @@ from websockets.sync.client import connect
 from kinora.core.config import get_settings
 from kinora.streaming import SSELogger, progress_router
 from tests.utils.clients import events_of, read_stream
+from tests.utils.processes import wait_for
 from tests.utils.servers import serve
 
 ROWS = 7
@@ -142,3 +143,31 @@ def test_the_websocket_serves_the_same_events(importer: Celery, host: str) -> No
         with pytest.raises(ConnectionClosed):
             ws.recv(timeout=10)
         assert ws.close_code == 4404
+
+
+def test_a_host_starts_while_redis_is_down_and_streams_once_it_comes(tmp_path: Any) -> None:
+    """CONTRACT §9: the library never stops its host from starting. With nothing on the
+    router's Redis port, the app starts, its progress routes answer 503 with Retry-After;
+    once a Redis listens there, a job's events stream."""
+    from kinora.cli.embedded import EmbeddedRedis, free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    app = FastAPI()
+    app.include_router(progress_router(authorize=can_watch, redis_url=url), prefix="/progress")
+    with serve(app) as base:
+        down = httpx.get(f"{base}/progress/late-redis/stream", timeout=10)
+        assert down.status_code == 503
+        assert down.headers["retry-after"]
+        with EmbeddedRedis(tmp_path / "redis", port=port, persist=False):
+            with SSELogger("late-redis", kind="job", redis_url=url) as log:
+                log.update(1, 2, "half")
+                log.complete()
+            seen: list[int] = []
+
+            def streams() -> bool:
+                status, lines = read_stream(f"{base}/progress/late-redis/stream", timeout=10)
+                seen.append(status)
+                return status == 200 and len(events_of(lines)) == 2
+
+            wait_for(lambda: f"the stream once Redis listens (answers: {seen})", streams, 15)

@@ -80,7 +80,7 @@ class StreamHub:
         self.queue_size = queue_size
         self.subscribe_timeout = subscribe_timeout
         self.slow_cuts = 0
-        self._last_pong = 0.0
+        self._last_pong = float("-inf")
         self._topics: dict[bytes, Topic] = {}
         # SUBSCRIBEs sent whose confirmation has not come back, per channel.
         self._pending: defaultdict[bytes, int] = defaultdict(int)
@@ -126,8 +126,15 @@ class StreamHub:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._last_pong = asyncio.get_running_loop().time()
-        await self._pubsub.connect()  # type: ignore[no-untyped-call]
+        """Start the hub's tasks. Redis need not answer yet: the host app starts all the
+        same (CONTRACT §9), streams are a 503 with Retry-After until Redis answers, and
+        the subscriber connects when it can (`_listen`)."""
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                await self._pubsub.connect()  # type: ignore[no-untyped-call]
+            self._last_pong = asyncio.get_running_loop().time()
+        except (TimeoutError, redis.RedisError, OSError) as exc:
+            log.warning("Redis does not answer yet (%s): streams wait for it (503)", exc)
         await self.presence.start()
         self._tasks = [
             asyncio.create_task(self._listen(), name="hub-listen"),
@@ -351,6 +358,8 @@ class StreamHub:
         while True:
             raise_if_cancelled()
             try:
+                if self._pubsub.connection is None:  # Redis did not answer at start
+                    await self._pubsub.connect()  # type: ignore[no-untyped-call]
                 message = await self._pubsub.get_message(timeout=None)
             except asyncio.CancelledError:
                 raise
