@@ -82,3 +82,40 @@ def test_a_paused_redis_gets_503s_within_seconds_and_the_first_submit_after_is_a
         print(f"Redis back -> first 202 in {first_202:.2f} s")
     finally:
         stop(api)
+
+
+def test_open_streams_end_with_a_retry_when_redis_is_killed(
+    environment: dict[str, str], account: Account, tmp_path: Path
+) -> None:
+    """CONTRACT §8: with Redis SIGKILLed under the API, an open stream does not idle on
+    heartbeats until its 30-minute timeout: it ends within seconds with a `retry:`, in
+    a complete response, so the client comes back (and polls meanwhile)."""
+    with EmbeddedRedis(tmp_path / "redis", persist=False) as server:
+        api, base = start_api({**environment, "REDIS_URL": server.url}, tmp_path / "api.log")
+        try:
+            video = pending_video(account)
+            lines: list[str] = []
+            with (
+                httpx.Client(timeout=httpx.Timeout(10, read=15)) as client,
+                client.stream(
+                    "GET", f"{base}/api/v1/videos/{video}/stream", headers=account.headers
+                ) as response,
+            ):
+                assert response.status_code == 200
+                stream = response.iter_lines()
+                lines.append(next(stream))  # the opening retry:
+                time.sleep(3)  # the stream is idle, its subscription live
+                assert server.process is not None
+                server.process.kill()
+                killed = time.monotonic()
+                for line in stream:  # ends when the server ends the response
+                    lines.append(line)
+                    if time.monotonic() - killed > 20:  # heartbeats only: it never ends
+                        break
+                ended = time.monotonic() - killed
+        finally:
+            stop(api)
+    retries = [line for line in lines if line.startswith("retry: ")]
+    assert len(retries) == 2, lines
+    assert ended < 10, f"the stream stayed open {ended:.1f} s after Redis died"
+    print(f"stream ended {ended:.2f} s after Redis was killed")

@@ -35,7 +35,14 @@ from kinora.streaming.connect import quick_retry
 from kinora.streaming.frames import RESYNC, Item
 from kinora.streaming.keys import StreamKey
 from kinora.streaming.presence import Presence
-from kinora.streaming.watcher import HISTORY_PAGE, LostNotice, Pacer, Topic, Watcher
+from kinora.streaming.watcher import (
+    HISTORY_PAGE,
+    Drain,
+    LostNotice,
+    Pacer,
+    Topic,
+    Watcher,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,12 @@ PROBE_RECHECK_SECONDS = 0.5
 
 class SubscribeTimeout(RuntimeError):
     pass
+
+
+DRAIN_REASONS: dict[Drain, str] = {
+    "shutdown": "shutting down",
+    "redis": "Redis does not answer",
+}
 
 
 class StreamHub:
@@ -209,17 +222,20 @@ class StreamHub:
             del self._topics[name]
             self._ops.put_nowait(("unsub", name))
 
-    def drain(self) -> int:
-        """End every watcher's stream (the process is shutting down); each client is
-        told to come back, to another process. Returns how many were ended."""
+    def drain(self, why: Drain = "shutdown") -> int:
+        """End every watcher's stream; each client is told to come back: to another
+        process (`shutdown`), or once Redis answers again (`redis`). Returns how many
+        were ended."""
         ended = 0
         for topic in self._topics.values():
             for watcher in topic.watchers:
-                watcher.drained = watcher.expired = True
-                ended += 1
+                if watcher.drained is None:
+                    watcher.drained = why
+                    watcher.expired = True
+                    ended += 1
             topic.wake()
         if ended:
-            log.info("shutting down: %d streams told to reconnect", ended)
+            log.info("%s: %d streams told to reconnect", DRAIN_REASONS[why], ended)
         return ended
 
     async def history(self, key: StreamKey, after: int, limit: int | None = None) -> list[Item]:
@@ -304,9 +320,16 @@ class StreamHub:
             # A cancel that lands inside redis-py's command can be swallowed there; the
             # task still knows it is being cancelled (kinora.streaming.cancellation).
             raise_if_cancelled()
-            with contextlib.suppress(redis.RedisError, OSError):
+            try:
                 await self.redis.ping()
                 self._last_pong = asyncio.get_running_loop().time()
+            except (redis.RedisError, OSError):
+                if not self.redis_reachable:
+                    # Redis refuses or times out, and has not answered anything for
+                    # PROBE_STALE_SECONDS (a busy event loop alone never gets here):
+                    # open streams would only send heartbeats until it is back, so they
+                    # end with a `retry:` now and resume with Last-Event-ID (CONTRACT §8).
+                    self.drain("redis")
             await asyncio.sleep(PROBE_SECONDS)
 
     async def _count_deliveries(self) -> None:

@@ -8,7 +8,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 from kinora.core import metrics
 from kinora.streaming.events import history_lost
@@ -17,6 +17,10 @@ from kinora.streaming.keys import StreamKey
 from kinora.streaming.per_loop import PerLoop
 
 log = logging.getLogger(__name__)
+
+# Why the hub ended every stream: the process is shutting down, or Redis stopped
+# answering.
+Drain = Literal["shutdown", "redis"]
 
 
 class Source(Protocol):
@@ -174,7 +178,9 @@ class Watcher:
         self.last_seq = after
         self.cut = False  # set when it fell too far behind: the client is too slow
         self.expired = False
-        self.drained = False  # set when the process shuts down: the client should reconnect
+        # Set when the hub ends every stream (the process shuts down, Redis stopped
+        # answering): the client should reconnect.
+        self.drained: Drain | None = None
 
     @property
     def backlog(self) -> int:

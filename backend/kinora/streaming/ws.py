@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 import orjson
+import redis
 from fastapi import WebSocket, WebSocketDisconnect
 
 from kinora.core.config import get_settings
@@ -32,6 +33,7 @@ CLOSE_NOT_FOUND = 4404
 CLOSE_PONG_TIMEOUT = 4408
 # "Try again later" (RFC 6455): too far behind, or too many streams open.
 CLOSE_TRY_LATER = 1013
+CLOSE_RESTART = 1012
 
 
 class PongTimeout(Exception):
@@ -79,8 +81,9 @@ async def watch(
                 await websocket.close(1000)
                 return
             await serve(websocket, watcher)
-    except SubscribeTimeout:
-        await websocket.close(1013, reason="no subscription from Redis; reconnect")
+    except (SubscribeTimeout, redis.RedisError) as exc:
+        log.warning("WebSocket of %s ended: Redis unreachable (%s)", key, exc)
+        await websocket.close(CLOSE_TRY_LATER, reason="Redis unreachable: reconnect")
     except WebSocketDisconnect:
         pass
 
@@ -134,5 +137,9 @@ async def serve(websocket: WebSocket, watcher: Watcher) -> None:
         raise error
     elif finished.result():
         await websocket.close(1000)
+    elif watcher.drained == "shutdown":
+        await websocket.close(CLOSE_RESTART, reason="server restarting: reconnect")
+    elif watcher.drained == "redis":
+        await websocket.close(CLOSE_TRY_LATER, reason="Redis unreachable: reconnect")
     else:
         await websocket.close(CLOSE_TRY_LATER, reason="too far behind: reconnect")
