@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import kombu.exceptions
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
+from kinora.api.app import create_app
 from kinora.core.db import session_scope
 from kinora.core.models import CreditEntry, CreditKind, User, Video, VideoStatus
 from kinora.core.tokens import verify_scoped
+from kinora.jobs import dispatch
 from kinora.jobs.lifecycle import content_path
 from tests.utils.accounts import Account, make_account
 from tests.utils.clients import pending_video
@@ -258,3 +262,50 @@ def test_the_openapi_document_describes_the_stream(app: InProcessApi) -> None:
     assert response.status_code == 200
     stream = response.json()["paths"]["/api/v1/videos/{video_id}/stream"]["get"]
     assert "text/event-stream" in stream["responses"]["200"]["content"]
+
+
+def test_a_bug_while_queuing_is_a_500_with_its_trace_not_a_refunded_outage(
+    environment: object, account: Account, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Errors keep their meaning: a broker that is unreachable is a 503 and a refund; a
+    bug (here injected into the queuing call) is a 500 with its trace id and a log
+    line, and the video stays charged and pending, for the sweeper to queue again."""
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise TypeError("a bug in the queuing code")
+
+    monkeypatch.setattr(dispatch, "generate_video", broken)
+    with TestClient(create_app(), raise_server_exceptions=False) as client:
+        response = client.post(
+            "/api/v1/videos/generate", json={"prompt": PROMPT}, headers=account.headers
+        )
+    assert response.status_code == 500, response.text
+    assert response.json()["trace_id"]
+    assert "unreachable" not in response.text
+    assert "a bug in the queuing code" in caplog.text
+    with session_scope() as session:
+        video = session.scalars(select(Video).where(Video.user_id == account.id)).one()
+        assert video.status == VideoStatus.PENDING
+        user = session.get(User, account.id)
+        assert user is not None
+        assert user.credits == 900
+
+
+def test_an_unreachable_broker_is_a_503_and_a_refund(
+    environment: object, account: Account, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise kombu.exceptions.OperationalError("Error 111 connecting to the broker")
+
+    monkeypatch.setattr(dispatch, "generate_video", unreachable)
+    with TestClient(create_app()) as client:
+        response = client.post(
+            "/api/v1/videos/generate", json={"prompt": PROMPT}, headers=account.headers
+        )
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"]
+    with session_scope() as session:
+        user = session.get(User, account.id)
+        assert user is not None
+        assert user.credits == 1000

@@ -5,6 +5,7 @@ is back is accepted."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
 
 from kinora.cli.embedded import EmbeddedRedis
 from tests.utils.accounts import Account
@@ -84,18 +87,37 @@ def test_a_paused_redis_gets_503s_within_seconds_and_the_first_submit_after_is_a
         stop(api)
 
 
+def close_code(ws: ClientConnection, within: float) -> int | None:
+    """The code the server closes `ws` with (its pings read and dropped), or None if it
+    is still open after `within` seconds."""
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        return None
+    except ConnectionClosed as closed:
+        return closed.rcvd.code if closed.rcvd else None
+    return None
+
+
 def test_open_streams_end_with_a_retry_when_redis_is_killed(
     environment: dict[str, str], account: Account, tmp_path: Path
 ) -> None:
     """CONTRACT §8: with Redis SIGKILLed under the API, an open stream does not idle on
     heartbeats until its 30-minute timeout: it ends within seconds with a `retry:`, in
-    a complete response, so the client comes back (and polls meanwhile)."""
+    a complete response, so the client comes back (and polls meanwhile); a WebSocket
+    is closed with 1013 (try again later)."""
     with EmbeddedRedis(tmp_path / "redis", persist=False) as server:
-        api, base = start_api({**environment, "REDIS_URL": server.url}, tmp_path / "api.log")
+        # WebSocket pings at their defaults: the test's client does not answer them.
+        env = environment | {"WS_PING_SECONDS": "30", "WS_PONG_TIMEOUT_SECONDS": "60"}
+        api, base = start_api(env | {"REDIS_URL": server.url}, tmp_path / "api.log")
         try:
             video = pending_video(account)
             lines: list[str] = []
+            ws_url = f"ws{base[4:]}/api/v1/projects/{video}/progress?token={account.token}"
             with (
+                connect(ws_url, open_timeout=10) as ws,
                 httpx.Client(timeout=httpx.Timeout(10, read=15)) as client,
                 client.stream(
                     "GET", f"{base}/api/v1/videos/{video}/stream", headers=account.headers
@@ -104,7 +126,8 @@ def test_open_streams_end_with_a_retry_when_redis_is_killed(
                 assert response.status_code == 200
                 stream = response.iter_lines()
                 lines.append(next(stream))  # the opening retry:
-                time.sleep(3)  # the stream is idle, its subscription live
+                said = [json.loads(ws.recv(timeout=10))["event"] for _ in range(2)]
+                time.sleep(3)  # both idle, their subscription live
                 assert server.process is not None
                 server.process.kill()
                 killed = time.monotonic()
@@ -113,9 +136,12 @@ def test_open_streams_end_with_a_retry_when_redis_is_killed(
                     if time.monotonic() - killed > 20:  # heartbeats only: it never ends
                         break
                 ended = time.monotonic() - killed
+                code = close_code(ws, within=10)
         finally:
             stop(api)
+    assert said == ["connected", "initial_state"]
     retries = [line for line in lines if line.startswith("retry: ")]
     assert len(retries) == 2, lines
     assert ended < 10, f"the stream stayed open {ended:.1f} s after Redis died"
+    assert code == 1013
     print(f"stream ended {ended:.2f} s after Redis was killed")

@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import anyio
+import kombu.exceptions
 import redis
 import redis.asyncio as aioredis
 
@@ -117,7 +118,11 @@ async def start(client: aioredis.Redis, submitted: Submitted) -> None:
             trace_id=logs.current_trace_id(),
             task_id=submitted.task_id,
         )
-    except Exception as exc:
+    except (redis.RedisError, kombu.exceptions.OperationalError, OSError) as exc:
+        # The event store or the broker is unreachable: the video is refunded and the
+        # caller told to try again (503). Anything else is a bug: it propagates (a 500
+        # with its trace id and a log line); the video stays pending and charged, and
+        # the sweeper queues it again.
         log.exception("could not queue video %s", submitted.video_id)
         video = await in_thread(_fail_unqueued, submitted.video_id, str(exc))
         await publish_end(client, video, "failed", "the job queue is unreachable")

@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from typing import cast
 
+import redis
 import redis.asyncio as aioredis
 
 from kinora.streaming.cancellation import raise_if_cancelled
@@ -92,10 +93,10 @@ class Presence:
                     # its data (restarted empty, failed over) learns them back.
                     self._dirty |= set(self.counts)
                 await self._flush()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
+            except (redis.RedisError, OSError) as exc:
                 log.warning("presence not written to Redis (%s); trying again", exc)
+            except Exception:  # a bug: shown with its trace, and presence goes on
+                log.exception("presence not written to Redis; trying again")
             ticks += 1
             await asyncio.sleep(FLUSH_SECONDS)
 

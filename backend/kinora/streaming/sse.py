@@ -162,8 +162,10 @@ class EventStream(StreamingResponse):
             # Cut by `end`: the response returns unfinished.
         finally:
             # The body's cleanup (the hub's watcher let go), if it was stopped at a yield.
-            with contextlib.suppress(Exception):
+            try:
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("a stream's cleanup failed")
 
     async def _write(self, message: Message) -> None:
         assert self.send is not None
@@ -173,9 +175,11 @@ class EventStream(StreamingResponse):
         self.sending_since = 0.0
 
     async def _listen(self, receive: Receive) -> None:
-        with contextlib.suppress(Exception):
+        try:
             while (await receive())["type"] != "http.disconnect":
                 pass
+        except Exception as exc:  # the server could not read: the client is gone
+            log.info("a stream's connection could not be read (%r): ending it", exc)
         self.end("the client disconnected")
 
     def end(self, why: str) -> None:
@@ -186,7 +190,9 @@ class EventStream(StreamingResponse):
             self.task.cancel()
 
     async def _ping(self) -> None:
-        with contextlib.suppress(Exception):
+        # A client gone mid-write (uvicorn's ClientDisconnected is an OSError): its
+        # listener ends the stream.
+        with contextlib.suppress(OSError):
             await self._write({"type": "http.response.body", "body": PING, "more_body": True})
 
 
