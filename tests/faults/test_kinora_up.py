@@ -230,3 +230,40 @@ def _healthy(base: str) -> bool:
         return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_kinora_up_owns_its_children_whatever_ends_it(tmp_path: Path) -> None:
+    """CONTRACT §8: a second `kinora up` on the same var dir refuses to start while the
+    first holds it, naming its pid; a SIGKILL of `kinora up` takes its API, workers and
+    embedded Redis with it (each runs in a session of its own, out of reach of a group
+    kill); a closed terminal (SIGHUP) stops the stack cleanly; and the var dir is free
+    again for a new `kinora up` either way."""
+    first = Up(tmp_path, free_port())
+    first.token()
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "kinora", "up", "--port", str(free_port())],
+            cwd=tmp_path, env=up_env(), capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"another kinora up (pid {first.process.pid})" in second.stderr
+        family = psutil.Process(first.process.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in family)
+        assert all(part in names for part in ("redis-server", "api", "worker", "--webhooks"))
+        first.process.kill()  # SIGKILL: no chance to stop anything itself
+        _, alive = psutil.wait_procs(family, timeout=20)
+        assert alive == [], [p.cmdline() for p in alive]
+    finally:
+        first.stop()
+
+    again = Up(tmp_path, free_port())  # the same var: its lock and its port are free
+    again.token()
+    family = psutil.Process(again.process.pid).children(recursive=True)
+    again.process.send_signal(signal.SIGHUP)
+    try:
+        assert again.process.wait(15) == 0, again.text()
+    finally:
+        again.stop()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == [], [p.cmdline() for p in alive]

