@@ -68,7 +68,7 @@ def trial(cluster: Cluster, fault: str, n: int) -> dict[str, Any]:
         for process in pool:
             process.kill()
     else:
-        cluster.kill(name)
+        cluster.kill(name, stay_down=True)  # until it is started again below
     killed = time.monotonic()
     while len(watcher.events) == seen and time.monotonic() < killed + 120:
         time.sleep(0.05)

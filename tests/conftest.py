@@ -8,12 +8,15 @@ or the logger directly use video ids far above any the stack creates.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -30,6 +33,38 @@ from tests.utils.settings import FAST, reset_caches
 # The tests read what tasks returned (a duplicate delivery's "skipped"); the API's own
 # processes do not keep results.
 dispatch.keep_results()
+
+# Every process this run starts inherits this mark (subprocesses take os.environ): at
+# the end, any still alive was left behind by a test, and fails the run.
+RUN_MARK = "KINORA_TEST_RUN"
+os.environ.setdefault(RUN_MARK, f"{os.getpid()}-{time.time_ns()}")
+
+
+def left_behind() -> list[psutil.Process]:
+    """The processes this run started that are still alive (but pytest itself)."""
+    mark, found = os.environ[RUN_MARK], []
+    for process in psutil.process_iter():
+        if process.pid == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if process.environ().get(RUN_MARK) == mark:
+                found.append(process)
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test stops every process it starts: none may outlive the run (a stray worker
+    would take the next run's jobs, or hold its ports)."""
+    _, alive = psutil.wait_procs(left_behind(), timeout=10)  # a few may be still stopping
+    if not alive:
+        return
+    names = [f"{p.pid}: {' '.join(p.cmdline())[:160]}" for p in alive if p.is_running()]
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    if names:
+        print("\nprocesses left behind by the tests (now killed):\n  " + "\n  ".join(names))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

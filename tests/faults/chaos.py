@@ -130,6 +130,7 @@ class Cluster:
         # A process that exits by itself is started again, as `kinora up`, compose's
         # `restart: unless-stopped` or systemd would; each such restart is counted.
         self.lock = threading.RLock()
+        self.down: set[str] = set()  # stopped on purpose: not started again by itself
         self.crashes: list[str] = []
         self._stopping = threading.Event()
         for name in self.commands:
@@ -141,11 +142,23 @@ class Cluster:
         while not self._stopping.wait(0.5):
             with self.lock:
                 for name, process in self.processes.items():
+                    if name in self.down:
+                        continue
                     if process.poll() is not None and not self._stopping.is_set():
                         self.crashes.append(f"{name} exited with {process.returncode}")
                         self.start(name)
 
     def start(self, name: str) -> None:
+        """Start `name`, unless a copy of it runs already: never two (a copy nobody
+        holds would outlive the cluster)."""
+        with self.lock:
+            self.down.discard(name)
+            running = self.processes.get(name)
+            if running is not None and running.poll() is None:
+                return
+            self._spawn(name)
+
+    def _spawn(self, name: str) -> None:
         with (self.logs / f"{name}.log").open("ab") as out:
             self.processes[name] = subprocess.Popen(
                 [sys.executable, "-m", "kinora", *self.commands[name]],
@@ -163,7 +176,11 @@ class Cluster:
             time.sleep(pause)
             self.start(name)
 
-    def kill(self, name: str) -> None:
+    def kill(self, name: str, *, stay_down: bool = False) -> None:
+        """SIGKILL `name`'s process group; with `stay_down`, it is not started again
+        until `start(name)`."""
+        if stay_down:
+            self.down.add(name)
         process = self.processes[name]
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,22 @@ def video_state(base: str, token: str, video: int) -> dict[str, Any]:
     return body
 
 
+def seen(up: Up, token: str, video: int) -> str:
+    """What a wait for a video to complete saw when it gave up: the video's state, its
+    last events, and which of the stack's processes still run."""
+    try:
+        state = video_state(up.base, token, video)
+    except (httpx.HTTPError, AssertionError) as exc:
+        return f"video {video}: unknown (the API: {exc!r}); up alive: {up.process.poll() is None}"
+    said = [f"{e['seq']}:{e['message']}" for e in state["logs"][-5:]]
+    parts = [" ".join(p.cmdline()[2:4]) for p in psutil.Process(up.process.pid).children()]
+    return (
+        f"video {video} to complete: it is {state['status']} at {state['progress']}% "
+        f"(error: {state['error_message']}); "
+        f"last events {said}; kinora up's children {parts}"
+    )
+
+
 def wait_running(base: str, token: str, video: int) -> None:
     """Until the video's model job runs (step 4, progress 15)."""
     wait_for(
@@ -159,7 +176,7 @@ def test_a_restart_on_the_same_var_loses_nothing_and_pays_nothing_twice(tmp_path
         for video in (running, queued):
             try:
                 wait_for(
-                    f"video {video} to complete",
+                    partial(seen, again, token, video),
                     lambda v=video: video_state(again.base, token, v)["status"] == "completed",
                     timeout=90,
                 )
