@@ -171,6 +171,11 @@ def test_a_retry_shows_its_real_countdown_then_goes_on(
     )
     text = page.inner_text("#error-box")
     assert "attempt 1 of 4 failed" in text
+    assert "(server_error)" not in text  # words, not the raw code
+    # A retry is not a final failure: it does not look like one.
+    assert page.get_attribute("#error-box", "data-kind") == "retrying"
+    colour = page.eval_on_selector("#error-box", "e => getComputedStyle(e).backgroundColor")
+    assert colour != "rgb(45, 23, 24)"  # the final failure's red
     screenshot(page, tmp_path, "retrying.png")
     page.wait_for_selector("#connection[data-state='done']", timeout=60_000)
     assert not page.is_visible("#error-box")  # the retry went through
@@ -185,6 +190,9 @@ def test_the_page_fits_a_phone_with_a_video_open(
     page.wait_for_selector("#videos li.empty")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     generate(page, "A very long prompt " + "without-any-break-in-it-at-all-" * 6)
+    # The progress card, below the form on a phone, is brought into view.
+    top = page.eval_on_selector("#detail", "e => e.getBoundingClientRect().top")
+    assert 0 <= top < 844 * 0.6, top
     page.wait_for_function("document.querySelectorAll('#log li').length >= 6")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     screenshot(page, tmp_path, "phone.png")
@@ -194,15 +202,47 @@ def test_the_page_fits_a_phone_with_a_video_open(
 
 
 def test_the_api_docs_work_offline(browser: Browser, api: Api) -> None:
-    """This browser reaches nothing but the server (a closed network): /docs must not
-    need a CDN."""
+    """This browser reaches nothing but the server (a closed network): /docs and /redoc
+    must not need a CDN (ReDoc's sidebar logo came from one), and no page asks for
+    something the server does not have (/favicon.ico was a 404 on every page)."""
     page = browser.new_page()
     page.set_default_timeout(30_000)
     outside: list[str] = []
+    missing: list[str] = []
     page.on("request", lambda r: None if r.url.startswith(api.base) else outside.append(r.url))
+    page.on("response", lambda r: missing.append(r.url) if r.status >= 400 else None)
     page.goto(f"{api.base}/docs")
     page.wait_for_selector(".swagger-ui .info .title")
     assert page.inner_text(".swagger-ui .info .title").startswith("Kinora")
     page.wait_for_selector("[data-path='/api/v1/videos/generate']")
+    page.goto(f"{api.base}/redoc")
+    page.wait_for_selector("h1:has-text('Kinora')")
+    page.wait_for_selector("text=/api/v1/videos/generate")
+    page.goto(f"{api.base}/")
+    page.wait_for_selector("#sign-in:not([hidden])")
+    page.wait_for_timeout(500)  # a favicon is asked for after the page loaded
     assert outside == []
+    assert missing == []
+    favicon = httpx.get(f"{api.base}/favicon.ico", timeout=10)
+    assert favicon.status_code == 200
+    assert favicon.headers["content-type"].startswith("image/")
+    page.close()
+
+
+@pytest.mark.parametrize("width", [1200, 390])
+def test_the_format_choice_is_never_cut(browser: Browser, api: Api, width: int) -> None:
+    """ "Landscape 16:9" was shown as "Landscape 16:" on desktop and phone: each choice's
+    text fits its select, beside the arrow."""
+    page = open_page(browser, api, make_account(), width=width)
+    room = page.eval_on_selector(
+        "#size",
+        """s => { const style = getComputedStyle(s);
+                  const pen = document.createElement('canvas').getContext('2d');
+                  pen.font = style.font;
+                  const sizes = [...s.options].map(o => pen.measureText(o.text).width);
+                  const widest = Math.max(...sizes);
+                  const inside = s.clientWidth - parseFloat(style.paddingLeft) - 20;
+                  return inside - widest; }""",
+    )
+    assert room >= 0, f"the widest choice is {-room:.0f} px too wide at {width} px"
     page.close()

@@ -116,6 +116,7 @@ async function onGenerate(event) {
     const created = await response.json();
     $("prompt").value = "";
     await select(created.video_id);
+    reveal($("detail"));
     loadVideos();
   } catch (error) {
     if (error.message !== "unauthorized") {
@@ -126,6 +127,12 @@ async function onGenerate(event) {
     submitting = false;
     button.disabled = false;
   }
+}
+
+// On a phone the progress card sits below the form: bring it into view after Generate.
+function reveal(element) {
+  const top = element.getBoundingClientRect().top;
+  if (top < 0 || top > window.innerHeight * 0.6) element.scrollIntoView({ block: "start" });
 }
 
 // -- watching one video ---------------------------------------------------------------------
@@ -231,25 +238,27 @@ function finish(video) {
   loadVideos();
 }
 
-function showError(text) {
+function showError(text, kind = "failed") {
   if (current) {
     clearInterval(current.countdown);
     current.countdown = null;
   }
   $("error-box").textContent = text || "";
+  $("error-box").dataset.kind = kind;
   $("error-box").hidden = !text;
 }
 
-// A retry's real wait, counted down (the error event says how long it is).
+// A retry is not a failure: an amber note with its attempt and its real wait, counted
+// down (the error event says how long it is), in words rather than the raw error code.
 function showRetry(event) {
   const attempt = `attempt ${event.retry_count + 1} of ${event.max_retries + 1} failed`;
   const until = Date.now() + 1000 * (event.retry_in_seconds || 0);
   const draw = () => {
     const left = Math.max(0, Math.ceil((until - Date.now()) / 1000));
-    $("error-box").textContent = `${event.message} (${event.error_code}): ${attempt}, ` +
+    $("error-box").textContent = `Trying again: ${event.message} — ${attempt}, ` +
       (left ? `retrying in ${left} s` : "retrying now");
   };
-  showError(" ");
+  showError(" ", "retrying");
   draw();
   current.countdown = setInterval(draw, 1000);
 }
