@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kinora.api.recent import RecentVideos
+from kinora.api.recent import RecentVideos, Viewable
 from kinora.core.models import Video
 
 
@@ -19,25 +19,25 @@ class CountingLoader:
         self.fail = fail
         self.lock = threading.Lock()
 
-    def __call__(self, video_id: int) -> Video | None:
+    def __call__(self, video_id: int) -> Viewable | None:
         with self.lock:
             self.calls.append(video_id)
         time.sleep(0.05)  # a database round trip, slowed: requests pile up meanwhile
         if self.fail:
             raise ConnectionError("the database went away")
-        return Video(id=video_id, user_id=7, prompt="p", cost=0, task_id="t")
+        return Viewable(Video(id=video_id, user_id=7, prompt="p", cost=0, task_id="t"), 0)
 
 
 def test_a_thousand_requests_for_ten_videos_read_each_video_once() -> None:
     loader = CountingLoader()
     recent = RecentVideos(ttl=5.0, loader=loader)
 
-    async def main() -> list[Video | None]:
+    async def main() -> list[Viewable | None]:
         return await asyncio.gather(*(recent.get(n % 10 + 1) for n in range(1000)))
 
     videos = asyncio.run(main())
     assert sorted(loader.calls) == list(range(1, 11))
-    assert [v.id for v in videos if v is not None] == [n % 10 + 1 for n in range(1000)]
+    assert [v.video.id for v in videos if v is not None] == [n % 10 + 1 for n in range(1000)]
 
 
 def test_a_read_older_than_its_ttl_is_read_again() -> None:
@@ -79,7 +79,7 @@ def test_a_waiter_that_goes_away_does_not_cancel_the_others_read() -> None:
         leaving.cancel()
         video = await staying
         assert video is not None
-        assert video.id == 3
+        assert video.video.id == 3
         with pytest.raises(asyncio.CancelledError):
             await leaving
 

@@ -37,7 +37,7 @@ def test_stream_carries_every_step_and_the_video_plays(stack: Stack, account: Ac
     created = submit(stack, account, "A lighthouse in a storm, waves crashing")
     assert created["status"] == "pending"
     assert created["credits_remaining"] == 900
-    assert "token=kvs1." in created["stream_url"]  # a scoped token, never the API token
+    assert "token=kvs2." in created["stream_url"]  # a scoped token, never the API token
     assert account.token not in created["stream_url"]
 
     status, lines = read_stream(created["stream_url"])

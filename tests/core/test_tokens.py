@@ -36,11 +36,14 @@ def test_a_scoped_token_opens_one_video_for_one_user_until_it_expires(
     token = sign_scoped(video_id=7, user_id=3)
     assert verify_scoped(token, 7) == 3
     assert verify_scoped(token, 8) is None  # another video
-    prefix, video, user, expires, signature = token.split(".")
+    prefix, video, user, issued, expires, signature = token.split(".")
     assert int(expires) == pytest.approx(time.time() + 3600, abs=5)  # 1 h by default
-    assert verify_scoped(".".join([prefix, video, "4", expires, signature]), 7) is None
+    assert int(issued) == pytest.approx(time.time() * 1000, abs=5000)
+    assert verify_scoped(".".join([prefix, video, "4", issued, expires, signature]), 7) is None
     later = str(int(expires) + 3600)
-    assert verify_scoped(".".join([prefix, video, user, later, signature]), 7) is None
+    assert verify_scoped(".".join([prefix, video, user, issued, later, signature]), 7) is None
+    newer = str(int(issued) + 60_000)  # as if signed after a revocation
+    assert verify_scoped(".".join([prefix, video, user, newer, expires, signature]), 7) is None
     assert verify_scoped(sign_scoped(7, 3, ttl_seconds=-1), 7) is None  # expired
 
 

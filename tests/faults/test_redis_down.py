@@ -14,12 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.sync.client import connect
 
 from kinora.cli.embedded import EmbeddedRedis
 from tests.utils.accounts import Account
-from tests.utils.clients import pending_video
+from tests.utils.clients import close_code, pending_video
 from tests.utils.processes import start_api, stop, wait_for
 
 pytestmark = pytest.mark.slow
@@ -85,20 +84,6 @@ def test_a_paused_redis_gets_503s_within_seconds_and_the_first_submit_after_is_a
         print(f"Redis back -> first 202 in {first_202:.2f} s")
     finally:
         stop(api)
-
-
-def close_code(ws: ClientConnection, within: float) -> int | None:
-    """The code the server closes `ws` with (its pings read and dropped), or None if it
-    is still open after `within` seconds."""
-    deadline = time.monotonic() + within
-    try:
-        while time.monotonic() < deadline:
-            ws.recv(timeout=max(0.1, deadline - time.monotonic()))
-    except TimeoutError:
-        return None
-    except ConnectionClosed as closed:
-        return closed.rcvd.code if closed.rcvd else None
-    return None
 
 
 def test_open_streams_end_with_a_retry_when_redis_is_killed(

@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 import httpx
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 
 from tests.utils.accounts import Account
 from tests.utils.processes import Stack
@@ -160,3 +162,17 @@ def pending_video(account: Account, prompt: str = "A red kite flying over green 
             session, user, prompt=prompt, parameters={}, cost=0, task_id="never-queued"
         )
     return video.id
+
+
+def close_code(ws: ClientConnection, within: float) -> int | None:
+    """The code the server closes `ws` with (its pings read and dropped), or None if it
+    is still open after `within` seconds."""
+    deadline = time.monotonic() + within
+    try:
+        while time.monotonic() < deadline:
+            ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+    except TimeoutError:
+        return None
+    except ConnectionClosed as closed:
+        return closed.rcvd.code if closed.rcvd else None
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -21,7 +23,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from kinora import __version__
-from kinora.api import ops, stream, videos, ws
+from kinora.api import ops, stream, tokens, videos, ws
+from kinora.api.grants import Grants
 from kinora.api.middleware import (
     TRACE_HEADER,
     TRACE_STATE,
@@ -30,6 +33,7 @@ from kinora.api.middleware import (
 )
 from kinora.api.quota import StreamQuota
 from kinora.api.recent import RecentVideos
+from kinora.api.urls import FreshEnds
 from kinora.core import logs
 from kinora.core.config import get_settings
 from kinora.streaming.router import hub_for, script_response
@@ -46,8 +50,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with hub_for(app, settings.required_redis_url):
         app.state.quota = StreamQuota(settings.max_streams_per_user)
         app.state.recent_videos = RecentVideos()
+        app.state.fresh_ends = FreshEnds()
+        app.state.grants = Grants()
+        patrol = asyncio.create_task(app.state.grants.patrol(), name="token-revocations")
         tune_gc()
-        yield
+        try:
+            yield
+        finally:
+            patrol.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await patrol
 
 
 def tune_gc() -> None:
@@ -165,6 +177,7 @@ def create_app() -> FastAPI:
     app.include_router(ops.router)
     app.include_router(videos.router)
     app.include_router(videos.secrets_router)
+    app.include_router(tokens.router)
     app.include_router(stream.router)
     app.include_router(ws.router)
     # The browser module of any progress_router, at the address the page imports.

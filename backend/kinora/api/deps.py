@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from kinora.core.config import Settings, get_settings
 from kinora.core.db import get_sessionmaker, session_scope
 from kinora.core.models import User, Video
-from kinora.core.tokens import is_scoped, verify_scoped
+from kinora.core.tokens import Scope, is_scoped, scope_of
 from kinora.jobs import accounts
 from kinora.streaming.hub import StreamHub
 
@@ -102,11 +102,16 @@ def watcher_video(
     session: Session, video_id: int, header_token: str | None, query_token: str | None
 ) -> Video:
     """Authorize a stream or content request: an API token (header or `?token=`) or a
-    token scoped to this one video (`?token=`)."""
+    token scoped to this one video (`?token=`), unless the user rotated their API token
+    after it was signed (CONTRACT §8: a URL signed before a revocation stops working)."""
     token = watcher_token(header_token, query_token)
-    scoped = is_scoped(token)
-    user_id = scoped_user(token, video_id) if scoped else user_by_token(session, token).id
-    return owned_video(session, video_id, user_id)
+    if not is_scoped(token):
+        return owned_video(session, video_id, user_by_token(session, token).id)
+    scope = scoped(token, video_id)
+    video = owned_video(session, video_id, scope.user_id)
+    if scope.issued_ms < video.user.revoked_before_ms:
+        raise revoked_link()
+    return video
 
 
 def watcher_token(header_token: str | None, query_token: str | None) -> str:
@@ -116,10 +121,17 @@ def watcher_token(header_token: str | None, query_token: str | None) -> str:
     return token
 
 
-def scoped_user(token: str, video_id: int) -> int:
-    """The user a token scoped to `video_id` speaks for (its signature says so: no
-    database needed); 401 when it is forged, expired, or for another video."""
-    user_id = verify_scoped(token, video_id)
-    if user_id is None:
+def scoped(token: str, video_id: int) -> Scope:
+    """What a token scoped to `video_id` says (its signature: no database needed); 401
+    when it is forged, expired, or for another video."""
+    scope = scope_of(token, video_id)
+    if scope is None:
         raise unauthorized("invalid or expired video token: fetch the video again for a new URL")
-    return user_id
+    return scope
+
+
+def revoked_link() -> HTTPException:
+    return unauthorized(
+        "this video link was revoked (its owner's API token was rotated): "
+        "fetch the video again for a new URL"
+    )

@@ -8,37 +8,55 @@ that video. One read per video (in one thread call) serves every request for it 
 arrives while it runs or within `ttl` seconds after: a reconnect storm of ten
 thousand clients of ten videos costs a few reads, not ten thousand, each a thread.
 
-A state up to `ttl` old is safe for a stream: ownership never changes, and a video
-that ended meanwhile has its `complete` in the history the stream replays.
+A state up to `ttl` old is safe for a stream: ownership never changes, a video that
+ended meanwhile has its `complete` in the history the stream replays, and a revocation
+reaches a stream opened in that second within seconds all the same (api.grants).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
 
 from kinora.core.db import session_scope
-from kinora.core.models import Video
+from kinora.core.models import User, Video
 
 
-def load(video_id: int) -> Video | None:
+@dataclass(frozen=True, slots=True)
+class Viewable:
+    """A video, and the instant before which its owner's scoped tokens are revoked."""
+
+    video: Video
+    revoked_before_ms: int
+
+
+def load(video_id: int) -> Viewable | None:
     with session_scope() as session:
-        video = session.get(Video, video_id)
-        if video is not None:
-            session.expunge(video)  # read-only from here, shared by the requests
-        return video
+        row = session.execute(
+            select(Video, User.tokens_valid_after)
+            .join(User, User.id == Video.user_id)
+            .where(Video.id == video_id)
+        ).first()
+        if row is None:
+            return None
+        video, valid_after = row
+        session.expunge(video)  # read-only from here, shared by the requests
+        revoked = 0 if valid_after is None else int(valid_after.timestamp() * 1000)
+        return Viewable(video, revoked)
 
 
 class RecentVideos:
-    def __init__(self, ttl: float = 1.0, loader: Callable[[int], Video | None] = load) -> None:
+    def __init__(self, ttl: float = 1.0, loader: Callable[[int], Viewable | None] = load) -> None:
         self.ttl = ttl
         self.loader = loader
         self.reads = 0  # database reads made (the rest were shared)
-        self._entries: dict[int, tuple[float, asyncio.Future[Video | None]]] = {}
+        self._entries: dict[int, tuple[float, asyncio.Future[Viewable | None]]] = {}
 
-    async def get(self, video_id: int) -> Video | None:
+    async def get(self, video_id: int) -> Viewable | None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         entry = self._entries.get(video_id)

@@ -8,8 +8,10 @@ Each event's SSE frame is built once by the hub and passed through unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import cast
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
 
 import redis
 from fastapi import APIRouter, Request, Response, status
@@ -21,25 +23,32 @@ from kinora.api.deps import (
     SettingsDep,
     VideoId,
     not_found,
-    scoped_user,
+    revoked_link,
+    scoped,
     watcher_token,
     watcher_video,
 )
 from kinora.api.middleware import TRACE_HEADER
-from kinora.api.quota import StreamQuota
 from kinora.api.recent import RecentVideos
 from kinora.api.urls import content_url
 from kinora.core import logs
 from kinora.core.config import Settings
 from kinora.core.db import session_scope
 from kinora.core.models import TERMINAL_STATUSES, Video, utcnow
-from kinora.core.tokens import is_scoped
+from kinora.core.tokens import is_scoped, now_ms
 from kinora.jobs import event_floor
 from kinora.streaming import keys
+from kinora.streaming.access import Access
 from kinora.streaming.events import Outcome, ending, history_lost, publish_async, terminal_event
 from kinora.streaming.frames import Item
 from kinora.streaming.hub import StreamHub
-from kinora.streaming.sse import EventStream, event_response, frames, parse_last_event_id
+from kinora.streaming.sse import (
+    EventStream,
+    Finish,
+    event_response,
+    frames,
+    parse_last_event_id,
+)
 from kinora.streaming.watcher import LostNotice, resume_point
 
 log = logging.getLogger(__name__)
@@ -49,26 +58,52 @@ SHUTDOWN_GRACE_SECONDS = 2.0
 router = APIRouter(prefix="/api/v1/videos", tags=["stream"])
 
 
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """Who opened a stream, with which token."""
+
+    video: Video
+    scoped: bool  # a video's scoped token (a shared link), not the user's API token
+    issued_ms: int  # the scoped token's signing, or the API-token stream's opening
+    expires: float | None  # a scoped token's expiry (epoch seconds)
+
+    @property
+    def holder(self) -> int | None:
+        """Whose stream counts against the cap (api.quota): the user, when they watch
+        with their API token; no one for a shared link (any audience)."""
+        return None if self.scoped else self.video.user_id
+
+    def access(self) -> Access:
+        return Access(self.expires)
+
+    @contextmanager
+    def lease(self, state: Any, access: Access) -> Iterator[None]:
+        """While the stream runs: one of its holder's streams, and revoked with the
+        token it was opened with."""
+        with (
+            state.quota.held(self.holder),
+            state.grants.held(self.video.user_id, self.issued_ms, access),
+        ):
+            yield
+
+
 async def authorize(
     recent: RecentVideos, video_id: int, header: str | None, query: str | None
-) -> Video:
+) -> Pass:
     """The video, if the token (API or scoped to it) may watch it; else 401/404. A
     scoped token's video comes from `recent` (shared by the requests of a reconnect
     storm); an API token is looked up in the database."""
     token = watcher_token(header, query)
     if not is_scoped(token):
-        return await run_in_threadpool(_authorize, video_id, header, query)
-    user_id = scoped_user(token, video_id)
-    video = await recent.get(video_id)
-    if video is None or video.user_id != user_id:
+        video = await run_in_threadpool(_authorize, video_id, header, query)
+        return Pass(video, scoped=False, issued_ms=now_ms(), expires=None)
+    scope = scoped(token, video_id)
+    viewable = await recent.get(video_id)
+    if viewable is None or viewable.video.user_id != scope.user_id:
         raise not_found(video_id)
-    return video
-
-
-def stream_holder(video: Video, header: str | None, query: str | None) -> int | None:
-    """Whose stream counts against the cap: the user, when they watch with their API
-    token; no one, when the token is scoped to the video (a shared link, any audience)."""
-    return None if is_scoped(watcher_token(header, query)) else video.user_id
+    if scope.issued_ms < viewable.revoked_before_ms:
+        raise revoked_link()
+    return Pass(viewable.video, scoped=True, issued_ms=scope.issued_ms, expires=scope.expires)
 
 
 def _authorize(video_id: int, header: str | None, query: str | None) -> Video:
@@ -86,6 +121,7 @@ async def ended_frames(
     retry_ms: int,
     lost: LostNotice,
     url: str | None,
+    finish: Finish,
 ) -> AsyncIterator[bytes]:
     """An ended video's events after `after`, a page at a time, and always its end: the
     `complete` from history, or rebuilt from the database (at the seq the database
@@ -101,6 +137,8 @@ async def ended_frames(
             yield Item(await lost(after, resume), resume, "log").sse
             seen = max(seen, resume)
         while history:
+            if history[-1].terminal:  # its video_url signed now, not when published
+                history = [*history[:-1], finish(history[-1])]
             yield b"".join(item.sse for item in history)
             seen = history[-1].seq
             if history[-1].terminal or len(history) < hub.history_page:
@@ -194,46 +232,42 @@ async def stream_video(
     then the live events, ending after `complete`."""
     after = parse_last_event_id(request.headers.get("last-event-id", last_event_id))
     header = credentials.credentials if credentials else None
-    video = await authorize(request.app.state.recent_videos, video_id, header, token)
+    granted = await authorize(request.app.state.recent_videos, video_id, header, token)
+    video = granted.video
     if not await hub.reachable():
         raise redis.ConnectionError("Redis has not answered the hub's pings")  # a 503
-    holder = stream_holder(video, header, token)
-    request.app.state.quota.check(holder)
+    request.app.state.quota.check(granted.holder)
     key = keys.video(video_id)
     lost = lost_notice(video_id)
     url = content_url(request, video)
+    finish = request.app.state.fresh_ends.finisher(request, video)
+    access = granted.access()
     if video.status.is_terminal:
         end = await find_end(hub, video, url)
         if end is not None and after >= end:
             # The client has the `complete` event: EventSource stops on a 204.
             return Response(status_code=status.HTTP_204_NO_CONTENT)
         if end is not None:
-            body = ended_frames(hub, video, after, end, settings.sse_retry_ms, lost, url)
-            return event_stream(body, request, settings, holder)
-    return event_stream(
-        frames(
-            hub,
-            key,
-            after,
-            settings.sse_retry_ms,
-            settings.sse_timeout_seconds,
-            floor=video.last_seq,
-            lost=lost,
-        ),
-        request,
-        settings,
-        holder,
-    )
+            body = ended_frames(hub, video, after, end, settings.sse_retry_ms, lost, url, finish)
+            return event_stream(body, request, settings, granted, access)
+    body = frames(
+        hub, key, after, settings.sse_retry_ms, settings.sse_timeout_seconds,
+        floor=video.last_seq, lost=lost, access=access, finish=finish,
+    )  # fmt: skip
+    return event_stream(body, request, settings, granted, access)
 
 
 def event_stream(
-    body: AsyncIterator[bytes], request: Request, settings: Settings, holder: int | None
+    body: AsyncIterator[bytes],
+    request: Request,
+    settings: Settings,
+    granted: Pass,
+    access: Access,
 ) -> Response:
-    quota: StreamQuota = request.app.state.quota
     return event_response(
         body,
         settings,
         shutdown=request.app.state.shutdown,
         headers={TRACE_HEADER: logs.current_trace_id() or ""},
-        lease=quota.held(holder),  # one of the user's streams while it runs
+        lease=granted.lease(request.app.state, access),  # while the stream runs
     )

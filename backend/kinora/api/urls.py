@@ -3,13 +3,18 @@ public scheme and host behind a proxy), each with a token scoped to its one vide
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Literal
 
+import orjson
 from fastapi import Request
+from starlette.requests import HTTPConnection
 
 from kinora.core.models import Video, VideoStatus
 from kinora.core.tokens import sign_scoped
 from kinora.jobs.lifecycle import content_path
+from kinora.streaming.frames import Item
 
 
 def stream_url(request: Request, video_id: int, user_id: int) -> str:
@@ -25,3 +30,41 @@ def content_url(
     if video.status != VideoStatus.COMPLETED:
         return None
     return str(request.base_url).rstrip("/") + content_path(video.id, video.user_id, what)
+
+
+class FreshEnds:
+    """A video's `complete` event as it is sent, its `video_url` signed then (CONTRACT
+    §8): the history keeps an event for 24 h, its token lives an hour. One signing serves
+    every stream that sends the same end on the same host within a minute (ten thousand
+    watchers of a video end together)."""
+
+    TTL_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._signed: dict[tuple[int, int, str], tuple[float, Item]] = {}
+
+    def finisher(self, connection: HTTPConnection, video: Video) -> Callable[[Item], Item]:
+        base = str(connection.base_url).rstrip("/")
+        if base.startswith("ws"):  # a WebSocket's: the video is fetched over http(s)
+            base = "http" + base[2:]
+
+        def finish(item: Item) -> Item:
+            return self.get(base, video, item)
+
+        return finish
+
+    def get(self, base: str, video: Video, item: Item) -> Item:
+        now = time.monotonic()
+        key = (video.id, item.seq, base)
+        cached = self._signed.get(key)
+        if cached is not None and now - cached[0] < self.TTL_SECONDS:
+            return cached[1]
+        event = item.event
+        if event.get("status") != "completed" or "video_url" not in event:
+            return item
+        event["video_url"] = base + content_path(video.id, video.user_id)
+        fresh = Item(orjson.dumps(event), item.seq, item.type)
+        if len(self._signed) > 4096:
+            self._signed = {k: v for k, v in self._signed.items() if now - v[0] < self.TTL_SECONDS}
+        self._signed[key] = (now, fresh)
+        return fresh

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, WebSocket, status
 
 from kinora.api.deps import bearer_token
 from kinora.api.quota import StreamQuota
-from kinora.api.stream import authorize, stream_holder
+from kinora.api.stream import authorize
 from kinora.streaming import keys
 from kinora.streaming.hub import StreamHub
 from kinora.streaming.ws import CLOSE_BAD_TOKEN, CLOSE_NOT_FOUND, CLOSE_TRY_LATER, watch
@@ -24,20 +24,22 @@ async def progress(websocket: WebSocket, video_id: int, token: str | None = None
     await websocket.accept()
     bearer = bearer_token(websocket.headers.get("authorization"))
     try:
-        video = await authorize(websocket.app.state.recent_videos, video_id, bearer, token)
+        granted = await authorize(websocket.app.state.recent_videos, video_id, bearer, token)
     except HTTPException as exc:
         code = (
             CLOSE_BAD_TOKEN if exc.status_code == status.HTTP_401_UNAUTHORIZED else CLOSE_NOT_FOUND
         )
         await websocket.close(code, reason=str(exc.detail)[:120])
         return
-    hub: StreamHub = websocket.app.state.hub
-    quota: StreamQuota = websocket.app.state.quota
-    holder = stream_holder(video, bearer, token)
-    if quota.full(holder):
+    video = granted.video
+    state = websocket.app.state
+    hub: StreamHub = state.hub
+    quota: StreamQuota = state.quota
+    if quota.full(granted.holder):
         await websocket.close(CLOSE_TRY_LATER, reason="too many streams open: close one")
         return
-    with quota.held(holder):
+    access = granted.access()
+    with granted.lease(state, access):
         await watch(
             websocket,
             hub,
@@ -45,4 +47,6 @@ async def progress(websocket: WebSocket, video_id: int, token: str | None = None
             hello={"project_id": video.id},
             status=str(video.status),
             progress=video.progress,
+            access=access,
+            finish=state.fresh_ends.finisher(websocket, video),
         )

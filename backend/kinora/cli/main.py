@@ -157,6 +157,23 @@ def users_create(email: str, credit_amount: int, plan: str) -> None:
     click.echo(token)
 
 
+@users.command("rotate-token")
+@click.argument("email")
+def users_rotate_token(email: str) -> None:
+    """Revoke the user's API token and give them a new one (printed as the last line).
+    Every video URL signed before now stops working, and every open stream of theirs
+    ends within seconds."""
+    from kinora.core.db import upgrade
+    from kinora.jobs.accounts import rotate_token
+
+    upgrade()
+    token = rotate_token(email)
+    if token is None:
+        raise click.ClickException(f"no user {email}: `kinora users create {email}` makes one")
+    click.echo(f"Revoked {email}'s API token and every URL signed with it. New API token:")
+    click.echo(token)
+
+
 def _client(url: str, token: str | None) -> KinoraClient:
     from kinora.cli.client import KinoraClient, check_url
 

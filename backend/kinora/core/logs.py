@@ -23,11 +23,11 @@ from pythonjsonlogger.json import JsonFormatter
 trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
 video_id_var: ContextVar[int | None] = ContextVar("video_id", default=None)
 
-# API tokens (kin_...), scoped tokens (kvs1.<video>.<user>.<expiry>.<signature>), and
+# API tokens (kin_...), scoped tokens (kvs2.<video>.<user>.<issued>.<expiry>.<signature>), and
 # any `token=`/Bearer value whatever its shape.
 _SECRETS = re.compile(
     r"kin_[A-Za-z0-9_\-]{8,}"
-    r"|kvs1\.[0-9]+\.[0-9]+\.[0-9]+\.[A-Za-z0-9_\-]+"
+    r"|kvs[12]\.[0-9]+(?:\.[0-9]+){2,3}\.[A-Za-z0-9_\-]+"
     r"|(?<=token=)[^&\s\"']+"
     r"|(?<=Bearer )[^\s\"']+",
     re.IGNORECASE,

@@ -95,6 +95,15 @@ class User(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Signs the user's webhooks (Standard Webhooks, `whsec_…`); made when first asked.
     webhook_secret: Mapped[str | None] = mapped_column(String(64), default=None)
+    # When the API token was last rotated: every scoped URL signed before it, and every
+    # stream opened before it, is revoked (CONTRACT §8, "Tokens end").
+    tokens_valid_after: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
+
+    @property
+    def revoked_before_ms(self) -> int:
+        """Scoped tokens issued before this instant (ms since the epoch) are revoked."""
+        after = self.tokens_valid_after
+        return 0 if after is None else int(after.timestamp() * 1000)
 
     videos: Mapped[list[Video]] = relationship(back_populates="user")
 

@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from kinora.core.db import session_scope
-from kinora.core.models import Plan, User
+from kinora.core.models import Plan, User, utcnow
 from kinora.core.tokens import hash_token, new_api_token
 from kinora.jobs import store
 
@@ -50,12 +50,16 @@ def user_for_token(token: str) -> User | None:
         return user
 
 
-def rotate_token(email: str) -> str | None:
-    """Give the user a new API token (the old one stops working); None if no such user."""
+def rotate_token(email: str | None = None, *, user_id: int | None = None) -> str | None:
+    """Give the user (by email or id) a new API token. The old one stops working at once;
+    so does every scoped URL signed before now, and every open stream ends within
+    seconds (api.grants). None if no such user."""
     token = new_api_token()
     with session_scope() as session:
-        user = session.scalar(select(User).where(User.email == email))
+        where = User.email == email if user_id is None else User.id == user_id
+        user = session.scalar(select(User).where(where))
         if user is None:
             return None
         user.token_hash = hash_token(token)
+        user.tokens_valid_after = utcnow()
     return token

@@ -73,6 +73,8 @@ class SubscribeTimeout(RuntimeError):
 DRAIN_REASONS: dict[Drain, str] = {
     "shutdown": "shutting down",
     "redis": "Redis does not answer",
+    "expired": "access expired",
+    "revoked": "access revoked",
 }
 
 
@@ -229,11 +231,7 @@ class StreamHub:
         ended = 0
         for topic in self._topics.values():
             for watcher in topic.watchers:
-                if watcher.drained is None:
-                    watcher.drained = why
-                    watcher.expired = True
-                    ended += 1
-            topic.wake()
+                ended += watcher.end(why)
         if ended:
             log.info("%s: %d streams told to reconnect", DRAIN_REASONS[why], ended)
         return ended

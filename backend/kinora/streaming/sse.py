@@ -27,7 +27,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -39,10 +39,12 @@ from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kinora.core.config import Settings
+from kinora.streaming.access import Access, sse_notice
+from kinora.streaming.frames import Item
 from kinora.streaming.hub import StreamHub, SubscribeTimeout
 from kinora.streaming.keys import StreamKey
 from kinora.streaming.per_loop import PerLoop
-from kinora.streaming.watcher import LostNotice, Pacer
+from kinora.streaming.watcher import LostNotice, Pacer, Watcher
 
 log = logging.getLogger(__name__)
 # How long a stream has to say goodbye (`retry:`) on shutdown before it is cancelled;
@@ -274,6 +276,9 @@ def parse_last_event_id(value: str | None) -> int:
     return int(text)
 
 
+Finish = Callable[[Item], Item]
+
+
 async def frames(
     hub: StreamHub,
     key: StreamKey,
@@ -283,21 +288,32 @@ async def frames(
     *,
     floor: int = 0,
     lost: LostNotice | None = None,
+    access: Access | None = None,
+    finish: Finish | None = None,
 ) -> AsyncIterator[bytes]:
     """`retry:`, then every event after `after` until `complete` or the timeout. When
-    the process shuts down, a last `retry:` tells the client when to come back."""
+    the process shuts down, a last `retry:` tells the client when to come back; when
+    the stream's `access` expires or is revoked, a last notice says so (and no new
+    `retry:`: a reconnect would meet a 401). `finish` makes the `complete` event as it
+    is sent (Kinora signs its `video_url` then, not when it was published)."""
     yield b"retry: %d\n\n" % retry_ms
-    deadline = asyncio.get_running_loop().time() + lifetime
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + lifetime
     try:
         watch = hub.watch(key, after, floor=floor, lost=lost)
         async with watch as watcher:
-            # One write per batch: everything that arrived since this client's last one.
-            async for batch in watcher.batches(deadline):
-                if batch[-1].terminal:  # `complete` is a job's last event
-                    yield LastChunk(b"".join([item.sse for item in batch]))
-                    return
-                yield b"".join([item.sse for item in batch])
-            if watcher.drained:
+            with attached(access, watcher):
+                # One write per batch: everything that arrived since this client's last.
+                async for batch in watcher.batches(deadline):
+                    if batch[-1].terminal:  # `complete` is a job's last event
+                        if finish is not None:
+                            batch = [*batch[:-1], finish(batch[-1])]
+                        yield LastChunk(b"".join([item.sse for item in batch]))
+                        return
+                    yield b"".join([item.sse for item in batch])
+            if watcher.drained in ("expired", "revoked"):
+                yield LastChunk(sse_notice(key, watcher.drained))
+            elif watcher.drained:
                 # Spread over time, the reconnects of a whole process's clients do not
                 # land on the other processes at one instant.
                 yield b"retry: %d\n\n" % random.randint(retry_ms // 2, retry_ms)
@@ -306,6 +322,26 @@ async def frames(
         # `retry:`; the client reconnects with Last-Event-ID and loses nothing.
         log.warning("stream of %s ended: Redis unreachable (%s)", key, exc)
         yield b"retry: %d\n\n" % retry_ms
+
+
+@contextlib.contextmanager
+def attached(access: Access | None, watcher: Watcher) -> Iterator[None]:
+    """The watcher ends with `access`: when it is revoked, or when it expires."""
+    if access is None:
+        yield
+        return
+    access.attach(watcher)
+    timer = None
+    if access.expires is not None:
+        timer = asyncio.get_running_loop().call_later(
+            max(0.0, access.expires - time.time()), access.end, "expired"
+        )
+    try:
+        yield
+    finally:
+        access.detach(watcher)
+        if timer is not None:
+            timer.cancel()
 
 
 def event_response(

@@ -18,9 +18,9 @@ from kinora.streaming.per_loop import PerLoop
 
 log = logging.getLogger(__name__)
 
-# Why the hub ended every stream: the process is shutting down, or Redis stopped
-# answering.
-Drain = Literal["shutdown", "redis"]
+# Why a stream was ended from outside: the process is shutting down, Redis stopped
+# answering (the client comes back), or its token expired or was revoked (it does not).
+Drain = Literal["shutdown", "redis", "expired", "revoked"]
 
 
 class Source(Protocol):
@@ -196,6 +196,15 @@ class Watcher:
         self.hub.detach(self)
         self.topic.wake()
         log.info("watcher of %s cut off: %d events behind", self.key, self.backlog)
+
+    def end(self, why: Drain) -> bool:
+        """End the stream from outside, saying why; False if it was ended already."""
+        if self.drained is not None:
+            return False
+        self.drained = why
+        self.expired = True
+        self.topic.wake()
+        return True
 
     def _expire(self) -> None:
         self.expired = True

@@ -21,9 +21,11 @@ import redis
 from fastapi import WebSocket, WebSocketDisconnect
 
 from kinora.core.config import get_settings
+from kinora.streaming.access import MESSAGES, Access
 from kinora.streaming.events import Event, timestamp
 from kinora.streaming.hub import StreamHub, SubscribeTimeout
 from kinora.streaming.keys import StreamKey
+from kinora.streaming.sse import Finish, attached
 from kinora.streaming.watcher import Watcher
 
 log = logging.getLogger(__name__)
@@ -61,26 +63,18 @@ async def watch(
     hello: dict[str, Any],
     status: str | None = None,
     progress: int | None = None,
+    access: Access | None = None,
+    finish: Finish | None = None,
 ) -> None:
     """Serve one accepted WebSocket: `connected` (with `hello`), `initial_state` (the
-    given status and progress, else as the events tell them), then every event."""
+    given status and progress, else as the events tell them), then every event. It
+    closes with 4401 when its `access` expires or is revoked; `finish` makes the
+    `complete` event as it is sent (as for SSE)."""
     await websocket.send_text(message("connected", {**hello, "timestamp": timestamp()}))
     try:
         async with hub.watch(key, transport="websocket") as watcher:
-            logs = await hub.history(key, 0)
-            if logs:
-                watcher.last_seq = logs[-1].seq
-            told = state_of([item.event for item in logs])
-            state = {
-                "status": status or told[0],
-                "progress": told[1] if progress is None else progress,
-                "logs": [item.event for item in logs],
-            }
-            await websocket.send_text(message("initial_state", state))
-            if logs and logs[-1].terminal:
-                await websocket.close(1000)
-                return
-            await serve(websocket, watcher)
+            with attached(access, watcher):
+                await _serve_watcher(websocket, hub, key, watcher, status, progress, finish)
     except (SubscribeTimeout, redis.RedisError) as exc:
         log.warning("WebSocket of %s ended: Redis unreachable (%s)", key, exc)
         await websocket.close(CLOSE_TRY_LATER, reason="Redis unreachable: reconnect")
@@ -88,7 +82,35 @@ async def watch(
         pass
 
 
-async def serve(websocket: WebSocket, watcher: Watcher) -> None:
+async def _serve_watcher(
+    websocket: WebSocket,
+    hub: StreamHub,
+    key: StreamKey,
+    watcher: Watcher,
+    status: str | None,
+    progress: int | None,
+    finish: Finish | None,
+) -> None:
+    """`initial_state` (the history so far), then every event until the end."""
+    logs = await hub.history(key, 0)
+    if logs:
+        watcher.last_seq = logs[-1].seq
+        if logs[-1].terminal and finish is not None:
+            logs[-1] = finish(logs[-1])
+    told = state_of([item.event for item in logs])
+    state = {
+        "status": status or told[0],
+        "progress": told[1] if progress is None else progress,
+        "logs": [item.event for item in logs],
+    }
+    await websocket.send_text(message("initial_state", state))
+    if logs and logs[-1].terminal:
+        await websocket.close(1000)
+        return
+    await serve(websocket, watcher, finish)
+
+
+async def serve(websocket: WebSocket, watcher: Watcher, finish: Finish | None = None) -> None:
     settings = get_settings()
     loop = asyncio.get_running_loop()
     last_pong = loop.time()
@@ -115,9 +137,10 @@ async def serve(websocket: WebSocket, watcher: Watcher) -> None:
     async def forward() -> bool:
         """Every event until `complete` (True), or False when the client fell behind."""
         async for item in watcher.events():
-            await websocket.send_text(item.ws)
             if item.terminal:
+                await websocket.send_text((finish(item) if finish else item).ws)
                 return True
+            await websocket.send_text(item.ws)
         return False
 
     tasks = [asyncio.create_task(c) for c in (receive(), ping(), forward())]
@@ -137,6 +160,8 @@ async def serve(websocket: WebSocket, watcher: Watcher) -> None:
         raise error
     elif finished.result():
         await websocket.close(1000)
+    elif watcher.drained in ("expired", "revoked"):
+        await websocket.close(CLOSE_BAD_TOKEN, reason=MESSAGES[watcher.drained][:120])
     elif watcher.drained == "shutdown":
         await websocket.close(CLOSE_RESTART, reason="server restarting: reconnect")
     elif watcher.drained == "redis":

@@ -213,6 +213,21 @@ function openStream() {
     onComplete: () => {
       if (mine === current) refresh().then((video) => video && finish(video));
     },
+    onAccessEnd: (event) => {
+      if (mine !== current) return;
+      if (event.code === "token_revoked") {
+        signOut("Your API token was rotated: sign in with the new one.");
+        return;
+      }
+      // The stream URL's token expired: fetch the video for a new one, and go on from
+      // the last event seen.
+      refresh().then((video) => {
+        if (!video || mine !== current) return;
+        mine.streamUrl = video.stream_url;
+        if (TERMINAL.has(video.status)) finish(video);
+        else openStream();
+      });
+    },
   });
 }
 

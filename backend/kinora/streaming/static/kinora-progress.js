@@ -6,6 +6,7 @@
 //     streamUrl: "/progress/42/stream", pollUrl: "/progress/42",
 //     onProgress: (percent, event) => ..., onLog: (event) => ...,
 //     onError: (event) => ..., onComplete: (event) => ...,
+//     onAccessEnd: (event) => ...,  // the URL's token expired or was revoked
 //   });
 //   watching.close();
 //
@@ -13,6 +14,7 @@
 // stream is down, the snapshot at `pollUrl` is polled so the page keeps moving.
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+const ACCESS_ENDED = new Set(["token_expired", "token_revoked"]);
 
 export function progressUrls(prefix, jobId) {
   const base = `${prefix.replace(/\/$/, "")}/${encodeURIComponent(jobId)}`;
@@ -23,7 +25,7 @@ export function watch(options) {
   const {
     streamUrl, pollUrl = null, headers = {}, lastEventId = 0, pollMs = 2000, reopenMs = 3000,
     onEvent = () => {}, onProgress = () => {}, onLog = () => {}, onError = () => {},
-    onComplete = () => {}, onConnection = () => {},
+    onComplete = () => {}, onConnection = () => {}, onAccessEnd = () => {},
   } = options;
   let lastSeq = Number(lastEventId) || 0;
   let source = null;
@@ -32,7 +34,17 @@ export function watch(options) {
   let ended = false;
 
   function deliver(event) {
-    if (ended || event.seq <= lastSeq) return; // each event once, in order
+    if (ended) return;
+    if (ACCESS_ENDED.has(event.code)) {
+      // The stream's token expired or was revoked: the same URL would only get a 401.
+      // The page decides (a new URL, or sign in again); lastEventId says where it was.
+      ended = true;
+      stop();
+      onConnection("ended");
+      onAccessEnd(event);
+      return;
+    }
+    if (event.seq <= lastSeq) return; // each event once, in order
     lastSeq = event.seq;
     onEvent(event);
     if (typeof event.progress === "number") onProgress(event.progress, event);
