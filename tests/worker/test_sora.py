@@ -63,8 +63,21 @@ def fake_api(environment: dict[str, str]) -> Iterator[str]:
         stop(process)
 
 
+_made: list[SoraEngine] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_engines() -> Iterator[None]:
+    """Every engine a test made is closed after it: none leaves its connections open."""
+    yield
+    while _made:
+        _made.pop().close()
+
+
 def engine(fake_api: str, timeout: float = 1.0) -> SoraEngine:
-    return SoraEngine(api_key="sk-test", base_url=f"{fake_api}/v1", timeout=timeout)
+    made = SoraEngine(api_key="sk-test", base_url=f"{fake_api}/v1", timeout=timeout)
+    _made.append(made)
+    return made
 
 
 def stats(fake_api: str) -> dict[str, Any]:

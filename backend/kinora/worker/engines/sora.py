@@ -117,6 +117,10 @@ class SoraEngine:
             and video.model == self.model
         ]
 
+    def close(self) -> None:
+        """Close the client's connections (the worker's engine lives as long as it)."""
+        self.client.close()
+
     def download(self, job_id: str, dest: Path) -> None:
         try:
             with self.client.videos.with_streaming_response.download_content(
