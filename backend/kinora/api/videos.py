@@ -231,6 +231,8 @@ async def video_out(request: Request, hub: StreamHub, video: Video) -> VideoOut:
         # The polling fallback works without Redis: the state is the database's.
         log.warning("video %s read without its events: Redis unreachable (%s)", video_id, exc)
         recent = []
+    if recent and recent[-1].terminal:  # its video_url signed now (CONTRACT §8)
+        recent[-1] = request.app.state.fresh_ends.finisher(request, video)(recent[-1])
     logs: list[Event] = [item.event for item in recent]
     parameters = VideoParameters.of(video.parameters)
     return VideoOut(
