@@ -1,7 +1,9 @@
 """`kinora up` through the faults of a service's life (CONTRACT §8): a Ctrl-C and a
-start again on the same ./var, and a SIGKILL of each of its parts (the API, the
-embedded Redis, a worker's pool process) while videos run. Nothing queued or running
-is lost, nothing is paid twice, and a watcher resumes exactly where it stopped."""
+start again on the same ./var (stopped then by a closed terminal's SIGHUP), and a
+SIGKILL of each of its parts (the API, the embedded Redis, a worker's pool process)
+while videos run, then of `kinora up` itself. Nothing queued or running is lost,
+nothing is paid twice, a watcher resumes exactly where it stopped, a second `kinora up`
+on the same var dir is refused, and no child outlives `kinora up`."""
 
 from __future__ import annotations
 
@@ -196,6 +198,11 @@ def test_a_restart_on_the_same_var_loses_nothing_and_pays_nothing_twice(tmp_path
             ("grant", 1),
         ]
         print(f"restart -> queued video started in {queued_start:.1f} s")
+        # A closed terminal (SIGHUP) stops the stack cleanly, leaving no child behind.
+        family = psutil.Process(again.process.pid).children(recursive=True)
+        again.stop(signal.SIGHUP)  # exit code 0 within 15 s, or it fails
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert alive == [], [p.cmdline() for p in alive]
     finally:
         again.stop()
 
@@ -238,6 +245,24 @@ def test_every_part_killed_is_started_again_and_the_video_goes_on(tmp_path: Path
         assert sql(tmp_path, "SELECT attempts FROM videos WHERE id = ?", video) == [(2,)]
         assert int(up.redis().get("mock:creates") or 0) == 1
         print(f"worker pool killed -> video completed {time.monotonic() - killed:.1f} s later")
+
+        # A second `kinora up` on the same var dir refuses to start, naming the first.
+        second = subprocess.run(
+            [sys.executable, "-m", "kinora", "up", "--port", str(free_port())],
+            cwd=tmp_path, env=up_env(), capture_output=True, text=True, timeout=60,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert f"another kinora up (pid {up.process.pid})" in second.stderr
+
+        # `kinora up` itself, SIGKILLed: its API, workers and embedded Redis go with it
+        # (each runs in a session of its own, out of reach of a group kill).
+        family = psutil.Process(up.process.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in family)
+        assert all(part in names for part in ("redis-server", "api", "worker", "--webhooks"))
+        up.process.kill()
+        _, alive = psutil.wait_procs(family, timeout=20)
+        assert alive == [], [p.cmdline() for p in alive]
     finally:
         up.stop()
 
@@ -247,40 +272,3 @@ def _healthy(base: str) -> bool:
         return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
-
-
-def test_kinora_up_owns_its_children_whatever_ends_it(tmp_path: Path) -> None:
-    """CONTRACT §8: a second `kinora up` on the same var dir refuses to start while the
-    first holds it, naming its pid; a SIGKILL of `kinora up` takes its API, workers and
-    embedded Redis with it (each runs in a session of its own, out of reach of a group
-    kill); a closed terminal (SIGHUP) stops the stack cleanly; and the var dir is free
-    again for a new `kinora up` either way."""
-    first = Up(tmp_path, free_port())
-    first.token()
-    try:
-        second = subprocess.run(
-            [sys.executable, "-m", "kinora", "up", "--port", str(free_port())],
-            cwd=tmp_path, env=up_env(), capture_output=True, text=True, timeout=60,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert second.returncode == 1, second.stdout + second.stderr
-        assert f"another kinora up (pid {first.process.pid})" in second.stderr
-        family = psutil.Process(first.process.pid).children(recursive=True)
-        names = " ".join(" ".join(p.cmdline()) for p in family)
-        assert all(part in names for part in ("redis-server", "api", "worker", "--webhooks"))
-        first.process.kill()  # SIGKILL: no chance to stop anything itself
-        _, alive = psutil.wait_procs(family, timeout=20)
-        assert alive == [], [p.cmdline() for p in alive]
-    finally:
-        first.stop()
-
-    again = Up(tmp_path, free_port())  # the same var: its lock and its port are free
-    again.token()
-    family = psutil.Process(again.process.pid).children(recursive=True)
-    again.process.send_signal(signal.SIGHUP)
-    try:
-        assert again.process.wait(15) == 0, again.text()
-    finally:
-        again.stop()
-    _, alive = psutil.wait_procs(family, timeout=10)
-    assert alive == [], [p.cmdline() for p in alive]

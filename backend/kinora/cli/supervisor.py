@@ -11,7 +11,6 @@ the grace period. Redis stops last, so the worker and the API can still publish.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -30,6 +29,7 @@ import httpx
 from kinora.cli.embedded import EmbeddedRedis
 from kinora.core.config import METRICS_DIR_ENV, Settings, child_environment, get_settings
 from kinora.core.db import upgrade
+from kinora.core.lifetime import die_with_parent
 from kinora.jobs import dispatch
 from kinora.jobs.accounts import DuplicateUser, create_user, rotate_token, user_for_token
 
@@ -60,35 +60,36 @@ def demo_token(settings: Settings) -> str:
     return token
 
 
-def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+def spawn(
+    args: list[str], env: dict[str, str], death: int = signal.SIGTERM
+) -> subprocess.Popen[bytes]:
     """`kinora <args>` as a child in its own process group, tied to our life."""
     return subprocess.Popen(
         [sys.executable, "-m", "kinora", *args], env=env, stdin=subprocess.DEVNULL,
-        **tied(),
+        **tied(death),
     )  # fmt: skip
 
 
-def tied() -> dict[str, Any]:
+def tied(death: int = signal.SIGTERM) -> dict[str, Any]:
     """Popen's arguments for a child of `kinora up`: its own session (a Ctrl-C in the
     terminal reaches only us, and we stop the children in order), yet it dies with us
-    whatever kills us (SIGKILL, a closed terminal's SIGHUP): the kernel sends it
-    SIGTERM when we are gone (PR_SET_PDEATHSIG), and it holds the var dir's lock
-    (`VarLock`) until it and its own children have exited."""
-    return {"start_new_session": True, "preexec_fn": _die_with(os.getpid()), "pass_fds": _held}
+    whatever kills us (SIGKILL, a closed terminal's SIGHUP): the kernel sends it `death`
+    when we are gone (core.lifetime), and it holds the var dir's lock (`VarLock`) until
+    it and its own children have exited.
 
-
-def _die_with(parent: int) -> Callable[[], None]:
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not in the forked child
+    The API and Redis get SIGTERM (the API's shutdown is bounded, and Redis saves);
+    the workers get SIGKILL: with Redis stopping at the same instant, Celery's warm
+    shutdown would wait for its broker for ever, and nobody is left to escalate. A
+    worker killed is a fault Kinora recovers from (the claim's lease runs out and the
+    video resumes), and its pool processes die with it (worker.celery_app)."""
+    parent = os.getpid()
 
     def preexec() -> None:  # in the child, between fork and exec
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # we died before prctl took: nobody would tell it
-            os._exit(1)
+        die_with_parent(death, parent)
 
-    return preexec
+    return {"start_new_session": True, "preexec_fn": preexec, "pass_fds": _held}
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _held: tuple[int, ...] = ()  # the var dir lock's descriptor, passed to every child
 
 
@@ -301,8 +302,8 @@ def _run_locked(var: Path, env: dict[str, str], *, host: str, port: int, workers
         worker_args = ["worker", "--concurrency", str(workers), "--quiet"]
         api_args = ["api", "--host", host, "--port", str(port)]
         webhook_args = ["worker", "--webhooks", "--quiet"]
-        children.append(Child("kinora worker", lambda: spawn(worker_args, env)))
-        children.append(Child("kinora webhooks", lambda: spawn(webhook_args, env)))
+        children.append(Child("kinora worker", lambda: spawn(worker_args, env, signal.SIGKILL)))
+        children.append(Child("kinora webhooks", lambda: spawn(webhook_args, env, signal.SIGKILL)))
         children.append(Child("kinora api", lambda: spawn(api_args, env)))
         for child in children[-3:]:
             child.start()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 from celery import signals
 
 from kinora.core import logs
+from kinora.core.lifetime import die_with_parent
 from kinora.jobs import dispatch
 from kinora.worker import handback, holds, tasks, webhooks  # noqa: F401 (registers the tasks)
 from kinora.worker.sweeper import Sweeper
@@ -37,6 +39,13 @@ def _unbind_job_ids(task_id: str, **_: Any) -> None:
     scope = _bound.pop(task_id, None)
     if scope is not None:
         scope.__exit__(None, None, None)
+
+
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _die_with_the_worker(**_kwargs: Any) -> None:
+    """A pool process ends with its worker's main process, however that ends: an orphan
+    would keep renewing its video's lease and take work no one can stop."""
+    die_with_parent(signal.SIGKILL)
 
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
