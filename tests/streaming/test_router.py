@@ -171,3 +171,22 @@ def test_a_host_starts_while_redis_is_down_and_streams_once_it_comes(tmp_path: A
                 return status == 200 and len(events_of(lines)) == 2
 
             wait_for(lambda: f"the stream once Redis listens (answers: {seen})", streams, 15)
+
+
+def test_a_router_of_another_kind_serves_that_kinds_jobs(redis_client: Any) -> None:
+    """CONTRACT §9: `progress_router(kind="import")` serves what `SSELogger(id,
+    kind="import")` publishes, named `import_id`; the default kind, `job`, does not."""
+    with SSELogger("run-42", kind="import") as log:
+        log.update(1, 1, "all rows")
+        log.complete()
+    app = FastAPI()
+    app.include_router(progress_router(authorize=can_watch, kind="import"), prefix="/imports")
+    app.include_router(progress_router(authorize=can_watch), prefix="/jobs")
+    with serve(app) as base:
+        status, lines = read_stream(f"{base}/imports/run-42/stream", timeout=10)
+        snapshot = httpx.get(f"{base}/imports/run-42", timeout=10).json()
+        other = httpx.get(f"{base}/jobs/run-42", timeout=10).json()
+    assert status == 200
+    assert [(e["import_id"], e["seq"]) for e in events_of(lines)] == [("run-42", 1), ("run-42", 2)]
+    assert (snapshot["import_id"], snapshot["status"]) == ("run-42", "completed")
+    assert other["logs"] == []

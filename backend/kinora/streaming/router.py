@@ -5,7 +5,8 @@
 gives `GET {prefix}/{job_id}/stream` (SSE, CONTRACT §4), `GET {prefix}/{job_id}` (a
 snapshot with the recent events, for polling), `WS {prefix}/{job_id}/ws` (§5) and the
 browser module `GET {prefix}/kinora-progress.js`, of
-the events a job publishes with `SSELogger(job_id)` or `SSELogger.for_task(self)`.
+the events a job publishes with `SSELogger.for_task(self)` or `SSELogger(job_id,
+kind=...)` (the router's `kind`, `job` unless given).
 `authorize(request, job_id)`, sync or async, says whether the caller may watch; a
 False is a 404 (it may raise an HTTPException of its own, a 401 say).
 
@@ -100,13 +101,25 @@ def not_found(job_id: str) -> HTTPException:
     return HTTPException(status.HTTP_404_NOT_FOUND, detail=f"job {job_id} not found")
 
 
-def progress_router(authorize: Authorize, *, redis_url: str | None = None) -> APIRouter:
+def progress_router(
+    authorize: Authorize, *, kind: str = "job", redis_url: str | None = None
+) -> APIRouter:
+    """The routes of one kind of job (`job`, the kind of `SSELogger.for_task`, unless
+    given: a router of kind `import` serves what `SSELogger(id, kind="import")`
+    publishes)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with hub_for(app, redis_url):
             yield
 
     router = APIRouter(lifespan=lifespan, tags=["progress"])
+
+    def key_for(job_id: str) -> keys.StreamKey:
+        try:
+            return keys.of(kind, job_id)
+        except ValueError:  # a video's id that is no number: no such video
+            raise not_found(job_id) from None
 
     # Before the routes that take a job id, or it would be taken for one.
     @router.get("/kinora-progress.js", include_in_schema=False)
@@ -140,7 +153,7 @@ def progress_router(authorize: Authorize, *, redis_url: str | None = None) -> AP
         `?last_event_id=`), then the live ones, ending after `complete`."""
         after = parse_last_event_id(request.headers.get("last-event-id", last_event_id))
         hub = await hub_of(request, job_id)
-        key = keys.job(job_id)
+        key = key_for(job_id)
         try:
             end = await hub.end_seq(key)
         except redis.RedisError as exc:
@@ -155,11 +168,11 @@ def progress_router(authorize: Authorize, *, redis_url: str | None = None) -> AP
     async def snapshot(request: Request, job_id: str) -> dict[str, Any]:
         """The job's status, progress and recent events: the polling fallback."""
         hub = await hub_of(request, job_id)
-        recent = await hub.recent(keys.job(job_id), RECENT_EVENTS)
+        recent = await hub.recent(key_for(job_id), RECENT_EVENTS)
         events = [item.event for item in recent]
         status_, progress = state_of(events)
         return {
-            "job_id": job_id,
+            key_for(job_id).id_field: job_id,
             "status": status_,
             "progress": progress,
             "last_event_id": str(recent[-1].seq) if recent else None,
@@ -177,6 +190,6 @@ def progress_router(authorize: Authorize, *, redis_url: str | None = None) -> AP
             code = CLOSE_BAD_TOKEN if exc.status_code == 401 else CLOSE_NOT_FOUND
             await ws.close(code, reason=str(exc.detail)[:120])
             return
-        await watch(ws, ws.app.state.hub, keys.job(job_id), hello={"job_id": job_id})
+        await watch(ws, ws.app.state.hub, key_for(job_id), hello={key_for(job_id).id_field: job_id})
 
     return router
