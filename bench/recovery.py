@@ -1,4 +1,4 @@
-"""Recovery at the default settings (CONTRACT §8): how long a video waits after its
+"""Recovery at the default settings (README, Faults): how long a video waits after its
 worker is killed, until its stream speaks again and until it resumes its model job.
 
     python -m bench.recovery [--trials 2]

@@ -1,4 +1,4 @@
-"""The rooms of backend/kinora keep to their layers (ARCHITECTURE.md, Layout)."""
+"""The rooms of backend/kinora keep to their layers (README, Layout)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`pip install kinora` is the live-progress layer alone (CONTRACT §9): installed in a
+"""`pip install kinora` is the live-progress layer alone (docs/library.md): installed in a
 clean venv, it has none of the service's heavy dependencies, and a Celery-less
 publisher and a FastAPI host of its own (served by uvicorn, the host's choice) run
 from it against a real Redis, over SSE and WebSocket alike."""
@@ -84,7 +84,7 @@ def test_the_bare_package_is_the_library_alone(tmp_path: Path, environment: dict
         wait_for("the host app", lambda: b"startup complete" in log.read_bytes(), timeout=30)
         subprocess.run([str(python), "-c", PUBLISH], env=env, check=True, timeout=60)
         status, lines = read_stream(f"{base}/progress/bare-job/stream", timeout=20)
-        # The WebSocket of the documented install, not a silent 404 (CONTRACT §9).
+        # The WebSocket of the documented install, not a silent 404 (docs/library.md).
         with connect(f"ws://127.0.0.1:{port}/progress/bare-job/ws", open_timeout=10) as ws:
             said = [json.loads(ws.recv(timeout=10))["event"] for _ in range(2)]
     finally:

@@ -1,4 +1,4 @@
-"""The public name of the worker's logger (CONTRACT §6, §9):
+"""The public name of the worker's logger (docs/library.md):
 `from kinora.events import SSELogger`. It lives in `kinora.streaming.events`."""
 
 from kinora.streaming.events import Event

@@ -1,4 +1,4 @@
-"""What no form would send (CONTRACT §8, bad input): every answer is a 4xx whose JSON
+"""What no form would send (README, Faults, bad input): every answer is a 4xx whose JSON
 has `detail` and a non-empty `trace_id`; never a 500, and an unexpected 500 quotes
 its trace id too. A retried submit is answered before the rate limit."""
 

@@ -259,7 +259,7 @@ def unqueued_video(account: Account) -> Video:
 def test_an_idle_stream_has_the_contract_headers_and_a_heartbeat_every_interval(
     stack: Stack, account: Account
 ) -> None:
-    """CONTRACT §4: `text/event-stream`, `Cache-Control: no-cache`, `X-Accel-Buffering:
+    """docs/protocol.md §2: `text/event-stream`, `Cache-Control: no-cache`, `X-Accel-Buffering:
     no`, and `: ping` every SSE_PING_SECONDS (0.5 here) while nothing happens."""
     video = unqueued_video(account)
     url = f"{stack.base_url}/api/v1/videos/{video.id}/stream"
@@ -493,7 +493,7 @@ def test_sigterm_tells_streams_to_come_back_and_exits_within_ten_seconds(
 def test_a_shared_stream_url_has_any_audience_while_the_api_token_is_capped(
     account: Account, environment: dict[str, str], var_dir: Path
 ) -> None:
-    """MAX_STREAMS_PER_USER counts API tokens, not audiences (CONTRACT §2): with a cap of
+    """MAX_STREAMS_PER_USER counts API tokens, not audiences (README, Settings): with a cap of
     1 and the owner's one stream open, five viewers of the shared scoped link all get
     their stream, and the owner's second API-token stream is the one refused."""
     video = unqueued_video(account)

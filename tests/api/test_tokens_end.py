@@ -1,4 +1,4 @@
-"""Tokens end (CONTRACT §3, §8): an API token is revoked by rotating it (an endpoint and
+"""Tokens end (README, How it works): an API token is revoked by rotating it (an endpoint and
 a command); every URL signed before then stops working; every open stream opened with
 what was revoked, or with a scoped token that expires, ends within seconds with a last
 event that says why and no new `retry:` (a reconnect would only meet a 401); and a

@@ -1,4 +1,4 @@
-"""Webhooks (CONTRACT §10). In-process: which URLs are taken at submit, the secret,
+"""Webhooks (README, Webhooks). In-process: which URLs are taken at submit, the secret,
 the signature as the `standardwebhooks` library verifies it. End to end: a receiver
 on 127.0.0.1 that fails, then times out, then answers, and the webhook worker that
 retries it under one webhook-id while the video itself is not held up."""
@@ -194,7 +194,7 @@ def test_a_webhook_is_retried_until_it_is_answered_under_one_id(allowing: str) -
 
 
 def test_a_retry_resends_the_same_message_and_retries_spread_out(allowing: str) -> None:
-    """CONTRACT §10: the `started` webhook of a video that then failed is retried with the
+    """README, Webhooks: the `started` webhook of a video that then failed is retried with the
     bytes rendered when it started (`"status": "processing"` under its webhook-id, not
     the `failed` it has by the retry); and the retries of eight deliveries that failed
     at once do not come back at the same instant (jitter, as Celery's retry_jitter)."""

@@ -1,4 +1,4 @@
-"""The WebSocket stream with a real client over uvicorn (CONTRACT §5). The test
+"""The WebSocket stream with a real client over uvicorn (docs/protocol.md §3). The test
 stack pings every 0.5 s and closes after 1.5 s without a pong."""
 
 from __future__ import annotations

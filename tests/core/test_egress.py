@@ -1,4 +1,4 @@
-"""The egress guard (CONTRACT §8 "Egress"): every spelling of an inside address is
+"""The egress guard (README, Egress): every spelling of an inside address is
 refused before anything connects, a redirect hop is checked again, the connection goes
 to the address that was checked, and what an inside server answered is never told.
 

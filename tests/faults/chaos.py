@@ -1,4 +1,4 @@
-"""Fault injection against real processes (CONTRACT §8), in rounds.
+"""Fault injection against real processes (README, Faults), in rounds.
 
 A cluster of real parts runs for the whole run: a Redis server (append-only file),
 SQLite, one API under uvicorn and two Celery workers. Each round submits a few videos
@@ -72,7 +72,7 @@ FAULTS = (
     "none",
 )
 TERMINAL = {"completed", "failed", "cancelled"}
-ANSWER_SECONDS = 10.0  # no request may go unanswered longer (CONTRACT §8)
+ANSWER_SECONDS = 10.0  # no request may go unanswered longer (README, Faults)
 
 SETTINGS = {
     "MOCK_STEP_SECONDS": "0.25",

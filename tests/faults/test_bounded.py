@@ -1,4 +1,4 @@
-"""Memory is bounded per connection (CONTRACT §8): a long history goes out in pages,
+"""Memory is bounded per connection (README, Faults): a long history goes out in pages,
 every event once and in order, and a user's concurrent streams are capped."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A short fault-injection run in `make test`: one round of each fault against real
-processes, no violation of CONTRACT §8's invariants (`make faults` runs hundreds)."""
+processes, no violation of README, Faults's invariants (`make faults` runs hundreds)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,6 @@ def test_the_checker_sees_a_repeat_a_silent_gap_and_a_missing_end() -> None:
     ]
     assert seq_problems([log(1), log(2), log(2), {**complete, "seq": 3}]) == ["seq 2 after 2"]
     assert seq_problems([log(1), log(2)]) == ["last event is log, not complete"]
-    # A gap closed by the notice is what CONTRACT §8 allows.
+    # A gap closed by the notice is what README, Faults allows.
     notice = log(104, code="history_lost")
     assert seq_problems([log(1), log(2), notice, complete]) == []

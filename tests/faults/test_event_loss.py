@@ -1,4 +1,4 @@
-"""When Redis loses a video's events (CONTRACT §8): `seq` never goes backwards or
+"""When Redis loses a video's events (README, Faults): `seq` never goes backwards or
 repeats, a stream that asks for lost events is told so (`history_lost`, with the state
 from the database) instead of going silent, every stream ends with the outcome the
 database has, `204` only for a client that has the `complete`, and nothing is ever

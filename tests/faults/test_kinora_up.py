@@ -1,4 +1,4 @@
-"""`kinora up` through the faults of a service's life (CONTRACT §8): a Ctrl-C and a
+"""`kinora up` through the faults of a service's life (README, Faults): a Ctrl-C and a
 start again on the same ./var (stopped then by a closed terminal's SIGHUP), and a
 SIGKILL of each of its parts (the API, the embedded Redis, a worker's pool process)
 while videos run, then of `kinora up` itself. Nothing queued or running is lost,

@@ -1,4 +1,4 @@
-"""Redis paused or gone (CONTRACT §8): every request is answered within a few
+"""Redis paused or gone (README, Faults): every request is answered within a few
 seconds: a 503 with Retry-After when the answer needs Redis, never a 500 or a hang;
 the video's state still comes from the database; and the first submit after Redis
 is back is accepted."""
@@ -89,7 +89,7 @@ def test_a_paused_redis_gets_503s_within_seconds_and_the_first_submit_after_is_a
 def test_open_streams_end_with_a_retry_when_redis_is_killed(
     environment: dict[str, str], account: Account, tmp_path: Path
 ) -> None:
-    """CONTRACT §8: with Redis SIGKILLed under the API, an open stream does not idle on
+    """README, Faults: with Redis SIGKILLed under the API, an open stream does not idle on
     heartbeats until its 30-minute timeout: it ends within seconds with a `retry:`, in
     a complete response, so the client comes back (and polls meanwhile); a WebSocket
     is closed with 1013 (try again later)."""

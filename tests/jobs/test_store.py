@@ -144,7 +144,7 @@ def test_the_same_task_delivered_twice_generates_one_video(
 
 
 def test_the_retry_policy_retries_transient_and_unknown_failures_only() -> None:
-    """CONTRACT §7, decided in one place (store.errors.RetryPolicy)."""
+    """README, How it works, decided in one place (store.errors.RetryPolicy)."""
     policy = RetryPolicy(max_retries=3, countdown_seconds=60)
     transient = TransientEngineError("the model service is unavailable")
     assert policy.will_retry(transient, 0)

@@ -1,4 +1,4 @@
-"""The design card's own call (CONTRACT §6): `SSELogger(video_id)` in a Celery task of
+"""The design card's own call (docs/library.md): `SSELogger(video_id)` in a Celery task of
 another app, run by a Celery worker that is not Kinora's, is that video's stream. A
 watcher of `GET /api/v1/videos/<id>/stream` receives its lines in the video's `seq`."""
 

@@ -61,7 +61,7 @@ def test_history_is_capped(
 def test_every_redis_structure_of_a_video_is_bounded_like_its_history(
     redis_client: redis.Redis, video_id: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CONTRACT §8: 1,000 events with a cap of 50 leave no structure of the video with
+    """README, Faults: 1,000 events with a cap of 50 leave no structure of the video with
     more than 50 entries, each with its retention set; and the newest events' resends
     are still recognised (not published twice)."""
     monkeypatch.setenv("EVENT_HISTORY_MAX", "50")

@@ -1,5 +1,5 @@
 """Events a worker could not publish wait in its outbox and reach the watchers, in
-order, once Redis answers again (CONTRACT §8: Redis paused)."""
+order, once Redis answers again (README, Faults: Redis paused)."""
 
 from __future__ import annotations
 

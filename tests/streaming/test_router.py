@@ -1,4 +1,4 @@
-"""The live-progress layer in another app (CONTRACT §9): a Celery task that is not a
+"""The live-progress layer in another app (docs/library.md): a Celery task that is not a
 video publishes with `SSELogger.for_task(self)` and `update(i, n)`; a FastAPI app
 that is not Kinora serves it with `progress_router`. A real Celery worker (in a
 thread), a real Redis, a real HTTP server on 127.0.0.1."""
@@ -146,7 +146,7 @@ def test_the_websocket_serves_the_same_events(importer: Celery, host: str) -> No
 
 
 def test_a_host_starts_while_redis_is_down_and_streams_once_it_comes(tmp_path: Any) -> None:
-    """CONTRACT §9: the library never stops its host from starting. With nothing on the
+    """docs/library.md: the library never stops its host from starting. With nothing on the
     router's Redis port, the app starts, its progress routes answer 503 with Retry-After;
     once a Redis listens there, a job's events stream."""
     from kinora.cli.embedded import EmbeddedRedis, free_port
@@ -174,7 +174,7 @@ def test_a_host_starts_while_redis_is_down_and_streams_once_it_comes(tmp_path: A
 
 
 def test_a_router_of_another_kind_serves_that_kinds_jobs(redis_client: Any) -> None:
-    """CONTRACT §9: `progress_router(kind="import")` serves what `SSELogger(id,
+    """docs/library.md: `progress_router(kind="import")` serves what `SSELogger(id,
     kind="import")` publishes, named `import_id`; the default kind, `job`, does not."""
     with SSELogger("run-42", kind="import") as log:
         log.update(1, 1, "all rows")

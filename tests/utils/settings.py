@@ -1,4 +1,4 @@
-"""Settings every process of the test session shares (CONTRACT §2 names), and
+"""Settings every process of the test session shares (README, Settings names), and
 forgetting what was cached from the old ones."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A job's whole life through the real worker: retries, refusals, cancels, crashes
-(CONTRACT §7). Each rule alone, in-process and on both databases, is in
+(README, How it works). Each rule alone, in-process and on both databases, is in
 tests/worker/test_steps.py (a stalled video's timeout only there: here it would take
 VIDEO_TIMEOUT_SECONDS). The test stack runs with MAX_RETRIES=3,
 RETRY_COUNTDOWN_SECONDS=1, VIDEO_TIMEOUT_SECONDS=12, LEASE_SECONDS=3."""

@@ -222,7 +222,7 @@ def submitted_unanswered(video_id: int, **values: Any) -> None:
 def test_a_crashed_create_never_adopts_the_job_another_video_recorded(
     fake_api: str, account: Account
 ) -> None:
-    """CONTRACT §8, tenancy: two users, one prompt, one shared API key. The first user's
+    """README, Faults, tenancy: two users, one prompt, one shared API key. The first user's
     create never reached the model (its worker died); the second user's job is made and
     recorded meanwhile. The first video's next attempt finds that job in the model's list
     and leaves it: it makes its own."""

@@ -1,5 +1,5 @@
 """Every way an attempt at a video can go, in-process: `attempt.run` against the
-mock engine with no broker (CONTRACT §7), a real Redis and the session's database.
+mock engine with no broker (README, How it works), a real Redis and the session's database.
 
 The end-to-end versions of these (tests/worker/test_generation.py) go through a real
 Celery worker; these run in milliseconds and on both databases.
@@ -225,7 +225,7 @@ def test_the_same_task_redelivered_while_its_lease_lives_waits_for_it(
 def test_a_finished_model_job_is_delivered_though_its_deadline_passed_while_it_waited(
     account: Account, redis_client: redis.Redis
 ) -> None:
-    """CONTRACT §8: the worker died after the model accepted the job; the model finished
+    """README, Faults: the worker died after the model accepted the job; the model finished
     it; the claim's lease ran out and the deadline passed before another worker took the
     video over. The sweeps leave it to that worker, which looks at the model's job first
     and delivers it: completed, charged once, nothing refunded, no second model job."""

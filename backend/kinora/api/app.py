@@ -118,7 +118,7 @@ REDIS_RETRY_AFTER_SECONDS = 2
 
 async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """Redis down, paused or restarting: a 503 the client can act on, within the
-    hub's bounded timeouts, never a 500 or a hang (CONTRACT §8)."""
+    hub's bounded timeouts, never a 500 or a hang (README, Faults)."""
     log.warning("Redis unreachable in %s %s: %s", request.method, request.url.path, exc)
     return JSONResponse(
         {

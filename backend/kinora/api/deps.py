@@ -103,7 +103,7 @@ def watcher_video(
 ) -> Video:
     """Authorize a stream or content request: an API token (header or `?token=`) or a
     token scoped to this one video (`?token=`), unless the user rotated their API token
-    after it was signed (CONTRACT §8: a URL signed before a revocation stops working)."""
+    after it was signed (README, Faults: a URL signed before a revocation stops working)."""
     token = watcher_token(header_token, query_token)
     if not is_scoped(token):
         return owned_video(session, video_id, user_by_token(session, token).id)

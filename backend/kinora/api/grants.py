@@ -1,4 +1,4 @@
-"""Revocation of open streams (CONTRACT §8, "Tokens end"): the streams of this API
+"""Revocation of open streams (README, Faults, "Tokens end"): the streams of this API
 process, by user, each with the instant its token was issued (a scoped token's
 signing, an API token's stream opening). A patrol reads, every few seconds, when each
 of those users last rotated their API token, and ends (api: streaming.access) the

@@ -80,7 +80,7 @@ class BodyLimitMiddleware:
 
     FastAPI's own `max_body_size` answers a declared oversize body in plain text
     ("Content Too Large") from outside every handler; the API's errors are JSON with
-    a `detail` that says what to do (CONTRACT §3) and a trace id, hence this one.
+    a `detail` that says what to do (README, Try it with curl) and a trace id, hence this one.
     """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:

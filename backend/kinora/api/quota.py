@@ -1,6 +1,6 @@
 """How many streams (SSE and WebSocket) one API token may hold open at once in one API
 process: a client in a reconnect loop, or a script that opens streams and never reads,
-cannot take a process's memory from everyone else (CONTRACT §2, §8).
+cannot take a process's memory from everyone else (README, Settings and Faults).
 
 The cap counts API tokens, not audiences: a stream opened with a video's scoped
 `stream_url` (a link its owner may share with any number of viewers) counts against no

@@ -1,4 +1,4 @@
-"""The JSON the videos API takes and gives (CONTRACT §3)."""
+"""The JSON the videos API takes and gives (README, Try it with curl)."""
 
 from __future__ import annotations
 

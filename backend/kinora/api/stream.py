@@ -1,4 +1,4 @@
-"""The SSE stream of one video (CONTRACT §4), as an EventStream (kinora.streaming.sse).
+"""The SSE stream of one video (docs/protocol.md §2), as an EventStream (kinora.streaming.sse).
 
 The hub does the hard part (history after `Last-Event-ID`, then live events, merged
 by `seq`); this module authorizes, decides between `204` and a stream, and frames.
@@ -125,7 +125,7 @@ async def ended_frames(
 ) -> AsyncIterator[bytes]:
     """An ended video's events after `after`, a page at a time, and always its end: the
     `complete` from history, or rebuilt from the database (at the seq the database
-    recorded) when Redis no longer holds it (CONTRACT §8)."""
+    recorded) when Redis no longer holds it (README, Faults)."""
     yield b"retry: %d\n\n" % retry_ms
     try:
         key = keys.video(video.id)

@@ -1,4 +1,4 @@
-"""Revoking an API token (CONTRACT §3, §8 "Tokens end"): rotate it. The old token stops
+"""Revoking an API token (README, How it works: "Tokens end"): rotate it. The old token stops
 working at once, every video URL signed before now stops working, and every stream
 opened with either ends within seconds, saying why (api.grants)."""
 

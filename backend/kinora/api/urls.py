@@ -33,8 +33,8 @@ def content_url(
 
 
 class FreshEnds:
-    """A video's `complete` event as it is sent, its `video_url` signed then (CONTRACT
-    §8): the history keeps an event for 24 h, its token lives an hour. One signing serves
+    """A video's `complete` event as it is sent, its `video_url` signed then (README,
+    Faults): the history keeps an event for 24 h, its token lives an hour. One signing serves
     every stream that sends the same end on the same host within a minute (ten thousand
     watchers of a video end together)."""
 

@@ -1,4 +1,4 @@
-"""The videos API (CONTRACT §3): submit, read, list, download."""
+"""The videos API (README, Try it with curl): submit, read, list, download."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ async def generate(
     try:
         if idempotency_key is not None:
             # A retry is answered before the rate limit and never counted against it:
-            # the limit would refuse exactly the retries keys exist for (CONTRACT §8).
+            # the limit would refuse exactly the retries keys exist for (README, Faults).
             earlier = await run_in_threadpool(submit.lookup, user.id, idempotency_key, digest)
             if earlier is not None:
                 return answer(request, response, earlier)
@@ -231,7 +231,7 @@ async def video_out(request: Request, hub: StreamHub, video: Video) -> VideoOut:
         # The polling fallback works without Redis: the state is the database's.
         log.warning("video %s read without its events: Redis unreachable (%s)", video_id, exc)
         recent = []
-    if recent and recent[-1].terminal:  # its video_url signed now (CONTRACT §8)
+    if recent and recent[-1].terminal:  # its video_url signed now (README, Faults)
         recent[-1] = request.app.state.fresh_ends.finisher(request, video)(recent[-1])
     logs: list[Event] = [item.event for item in recent]
     parameters = VideoParameters.of(video.parameters)

@@ -1,4 +1,4 @@
-"""The WebSocket route of a video (CONTRACT §5): authorization and the per-user cap;
+"""The WebSocket route of a video (docs/protocol.md §3): authorization and the per-user cap;
 the transport itself is `kinora.streaming.ws`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `kinora` command (CONTRACT §1)."""
+"""The `kinora` command (README, the top)."""
 
 from __future__ import annotations
 

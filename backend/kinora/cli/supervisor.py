@@ -35,7 +35,7 @@ from kinora.jobs.accounts import DuplicateUser, create_user, rotate_token, user_
 
 DEMO_EMAIL = "demo@kinora.local"
 REDIS = "the embedded Redis"
-GRACE_SECONDS = 6.0  # then SIGKILL: all of it is gone well within CONTRACT's 10 s
+GRACE_SECONDS = 6.0  # then SIGKILL: all of it is gone well within the 10 s README promises
 
 
 class Stop(Exception):

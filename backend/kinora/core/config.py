@@ -1,4 +1,4 @@
-"""All settings of Kinora, from the environment or `.env` (CONTRACT §2).
+"""All settings of Kinora, from the environment or `.env` (README, Settings).
 
 Nothing else in the package reads `os.environ`; everything asks `get_settings()`.
 """
@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     video_timeout_seconds: int = 1200
     # A worker's claim on a video lasts this long and is renewed (every third of it)
     # while it works; a claim left to expire (the worker died) is taken over: a killed
-    # worker's video resumes within LEASE_SECONDS + SWEEP_INTERVAL_SECONDS (CONTRACT §8:
+    # worker's video resumes within LEASE_SECONDS + SWEEP_INTERVAL_SECONDS (README, Faults:
     # within 30 s at the defaults).
     lease_seconds: float = 20.0
     # How often each worker's sweeper looks for expired claims and lost messages.
@@ -118,14 +118,14 @@ class Settings(BaseSettings):
     # A stream replays history this many events at a time, each page written before the
     # next is read: what bounds a replaying connection's memory (bench.replay).
     history_page_size: int = Field(default=200, ge=1)
-    # Webhooks (CONTRACT §10): the first retry's wait (then doubling, for 24 h), how
+    # Webhooks (README, Webhooks): the first retry's wait (then doubling, for 24 h), how
     # long a receiver has to answer, and whether private addresses may receive them.
     webhook_retry_seconds: float = Field(default=10.0, gt=0)
     webhook_timeout_seconds: float = Field(default=10.0, gt=0)
     webhook_give_up_seconds: float = 86400.0
     webhook_allow_private: bool = False
     # A reference image's URL may lead to a loopback, private or link-local address
-    # (CONTRACT §8 "Egress": off, so the worker is nobody's way inside).
+    # (README, Egress: off, so the worker is nobody's way inside).
     reference_allow_private: bool = False
     # The server's public address, for the URLs inside a webhook's video (the worker
     # sends it, and does not know the host a client used). Unset: the paths alone.

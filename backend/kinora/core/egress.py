@@ -1,5 +1,5 @@
 """One guard for every URL Kinora fetches or calls: a reference image, a webhook
-(CONTRACT §8 "Egress", §10).
+(README, Egress).
 
 Checking a host as text misses `127.1`, `2130706433`, `0x7f000001`, `[::ffff:127.0.0.1]`,
 `0.0.0.0` and every name that resolves inside; and a check followed by a second

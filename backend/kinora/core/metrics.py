@@ -1,4 +1,4 @@
-"""Prometheus metrics of every Kinora process, and `/metrics` (CONTRACT §3).
+"""Prometheus metrics of every Kinora process, and `/metrics` (README, Try it with curl).
 
 Processes that share a host share one directory of metric files (prometheus_client's
 multiprocess mode, `PROMETHEUS_MULTIPROC_DIR`): the API's uvicorn workers, and under

@@ -96,7 +96,7 @@ class User(Base):
     # Signs the user's webhooks (Standard Webhooks, `whsec_…`); made when first asked.
     webhook_secret: Mapped[str | None] = mapped_column(String(64), default=None)
     # When the API token was last rotated: every scoped URL signed before it, and every
-    # stream opened before it, is revoked (CONTRACT §8, "Tokens end").
+    # stream opened before it, is revoked (README, Faults, "Tokens end").
     tokens_valid_after: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
 
     @property
@@ -113,7 +113,7 @@ class Video(Base):
     __table_args__ = (
         Index("ix_videos_user_created", "user_id", "created_at"),
         Index("ix_videos_status_lease", "status", "lease_expires_at"),
-        # A model job belongs to exactly one video (CONTRACT §8, tenancy).
+        # A model job belongs to exactly one video (README, Faults, tenancy).
         Index("uq_videos_model_job_id", "model_job_id", unique=True),
     )
 
@@ -137,7 +137,7 @@ class Video(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The seq of the last event known published for the video (a floor: Redis may lose
     # its counter, and a new event must never reuse a seq a client has seen), and the
-    # seq of its `complete` event once that is published (CONTRACT §8).
+    # seq of its `complete` event once that is published (README, Faults).
     last_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     end_seq: Mapped[int | None] = mapped_column(Integer, default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
@@ -146,7 +146,7 @@ class Video(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=None)
-    # Where to POST the video's webhooks, and for which of its events (CONTRACT §10).
+    # Where to POST the video's webhooks, and for which of its events (README, Webhooks).
     webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
     webhook_events: Mapped[list[str] | None] = mapped_column(JSON, default=None)
 

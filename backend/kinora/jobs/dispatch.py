@@ -73,7 +73,7 @@ def make_celery(
         accept_content=["json"],
         result_expires=86400,
         # A message is acknowledged only once its task has finished, and handed back
-        # if the worker dies, so a crash never loses a video (CONTRACT §7).
+        # if the worker dies, so a crash never loses a video (README, How it works).
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

@@ -36,7 +36,7 @@ class VideoTimeout(EngineError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Whether a failed attempt is tried again (CONTRACT §7), decided here only:
+    """Whether a failed attempt is tried again (README, How it works), decided here only:
     transient model errors and unknown exceptions are retried up to `max_retries`
     times, `countdown_seconds` apart; timeouts, bad input and content-policy refusals
     are final."""

@@ -1,4 +1,4 @@
-"""The database's record of where a video's events stand (CONTRACT §8).
+"""The database's record of where a video's events stand (README, Faults).
 
 Redis numbers a video's events, but Redis can lose its data; the database keeps the
 floor (the last seq known used) and the seq of the `complete` event. Publishers pass

@@ -1,4 +1,4 @@
-"""`Idempotency-Key` on submit (CONTRACT §3, after the IETF Idempotency-Key draft).
+"""`Idempotency-Key` on submit (README, Try it with curl, after the IETF Idempotency-Key draft).
 
 The key is reserved by an INSERT in the very transaction that charges the user and
 creates the video, against a unique (user, key) constraint: of any number of
@@ -76,7 +76,7 @@ def forget(session: Session, video_id: int) -> None:
 def lookup(session: Session, user_id: int, key: str, digest: str) -> Replay | None:
     """The stored response for `key`, if a request with it has committed (and the key
     has not expired); KeyReused if that request had another body. Read before the rate
-    limit, so a client's retry is answered and never counted (CONTRACT §8)."""
+    limit, so a client's retry is answered and never counted (README, Faults)."""
     row = session.scalar(
         select(IdempotencyKey).where(
             IdempotencyKey.user_id == user_id,

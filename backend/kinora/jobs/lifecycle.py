@@ -1,4 +1,4 @@
-"""The shape of a video's life, each rule in one place (CONTRACT §3, §4): the sizes
+"""The shape of a video's life, each rule in one place (docs/protocol.md §1): the sizes
 and lengths a video may have, its typed parameters, the steps of a generation with
 the stage each belongs to and the progress each reaches, and the URL of its content.
 """

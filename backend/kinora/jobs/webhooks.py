@@ -1,4 +1,4 @@
-"""Webhooks: the rules (CONTRACT §10). A video may name a URL and the events it wants
+"""Webhooks: the rules (README, Webhooks). A video may name a URL and the events it wants
 (`started`, `completed`, `failed`, `cancelled`); when one of them happens, a delivery
 is queued by name (dispatch) and the worker's webhook queue POSTs it, signed the
 Standard Webhooks way, retrying with backoff for 24 h under one `webhook-id`.

@@ -1,4 +1,4 @@
-"""The live-progress layer, usable by any FastAPI + Celery app (CONTRACT §9):
+"""The live-progress layer, usable by any FastAPI + Celery app (docs/library.md):
 
     from kinora.streaming import SSELogger, progress_router
 

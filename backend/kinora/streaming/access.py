@@ -1,4 +1,4 @@
-"""What a stream's token allows, and until when (CONTRACT §8, "Tokens end").
+"""What a stream's token allows, and until when (README, Faults, "Tokens end").
 
 A stream opened with a token that expires (a video's scoped `stream_url`) ends when
 it does; a stream whose token is revoked (the host decides: Kinora when the user's API

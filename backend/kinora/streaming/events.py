@@ -1,4 +1,4 @@
-"""The one event format, and publishing it (CONTRACT §4); `SSELogger` is in `logger`.
+"""The one event format, and publishing it (docs/protocol.md §2); `SSELogger` is in `logger`.
 
 Every event of a job (streaming.keys: any job, or one of Kinora's videos) gets the
 job's next `seq`, is added to its history (a sorted set scored by `seq`, capped,
@@ -63,7 +63,7 @@ class Event(TypedDict):
 # When Redis has lost a video's counter (flushed, restarted empty, failed over), its
 # next event is numbered this far above the floor the publisher knows (the database's
 # record lags the true last seq by the few events since its last write), so no seq a
-# client has seen is ever used again (CONTRACT §8). Watchers are told of the gap.
+# client has seen is ever used again (README, Faults). Watchers are told of the gap.
 SEQ_JUMP_AFTER_LOSS = 100
 
 # KEYS: seq, history, end, sent. ARGV: body (the event's JSON without its opening
@@ -195,7 +195,7 @@ Outcome = Literal["completed", "failed", "cancelled"]
 def ending(
     key: StreamKey, status: Outcome, *, reason: str | None = None, **fields: Any
 ) -> tuple[str, dict[str, Any]]:
-    """The message and fields of a `complete` event (CONTRACT §4). Every place that
+    """The message and fields of a `complete` event (docs/protocol.md §2). Every place that
     ends a stream builds it here: the worker's logger, the API's cancel and its failed
     submit, the sweeper's timeout, and a stream rebuilding an end Redis lost. `fields`
     (a completed video's `video_url`, say) go with a completed job only."""

@@ -1,5 +1,5 @@
 """One event as the hub carries it, framed once per transport however many clients
-receive it: the SSE frame (CONTRACT §4) and the WebSocket message (§5)."""
+receive it: the SSE frame (docs/protocol.md §2) and the WebSocket message (§5)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import orjson
 
 from kinora.streaming.events import Event, parse
 
-# The WebSocket name of each event type (CONTRACT §5).
+# The WebSocket name of each event type (docs/protocol.md §3).
 WS_EVENT_NAMES = {"progress": "progress_update", "stage": "stage_change"}
 
 
@@ -38,7 +38,7 @@ class Item:
 
     @property
     def ws(self) -> str:
-        """The WebSocket message (CONTRACT §5), built once per event."""
+        """The WebSocket message (docs/protocol.md §3), built once per event."""
         if self._ws is None:
             name = WS_EVENT_NAMES.get(self.type, self.type)
             self._ws = f'{{"event":"{name}","data":{self.raw.decode()}}}'

@@ -9,7 +9,7 @@ watchers hold cursors into, and each watcher takes everything new in one batch
 than `queue_size` events behind is cut off (it resumes with `Last-Event-ID`)
 instead of holding memory.
 
-Order of operations matters (ARCHITECTURE, known traps):
+Order of operations matters (each a trap seen in shared-subscriber libraries):
 - register first, then subscribe, so concurrent first watchers of a channel all
   receive its events (the `broadcaster` race);
 - subscribe, then read history, so nothing published in between is lost.
@@ -51,7 +51,7 @@ DELIVERY_FLUSH_SECONDS = 1.0
 # The longest any one Redis call of the API may take (connect, or read a reply).
 REDIS_TIMEOUT = 2.0
 # Waiting this long for a free pooled connection, plus one call's two tries, stays
-# under the 10 s in which every request is answered (CONTRACT §8).
+# under the 10 s in which every request is answered (README, Faults).
 POOL_WAIT_SECONDS = 5.0
 # The hub pings Redis this often; without an answer for PROBE_STALE_SECONDS, new
 # streams are refused with a 503 (open ones end with a `retry:` on their own).
@@ -142,7 +142,7 @@ class StreamHub:
 
     async def start(self) -> None:
         """Start the hub's tasks. Redis need not answer yet: the host app starts all the
-        same (CONTRACT §9), streams are a 503 with Retry-After until Redis answers, and
+        same (docs/library.md), streams are a 503 with Retry-After until Redis answers, and
         the subscriber connects when it can (`_listen`)."""
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
@@ -326,7 +326,7 @@ class StreamHub:
                     # Redis refuses or times out, and has not answered anything for
                     # PROBE_STALE_SECONDS (a busy event loop alone never gets here):
                     # open streams would only send heartbeats until it is back, so they
-                    # end with a `retry:` now and resume with Last-Event-ID (CONTRACT §8).
+                    # end with a `retry:` now and resume with Last-Event-ID (README, Faults).
                     self.drain("redis")
             await asyncio.sleep(PROBE_SECONDS)
 

@@ -41,7 +41,7 @@ class StreamKey:
     @property
     def sent(self) -> str:
         """Each published event's unique id, scored by its seq: a resend is not a second
-        event. A sorted set trimmed to the history's cap (CONTRACT §8: every structure of
+        event. A sorted set trimmed to the history's cap (README, Faults: every structure of
         a job is bounded like its history). The name is new: before, `:sent` was a hash
         that grew with every event; old ones expire with their retention."""
         return f"{self}:uids"

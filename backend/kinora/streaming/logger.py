@@ -1,4 +1,4 @@
-"""`SSELogger`: a job publishes its steps (CONTRACT §6), synchronously, one round trip
+"""`SSELogger`: a job publishes its steps (docs/library.md), synchronously, one round trip
 per event, from Celery's prefork workers. Publishing never breaks the task: an event
 Redis cannot take now waits in the outbox and goes out, in order, once it is back."""
 
@@ -67,7 +67,7 @@ def close_sync_clients() -> None:
 
 def task_redis_url(task: Any) -> str:
     """Where a Celery task's events go: REDIS_URL if set, else the task's app's broker
-    when that is Redis (CONTRACT §9)."""
+    when that is Redis (docs/library.md)."""
     configured = get_settings().redis_url
     if configured:
         return configured
@@ -85,7 +85,7 @@ class SSELogger:
 
     `job` is a job's id (a string or an integer) or a StreamKey. The design card's call,
     `SSELogger(video_id)`, is that video's stream (`video:<id>`, events with `video_id`),
-    from any Celery task (CONTRACT §6); another kind of job names itself:
+    from any Celery task (docs/library.md); another kind of job names itself:
     `SSELogger(job_id, kind="import")` publishes to `import:<id>`, events with
     `import_id`. In a bound Celery task, `SSELogger.for_task(self)` takes the task's id,
     kind `job` unless given one, and the task's broker.

@@ -1,5 +1,5 @@
 """Events a process could not publish (Redis unreachable, paused, failing over), kept
-in order and published once Redis answers again (CONTRACT §6, §8).
+in order and published once Redis answers again (docs/library.md; README, Faults).
 
 Publishing never blocks a job for long (the worker's Redis calls time out in
 seconds) and never loses what it had to say: a retry notice written while Redis was

@@ -1,4 +1,4 @@
-"""Presence: how many clients watch a video, across every API process (CONTRACT §3).
+"""Presence: how many clients watch a video, across every API process (README, Try it with curl).
 
 Each process keeps its own counts in memory (the hub changes them as watchers come
 and go, without awaiting) and writes the changed ones to Redis twice a second: one

@@ -1,9 +1,9 @@
-"""`progress_router`: the live progress of any job, for any FastAPI app (CONTRACT §9).
+"""`progress_router`: the live progress of any job, for any FastAPI app (docs/library.md).
 
     app.include_router(progress_router(authorize=can_watch), prefix="/progress")
 
-gives `GET {prefix}/{job_id}/stream` (SSE, CONTRACT §4), `GET {prefix}/{job_id}` (a
-snapshot with the recent events, for polling), `WS {prefix}/{job_id}/ws` (§5) and the
+gives `GET {prefix}/{job_id}/stream` (SSE, docs/protocol.md §2), `GET {prefix}/{job_id}` (a
+snapshot with the recent events, for polling), `WS {prefix}/{job_id}/ws` (§3) and the
 browser module `GET {prefix}/kinora-progress.js`, of
 the events a job publishes with `SSELogger.for_task(self)` or `SSELogger(job_id,
 kind=...)` (the router's `kind`, `job` unless given).

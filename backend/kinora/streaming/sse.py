@@ -352,7 +352,7 @@ def event_response(
     headers: Mapping[str, str] | None = None,
     lease: contextlib.AbstractContextManager[Any] | None = None,
 ) -> EventStream:
-    """The SSE response of a stream (CONTRACT §4): heartbeats, no caching, a stalled
+    """The SSE response of a stream (docs/protocol.md §2): heartbeats, no caching, a stalled
     client cut off, and a last `retry:` when the server shuts down (`shutdown`: set
     then; the app drains its hub on it, and the streams end on their own). `lease` is
     held while the stream runs."""

@@ -131,7 +131,7 @@ class Topic:
 
 # History is read in pages of this many events, each written before the next is read:
 # the transport's flow control then bounds a replaying connection's memory, whatever the
-# history's length (CONTRACT §8).
+# history's length (README, Faults).
 HISTORY_PAGE = 200
 
 # Builds the `history_lost` notice for (after, resume): the caller (the API) adds the

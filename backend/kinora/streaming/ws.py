@@ -1,4 +1,4 @@
-"""The WebSocket transport (CONTRACT §5), through the same StreamHub as SSE.
+"""The WebSocket transport (docs/protocol.md §3), through the same StreamHub as SSE.
 
 Messages are `{"event": ..., "data": {...}}`: `connected`, `initial_state` (status,
 progress and the log so far), then every event (`progress_update`, `stage_change`,

@@ -1,4 +1,4 @@
-"""One attempt at a video (CONTRACT §7): claim it, run its steps, and decide what a
+"""One attempt at a video (README, How it works): claim it, run its steps, and decide what a
 failure means, with jobs.errors.RetryPolicy.
 
 An attempt that fails for a reason worth retrying gives the video back (pending, its

@@ -1,4 +1,4 @@
-"""The steps of one video's generation (CONTRACT §4), talking to an engine and an
+"""The steps of one video's generation (docs/protocol.md §2), talking to an engine and an
 SSELogger. Three stages: preparing (steps 0-2), generating (3-5) and finalizing
 (6-9), with the progress of jobs.lifecycle. Step 0 (queued) is published by the API
 when it queues the job; the worker carries on from step 1. The database decides what
@@ -74,7 +74,7 @@ class Generation:
             raise JobLost(self.job.video_id)
         if self.finalizing:
             # The model's job is done and paid for: it is delivered, whatever the
-            # deadline (CONTRACT §8; the deadline bounds the wait for the model).
+            # deadline (README, Faults; the deadline bounds the wait for the model).
             return
         if handback.requested():
             raise handback.HandBack

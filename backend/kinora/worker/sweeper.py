@@ -1,5 +1,5 @@
 """The sweeper: a thread in every worker's main process that keeps videos from getting
-stuck (CONTRACT §7).
+stuck (README, How it works).
 
 Every SWEEP_INTERVAL_SECONDS it fails and refunds videos past VIDEO_TIMEOUT_SECONDS,
 and queues again the videos whose claim or hold expired (their worker died and the

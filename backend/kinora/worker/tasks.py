@@ -16,7 +16,7 @@ from kinora.worker import attempt
 @shared_task(name=dispatch.GENERATE_VIDEO, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
 def generate_video(self: Any, video_id: int, trace_id: str | None = None) -> dict[str, Any]:
     """One attempt at a video; transient failures come back after
-    RETRY_COUNTDOWN_SECONDS, at most MAX_RETRIES times (CONTRACT §7). Every line
+    RETRY_COUNTDOWN_SECONDS, at most MAX_RETRIES times (README, How it works). Every line
     logged while it runs carries the video id and the trace id of the request that
     queued it (celery_app binds them), or the task id when the sweeper queued it."""
     settings = get_settings()

@@ -1,4 +1,4 @@
-"""Delivering a video's webhook (CONTRACT §10), in the webhook worker (`kinora worker
+"""Delivering a video's webhook (README, Webhooks), in the webhook worker (`kinora worker
 --webhooks`): POST the signed payload through the egress guard (private addresses
 refused unless allowed), record the attempt, and on a non-2xx answer or a timeout try again,
 the wait doubling from WEBHOOK_RETRY_SECONDS, until 24 h have passed."""

@@ -1,4 +1,4 @@
-// kinora-progress.js: watch a job's live progress in the browser (CONTRACT §9).
+// kinora-progress.js: watch a job's live progress in the browser (docs/library.md).
 // An ES module with no build step:
 //
 //   import { watch } from "/progress/kinora-progress.js";

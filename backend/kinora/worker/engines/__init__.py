@@ -12,7 +12,7 @@ __all__ = ["EngineError", "ModelJob", "PolicyRefusal", "TransientEngineError", "
 
 
 def get_engine() -> VideoEngine:
-    """The mock unless USE_MOCK_SORA=false and OPENAI_API_KEY is set (CONTRACT §1)."""
+    """The mock unless USE_MOCK_SORA=false and OPENAI_API_KEY is set (README, the top)."""
     from kinora.core.config import get_settings
 
     settings = get_settings()

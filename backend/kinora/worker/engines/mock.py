@@ -9,7 +9,7 @@ function of the time since it was created: one update every `step_seconds`
 at the default of 2 s. The content is a real H.264 MP4 of the requested size and
 length.
 
-Prompts starting with a scenario tag drive the failure paths (CONTRACT §7):
+Prompts starting with a scenario tag drive the failure paths (README, How it works):
 `[mock:transient]` (the first create of that prompt fails with a transient
 error), `[mock:policy]` (refused for content policy), `[mock:stall]` (never
 finishes).
