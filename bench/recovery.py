@@ -100,9 +100,12 @@ def main() -> None:
     parser.add_argument(
         "--lease-seconds", type=float, help="instead of the default (a quick smoke run)"
     )
+    parser.add_argument(
+        "--step-seconds", type=float, default=1.0, help="the mock model's pause per update"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="kinora-recovery-"))
-    settings = dict(DEFAULTS)
+    settings = DEFAULTS | {"MOCK_STEP_SECONDS": str(args.step_seconds)}
     if args.lease_seconds:
         settings |= {"LEASE_SECONDS": str(args.lease_seconds), "SWEEP_INTERVAL_SECONDS": "1"}
     cluster = Cluster(root, settings)

@@ -186,5 +186,5 @@ def stack(environment: dict[str, str], var_dir: Path) -> Iterator[Stack]:
         yield running
     finally:
         stop(api)
-        stop(worker)
+        stop(worker, timeout=3)  # its warm shutdown is no part of the tests: 10 s of waiting
     assert_ledger_matches_balances()

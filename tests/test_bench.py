@@ -130,7 +130,7 @@ def test_replay() -> None:
 
 
 def test_recovery() -> None:
-    result = bench("recovery", "--trials", "1", "--lease-seconds", "2")
+    result = bench("recovery", "--trials", "1", "--lease-seconds", "2", "--step-seconds", "0.4")
     assert [r["fault"] for r in result["runs"]] == ["kill_pool", "kill_worker"]
     for run in result["runs"]:
         assert run["status"] == "completed", run
