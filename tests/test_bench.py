@@ -96,7 +96,7 @@ def test_latency() -> None:
 def test_baseline() -> None:
     result = bench(
         "baseline", "--watchers", "20", "--videos", "2", "--seconds", "0.5", "--fast-rate", "0",
-        "--timeout", "6",  # the other two servers may never end a stream: they lose events
+        "--timeout", "3",  # the other two servers may never end a stream: they lose events
     )  # fmt: skip
     [scenario] = result["scenarios"]
     servers = [r["server"] for r in scenario["runs"]]
