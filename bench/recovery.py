@@ -61,7 +61,12 @@ def trial(cluster: Cluster, fault: str, n: int) -> dict[str, Any]:
         if rows[0][0] and name:
             break
         time.sleep(0.1)
-    assert name is not None
+    status = cluster.sql("SELECT status FROM videos WHERE id = ?", video)[0][0]
+    assert status == "processing", (
+        f"video {video} is {status} before the fault could strike: a slower mock "
+        "(--step-seconds) gives it time"
+    )
+    assert name is not None, f"no worker holds video {video} after 60 s"
     seen = len(watcher.events)
     if fault == "kill_pool":
         pool = psutil.Process(cluster.processes[name].pid).children(recursive=True)
@@ -70,14 +75,14 @@ def trial(cluster: Cluster, fault: str, n: int) -> dict[str, Any]:
     else:
         cluster.kill(name, stay_down=True)  # until it is started again below
     killed = time.monotonic()
-    while len(watcher.events) == seen and time.monotonic() < killed + 120:
+    while len(watcher.events) == seen and watcher.is_alive() and time.monotonic() < killed + 120:
         time.sleep(0.05)
     spoke = time.monotonic() - killed
 
     def resumed() -> bool:
         return any(e["message"].startswith("Resuming model job") for e in watcher.events[seen:])
 
-    while not resumed() and time.monotonic() < killed + 120:
+    while not resumed() and watcher.is_alive() and time.monotonic() < killed + 120:
         time.sleep(0.05)
     resumed_after = time.monotonic() - killed
     if fault == "kill_worker":
