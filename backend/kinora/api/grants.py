@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from kinora.core.db import session_scope
-from kinora.core.models import User
+from kinora.core.models import User, revoked_before_ms
 from kinora.streaming.access import Access
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,5 @@ def revocations(user_ids: list[int]) -> dict[int, int]:
                 )
             )
             for user_id, after in rows:
-                if after is not None:
-                    found[user_id] = int(after.timestamp() * 1000)
+                found[user_id] = revoked_before_ms(after)
     return found

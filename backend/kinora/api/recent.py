@@ -23,7 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from kinora.core.db import session_scope
-from kinora.core.models import User, Video
+from kinora.core.models import User, Video, revoked_before_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +45,7 @@ def load(video_id: int) -> Viewable | None:
             return None
         video, valid_after = row
         session.expunge(video)  # read-only from here, shared by the requests
-        revoked = 0 if valid_after is None else int(valid_after.timestamp() * 1000)
-        return Viewable(video, revoked)
+        return Viewable(video, revoked_before_ms(valid_after))
 
 
 class RecentVideos:

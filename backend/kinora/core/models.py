@@ -82,6 +82,12 @@ class CreditKind(StrEnum):
     REFUND = "refund"
 
 
+def revoked_before_ms(tokens_valid_after: datetime | None) -> int:
+    """A user's `tokens_valid_after` as the instant (ms since the epoch) before which
+    their scoped tokens and streams are revoked; 0 if they never rotated."""
+    return 0 if tokens_valid_after is None else int(tokens_valid_after.timestamp() * 1000)
+
+
 class User(Base):
     __tablename__ = "users"
 
@@ -102,8 +108,7 @@ class User(Base):
     @property
     def revoked_before_ms(self) -> int:
         """Scoped tokens issued before this instant (ms since the epoch) are revoked."""
-        after = self.tokens_valid_after
-        return 0 if after is None else int(after.timestamp() * 1000)
+        return revoked_before_ms(self.tokens_valid_after)
 
     videos: Mapped[list[Video]] = relationship(back_populates="user")
 
