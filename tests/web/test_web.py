@@ -190,9 +190,13 @@ def test_the_page_fits_a_phone_with_a_video_open(
     page.wait_for_selector("#videos li.empty")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     generate(page, "A very long prompt " + "without-any-break-in-it-at-all-" * 6)
-    # The progress card, below the form on a phone, is brought into view.
-    top = page.eval_on_selector("#detail", "e => e.getBoundingClientRect().top")
-    assert 0 <= top < 844 * 0.6, top
+    # The progress card, below the form on a phone, is brought into view once the page
+    # has loaded the new video (it is shown first, then scrolled to).
+    page.wait_for_function(
+        "(() => { const top = document.getElementById('detail').getBoundingClientRect().top;"
+        " return top >= 0 && top < innerHeight * 0.6; })()",
+        timeout=10_000,
+    )
     page.wait_for_function("document.querySelectorAll('#log li').length >= 6")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     screenshot(page, tmp_path, "phone.png")
