@@ -12,7 +12,8 @@ import pytest
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kinora.streaming.sse import EventStream, LastChunk, direct_writes
+from kinora.streaming.sse import EventStream, LastChunk, Patrol, direct_writes
+from kinora.streaming.watcher import Pacer
 
 
 def app_with_a_watching_middleware(seen: list[str]) -> FastAPI:
@@ -36,7 +37,8 @@ def app_with_a_watching_middleware(seen: list[str]) -> FastAPI:
             yield b"id: 1\ndata: {}\n\n"
             yield LastChunk(b'id: 2\ndata: {"type":"complete"}\n\n')
 
-        return EventStream(body(), ping_seconds=60, stall_seconds=60)
+        patrol = Patrol(Pacer(), on_shutdown=lambda: None)
+        return EventStream(body(), ping_seconds=60, stall_seconds=60, patrol=patrol)
 
     return app
 

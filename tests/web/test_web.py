@@ -205,6 +205,53 @@ def test_the_page_fits_a_phone_with_a_video_open(
     page.close()
 
 
+def test_eight_running_videos_move_on_one_connection_and_the_page_still_answers(
+    browser: Browser, api: Api
+) -> None:
+    """The list follows every running video with watchMany: ONE stream for all eight,
+    so the page keeps its other five connections for the requests it makes meanwhile
+    (eight streams of their own would leave it none: a browser holds six per origin)."""
+    account = make_account()
+    with httpx.Client(base_url=api.base, headers=account.headers, timeout=30) as client:
+        ids = []
+        for i in range(8):
+            body = {"prompt": f"A lantern drifting on a lake, take {i}", "seconds": 8}
+            response = client.post("/api/v1/videos/generate", json=body)
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["video_id"])
+    streams: list[str] = []
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(30_000)
+    page.on("request", lambda r: streams.append(r.url) if "/stream" in r.url else None)
+    page.goto(f"{api.base}/?token={account.token}")
+    page.wait_for_selector("#videos[data-stream='connected']")
+    # While all eight run, the page opens one of them: its details and its own stream.
+    page.click(f"#videos li[data-id='{ids[3]}']")
+    page.wait_for_function(
+        "document.getElementById('detail-prompt').textContent.includes('take 3')",
+        timeout=10_000,
+    )
+    # Every badge ends as its video did (some of the eight wait behind the others past
+    # the tests' short deadline, and fail: the badge says so too).
+    final = ".badge.completed, .badge.failed, .badge.cancelled"
+    page.wait_for_function(
+        f"document.querySelectorAll('#videos li').length === 8 && "
+        f"document.querySelectorAll('#videos li :is({final})').length === 8",
+        timeout=90_000,
+    )
+    shown = page.eval_on_selector_all(
+        "#videos li", "els => els.map(e => [+e.dataset.id, e.querySelector('.badge').textContent])"
+    )
+    with httpx.Client(base_url=api.base, headers=account.headers, timeout=30) as client:
+        truth = [[i, client.get(f"/api/v1/videos/{i}").json()["status"]] for i in ids]
+    assert sorted(shown) == sorted(truth)
+    many = [url for url in streams if "/api/v1/stream" in url]
+    assert len(many) == 1, streams  # one connection carried all eight
+    assert all(f"/videos/{ids[3]}/stream" in url for url in streams if url not in many)
+    assert page.evaluate("document.querySelectorAll('#log li').length") >= 6
+    page.close()
+
+
 def test_the_api_docs_work_offline(browser: Browser, api: Api) -> None:
     """This browser reaches nothing but the server (a closed network): /docs and /redoc
     must not need a CDN (ReDoc's sidebar logo came from one), and no page asks for

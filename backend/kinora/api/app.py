@@ -34,9 +34,12 @@ from kinora.api.middleware import (
 from kinora.api.quota import StreamQuota
 from kinora.api.recent import RecentVideos
 from kinora.api.urls import FreshEnds
+from kinora.api.watching import Videos
 from kinora.core import logs
-from kinora.core.config import get_settings
-from kinora.streaming.router import hub_for, script_response
+from kinora.core.config import Settings, get_settings
+from kinora.streaming.core import ProgressCore, core_of
+from kinora.streaming.router import script_response
+from kinora.streaming.settings import Retention, StreamSettings
 from kinora.streaming.sse import direct_writes
 
 log = logging.getLogger(__name__)
@@ -46,8 +49,9 @@ log = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Created here, not at import: asyncio objects bind to the loop that runs them.
     settings = get_settings()
-    # The same hub (and its start, drain and stop) as any app's progress_router.
-    async with hub_for(app, settings.required_redis_url):
+    # The same core (its hub, patrol, drain and routes) as any app's progress_router.
+    async with core_of(app, ProgressCore(stream_settings(settings))):
+        app.state.videos = Videos(app.state)
         app.state.quota = StreamQuota(settings.max_streams_per_user)
         app.state.recent_videos = RecentVideos()
         app.state.fresh_ends = FreshEnds()
@@ -60,6 +64,23 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             patrol.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await patrol
+
+
+def stream_settings(settings: Settings) -> StreamSettings:
+    """The progress core's settings, from Kinora's (environment and `.env`)."""
+    return StreamSettings(
+        redis_url=settings.required_redis_url,
+        sse_ping_seconds=settings.sse_ping_seconds,
+        sse_timeout_seconds=settings.sse_timeout_seconds,
+        sse_retry_ms=settings.sse_retry_ms,
+        sse_send_timeout_seconds=settings.sse_send_timeout_seconds,
+        ws_ping_seconds=settings.ws_ping_seconds,
+        ws_pong_timeout_seconds=settings.ws_pong_timeout_seconds,
+        stream_queue_size=settings.stream_queue_size,
+        presence_ttl_seconds=settings.presence_ttl_seconds,
+        history_page_size=settings.history_page_size,
+        retention=Retention(settings.event_history_max, settings.event_retention_seconds),
+    )
 
 
 def tune_gc() -> None:
@@ -179,6 +200,7 @@ def create_app() -> FastAPI:
     app.include_router(videos.secrets_router)
     app.include_router(tokens.router)
     app.include_router(stream.router)
+    app.include_router(stream.many_router)
     app.include_router(ws.router)
     # The browser module of any progress_router, at the address the page imports.
     app.add_api_route("/static/kinora-progress.js", script_response, include_in_schema=False)

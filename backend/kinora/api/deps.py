@@ -27,7 +27,7 @@ def get_session() -> Iterator[Session]:
 # dependency in a worker thread, two thread hops per stream opened for a lookup each
 # (bench.storm: a seventh of the API's CPU in a reconnect storm).
 async def get_hub(request: Request) -> StreamHub:
-    hub: StreamHub = request.app.state.hub
+    hub: StreamHub = request.app.state.progress.hub
     return hub
 
 

@@ -22,14 +22,21 @@ def stream_url(request: Request, video_id: int, user_id: int) -> str:
     return f"{url}?token={sign_scoped(video_id, user_id)}"
 
 
+def http_base(connection: HTTPConnection) -> str:
+    """The base URL the client used (its root path behind a proxy included); over
+    http(s) for a WebSocket's client too, which fetches videos with it."""
+    base = str(connection.base_url).rstrip("/")
+    return "http" + base[2:] if base.startswith("ws") else base
+
+
 def content_url(
-    request: Request, video: Video, what: Literal["content", "thumbnail"] = "content"
+    connection: HTTPConnection, video: Video, what: Literal["content", "thumbnail"] = "content"
 ) -> str | None:
     """The `video_url` of the `complete` event (lifecycle.content_path), made absolute
-    against the URL the client used (its root path behind a proxy included)."""
+    against the URL the client used."""
     if video.status != VideoStatus.COMPLETED:
         return None
-    return str(request.base_url).rstrip("/") + content_path(video.id, video.user_id, what)
+    return http_base(connection) + content_path(video.id, video.user_id, what)
 
 
 class FreshEnds:
@@ -44,9 +51,7 @@ class FreshEnds:
         self._signed: dict[tuple[int, int, str], tuple[float, Item]] = {}
 
     def finisher(self, connection: HTTPConnection, video: Video) -> Callable[[Item], Item]:
-        base = str(connection.base_url).rstrip("/")
-        if base.startswith("ws"):  # a WebSocket's: the video is fetched over http(s)
-            base = "http" + base[2:]
+        base = http_base(connection)
 
         def finish(item: Item) -> Item:
             return self.get(base, video, item)

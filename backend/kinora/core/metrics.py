@@ -22,7 +22,6 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
     multiprocess,
@@ -34,27 +33,8 @@ from kinora.core.config import metrics_dir
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-EVENTS_PUBLISHED = Counter(
-    "kinora_events_published_total", "Events published to Redis, by type", ["type"]
-)
-EVENTS_NOT_PUBLISHED = Counter(
-    "kinora_events_publish_failures_total",
-    "Events that could not be published (Redis unreachable); the job went on",
-)
-DELIVERIES = Counter(
-    "kinora_event_deliveries_total", "Events written to stream clients", ["transport"]
-)
-CLIENTS = Gauge(
-    "kinora_stream_clients",
-    "Stream clients connected now",
-    ["transport"],
-    multiprocess_mode="livesum",
-)
-CLIENTS_CUT = Counter(
-    "kinora_stream_clients_cut_total",
-    "Stream clients cut off for falling too far behind (they resume with Last-Event-ID)",
-    ["transport"],
-)
+# The live-progress layer's metrics (events published, deliveries, stream clients) are
+# its own: kinora.streaming.metrics, registered in the same default registry.
 TASKS = Counter("kinora_tasks_total", "Generation task runs, by outcome", ["outcome"])
 TASK_SECONDS = Histogram(
     "kinora_task_duration_seconds",

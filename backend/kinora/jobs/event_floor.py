@@ -9,10 +9,21 @@ and streams decide `204` from the database's end, not from what Redis still hold
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
+from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.core.models import Video
 from kinora.jobs import store
+from kinora.streaming import keys
+from kinora.streaming.logger import SSELogger
+from kinora.streaming.settings import Retention
+
+
+def retention() -> Retention:
+    """How much of a video's events Redis keeps (EVENT_HISTORY_MAX, EVENT_RETENTION_SECONDS)."""
+    settings = get_settings()
+    return Retention(settings.event_history_max, settings.event_retention_seconds)
 
 
 def floor(video_id: int) -> int:
@@ -33,3 +44,15 @@ def end_recorder(video_id: int) -> Callable[[int], None]:
         record(video_id, seq, end=True)
 
     return on_complete
+
+
+def video_logger(video_id: int, *, last_seq: int | None = None, **kwargs: Any) -> SSELogger:
+    """The logger of a video in Kinora's worker: Kinora's Redis and retention (its
+    settings, `.env` included), numbering above the database's floor."""
+    return SSELogger(
+        keys.video(video_id),
+        redis_url=get_settings().required_redis_url,
+        retention=retention(),
+        last_seq=floor(video_id) if last_seq is None else last_seq,
+        **kwargs,
+    )

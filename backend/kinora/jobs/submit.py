@@ -30,6 +30,7 @@ from kinora.jobs import dispatch, event_floor, idempotency, store, webhooks
 from kinora.jobs.lifecycle import PROGRESS, Step, VideoParameters
 from kinora.streaming import keys
 from kinora.streaming.events import Outcome, ending, publish_async
+from kinora.streaming.keys import StreamKey
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,6 +100,11 @@ def create(
             return Submitted.of(idempotency.replay(session, user_id, key, digest), user_id)
 
 
+def announcements(user_id: int) -> StreamKey:
+    """Where a user's new videos are announced: each event names one in `job`."""
+    return keys.of("submitted", user_id)
+
+
 async def start(client: aioredis.Redis, submitted: Submitted) -> None:
     """Step 0, then the task. QueueUnreachable (refunded) if Redis is gone."""
     queued = Step.QUEUED
@@ -107,10 +113,17 @@ async def start(client: aioredis.Redis, submitted: Submitted) -> None:
         await publish_async(
             client, key, "stage", f"Stage: {queued.stage}", stage=queued.stage,
             previous_stage=None, progress=PROGRESS[queued], status="pending",
+            retention=event_floor.retention(),
         )  # fmt: skip
         await publish_async(
             client, key, "progress", "Video queued",
             step=queued, progress=PROGRESS[queued], status="pending",
+            retention=event_floor.retention(),
+        )  # fmt: skip
+        # Its owner's streams of "all my videos" take it in (docs/protocol.md §6).
+        await publish_async(
+            client, announcements(submitted.user_id), "log", "video submitted",
+            job=submitted.video_id, retention=event_floor.retention(),
         )  # fmt: skip
         await in_thread(
             dispatch.generate_video,
@@ -168,7 +181,10 @@ async def publish_end(
     try:
         key = keys.video(video.id)
         message, fields = ending(key, status, reason=reason)
-        seq = await publish_async(client, key, "complete", message, floor=video.last_seq, **fields)
+        seq = await publish_async(
+            client, key, "complete", message,
+            floor=video.last_seq, retention=event_floor.retention(), **fields,
+        )  # fmt: skip
     except redis.RedisError as exc:
         log.warning("the end of video %s not published: %s", video.id, exc)
         return

@@ -54,10 +54,11 @@ class Access:
                 watcher.end(why)
 
 
-def notice(key: StreamKey, why: Ended) -> dict[str, object]:
-    """The last event of a stream whose access ended."""
+def notice(key: StreamKey | None, why: Ended) -> dict[str, object]:
+    """The last event of a stream whose access ended (`key`: its job; None for a
+    stream of several jobs)."""
     return {
-        key.id_field: key.id,
+        **({key.id_field: key.id} if key is not None else {}),
         "type": "log",
         "code": CODES[why],
         "message": MESSAGES[why],
@@ -65,5 +66,5 @@ def notice(key: StreamKey, why: Ended) -> dict[str, object]:
     }
 
 
-def sse_notice(key: StreamKey, why: Ended) -> bytes:
+def sse_notice(key: StreamKey | None, why: Ended) -> bytes:
     return b"data: %s\n\n" % orjson.dumps(notice(key, why))

@@ -12,7 +12,6 @@ Redis functions would also do, but need Redis 7 and the embedded server is Redis
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -23,9 +22,9 @@ import orjson
 import redis
 import redis.asyncio
 
-from kinora.core import metrics
-from kinora.core.config import get_settings
 from kinora.streaming.keys import StreamKey
+from kinora.streaming.metrics import StreamMetrics
+from kinora.streaming.settings import Retention
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +120,6 @@ return seq
 PUBLISH_SHA = hashlib.sha1(PUBLISH_LUA.encode()).hexdigest()  # noqa: S324 (Redis's script id)
 
 
-@functools.cache
-def published(event_type: str) -> Any:
-    """The counter of published events of a type (its child found once, not per event)."""
-    return metrics.EVENTS_PUBLISHED.labels(event_type)
-
-
 # Fields that are sent as null rather than left out: a stage event always says what
 # the previous stage was, `null` for the first.
 KEEP_NULL = frozenset({"previous_stage"})
@@ -152,15 +145,19 @@ def encode_body(
 
 
 def script_args(
-    key: StreamKey, body: bytes, floor: int, terminal: bool, uid: str | None = None
+    key: StreamKey,
+    body: bytes,
+    floor: int,
+    terminal: bool,
+    retention: Retention,
+    uid: str | None = None,
 ) -> tuple[list[str], list[Any]]:
-    settings = get_settings()
     keys = [key.seq, key.history, key.end, key.sent]
     args: list[Any] = [
         body,
         key.channel,
-        settings.event_history_max,
-        settings.event_retention_seconds,
+        retention.history_max,
+        retention.seconds,
         floor,
         "1" if terminal else "0",
         uid or os.urandom(8).hex(),
@@ -174,18 +171,20 @@ async def publish_async(
     event_type: EventType,
     message: str,
     *,
+    retention: Retention,
     floor: int = 0,
+    metrics: StreamMetrics | None = None,
     **fields: Any,
 ) -> int | None:
     """Publish one event from async code (the API). Returns its seq, or None if the
     job's `complete` was published already (then nothing is)."""
     body = encode_body(key, event_type, message, fields)
-    keys, args = script_args(key, body, floor, event_type == "complete")
+    keys, args = script_args(key, body, floor, event_type == "complete", retention)
     script = client.register_script(PUBLISH_LUA)
     seq = int(await script(keys=keys, args=args))
     if not seq:
         return None
-    published(event_type).inc()
+    (metrics or StreamMetrics.of()).published(event_type).inc()
     return seq
 
 

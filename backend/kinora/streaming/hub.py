@@ -29,11 +29,11 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
-from kinora.core import metrics
+from kinora.streaming import connect
 from kinora.streaming.cancellation import raise_if_cancelled
-from kinora.streaming.connect import quick_retry
 from kinora.streaming.frames import RESYNC, Item
 from kinora.streaming.keys import StreamKey
+from kinora.streaming.metrics import StreamMetrics
 from kinora.streaming.presence import Presence
 from kinora.streaming.watcher import (
     HISTORY_PAGE,
@@ -48,11 +48,6 @@ log = logging.getLogger(__name__)
 
 
 DELIVERY_FLUSH_SECONDS = 1.0
-# The longest any one Redis call of the API may take (connect, or read a reply).
-REDIS_TIMEOUT = 2.0
-# Waiting this long for a free pooled connection, plus one call's two tries, stays
-# under the 10 s in which every request is answered (README, Faults).
-POOL_WAIT_SECONDS = 5.0
 # The hub pings Redis this often; without an answer for PROBE_STALE_SECONDS, new
 # streams are refused with a 503 (open ones end with a `retry:` on their own).
 PROBE_SECONDS = 0.5
@@ -89,8 +84,14 @@ class StreamHub:
         subscribe_timeout: float = 10.0,
         presence_ttl: float = 15.0,
         history_page: int = HISTORY_PAGE,
+        metrics: StreamMetrics | None = None,
+        pacer: Pacer | None = None,
     ) -> None:
         self.redis_url = redis_url
+        self.metrics = metrics or StreamMetrics.of()
+        # Wakes this hub's watchers in slices (watcher.Pacer); the core's streams take
+        # their turn on it too.
+        self.pacer = pacer or Pacer()
         self.history_page = history_page
         self.queue_size = queue_size
         self.subscribe_timeout = subscribe_timeout
@@ -107,34 +108,11 @@ class StreamHub:
         self.history_reads = 0  # first pages read (each shared by the watchers that joined)
         self._tasks: list[asyncio.Task[None]] = []
         self.delivered: dict[str, int] = {"sse": 0, "websocket": 0}
-        # Commands (history, presence, rate limit, publish) on COMMAND_CONNECTIONS,
-        # each call bounded: an unreachable or paused Redis is an error within seconds
-        # (the API answers 503), never a hang. One retry on a fresh connection, so the
-        # first request after Redis restarted does not fail on a dead pooled socket.
-        # Waiting for a free connection is queueing, not an outage (two thousand
-        # streams replaying at once wait their turn): it has a longer bound, and the
-        # request paths refuse at once while the probe says Redis does not answer.
-        # from_pool: the client owns the pool and closes its connections in aclose().
-        self.redis: aioredis.Redis = aioredis.Redis.from_pool(
-            aioredis.BlockingConnectionPool.from_url(
-                redis_url,
-                max_connections=COMMAND_CONNECTIONS,
-                timeout=POOL_WAIT_SECONDS,
-                socket_timeout=REDIS_TIMEOUT,
-                socket_connect_timeout=REDIS_TIMEOUT,
-                retry=quick_retry(),
-            )
-        )
-        # The subscriber on a connection of its own, with no read timeout: it waits for
-        # events as long as none come. Two connections per process in all.
-        self._subscriber: aioredis.Redis = aioredis.Redis.from_pool(
-            aioredis.ConnectionPool.from_url(
-                redis_url,
-                max_connections=1,
-                socket_connect_timeout=REDIS_TIMEOUT,
-                socket_keepalive=True,
-            )
-        )
+        # Commands (history, presence, publish) on COMMAND_CONNECTIONS; the subscriber
+        # on a connection of its own: two connections per process in all. The request
+        # paths refuse at once while the probe says Redis does not answer.
+        self.redis: aioredis.Redis = connect.commands(redis_url, COMMAND_CONNECTIONS)
+        self._subscriber: aioredis.Redis = connect.subscriber(redis_url)
         self._pubsub: PubSub = self._subscriber.pubsub()
         self.presence = Presence(self.redis, presence_ttl)
 
@@ -145,7 +123,7 @@ class StreamHub:
         same (docs/library.md), streams are a 503 with Retry-After until Redis answers, and
         the subscriber connects when it can (`_listen`)."""
         try:
-            async with asyncio.timeout(REDIS_TIMEOUT):
+            async with asyncio.timeout(connect.ASYNC_TIMEOUT):
                 await self._pubsub.connect()  # type: ignore[no-untyped-call]
             self._last_pong = asyncio.get_running_loop().time()
         except (TimeoutError, redis.RedisError, OSError) as exc:
@@ -189,13 +167,13 @@ class StreamHub:
         name = key.channel.encode()
         topic = self._topics.get(name)
         if topic is None:
-            topic = self._topics[name] = Topic(Pacer.of_this_loop())
+            topic = self._topics[name] = Topic(self.pacer)
             self._pending[name] += 1
             self._ops.put_nowait(("sub", name))
         watcher = Watcher(self, key, topic, after, transport, floor=floor, lost=lost)
         topic.watchers.add(watcher)  # registered before the subscription can go live
         self.presence.joined(key)
-        clients = metrics.CLIENTS.labels(transport)
+        clients = self.metrics.clients.labels(transport)
         clients.inc()
         try:
             if not topic.ready.is_set():  # (most watchers join a channel already live)
@@ -342,7 +320,7 @@ class StreamHub:
         API's CPU under fan-out (bench.fanout)."""
         for transport, count in self.delivered.items():
             if count:
-                metrics.DELIVERIES.labels(transport).inc(count)
+                self.metrics.deliveries.labels(transport).inc(count)
                 self.delivered[transport] = 0
 
     def stats(self) -> dict[str, Any]:

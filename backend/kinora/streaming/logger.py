@@ -9,12 +9,11 @@ import os
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Protocol, Self
 
 import redis
 
-from kinora.core import logs, metrics
-from kinora.core.config import get_settings
+from kinora.core import logs
 from kinora.streaming import keys
 from kinora.streaming.connect import sync_redis
 from kinora.streaming.events import (
@@ -26,11 +25,12 @@ from kinora.streaming.events import (
     describe_error,
     encode_body,
     ending,
-    published,
     script_args,
 )
 from kinora.streaming.keys import StreamKey
+from kinora.streaming.metrics import StreamMetrics
 from kinora.streaming.outbox import OUTBOX, Pending
+from kinora.streaming.settings import Retention
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ _sync_clients: dict[tuple[int, str], redis.Redis] = {}
 
 def sync_client(url: str | None = None) -> redis.Redis:
     """This process's client of `url` (REDIS_URL by default)."""
-    url = url or get_settings().required_redis_url
+    url = url or os.environ.get("REDIS_URL")
+    if not url:
+        raise RuntimeError("no Redis to publish to: set REDIS_URL, or pass redis_url= to SSELogger")
     pid = os.getpid()
     client = _sync_clients.get((pid, url))
     if client is None:
@@ -68,7 +70,7 @@ def close_sync_clients() -> None:
 def task_redis_url(task: Any) -> str:
     """Where a Celery task's events go: REDIS_URL if set, else the task's app's broker
     when that is Redis (docs/library.md)."""
-    configured = get_settings().redis_url
+    configured = os.environ.get("REDIS_URL")
     if configured:
         return configured
     broker = str(task.app.conf.broker_url or "")
@@ -78,6 +80,31 @@ def task_redis_url(task: Any) -> str:
         f"the task's broker ({broker.split('://')[0] or 'none'}) is not Redis: set REDIS_URL "
         "to the Redis that your API's progress_router reads"
     )
+
+
+# With a store, the job's floor is written every this many events (and at each stage
+# and at the end): a Redis that lost a job's counter numbers its next event
+# SEQ_JUMP_AFTER_LOSS (100) above the floor, so a floor this far behind still never
+# reuses a seq.
+STORE_EVERY = 32
+
+
+class Recorder(Protocol):
+    """What the logger writes to a store (kinora.streaming.sqlstore.SQLStore)."""
+
+    def floor(self, key: StreamKey) -> int: ...
+
+    def record(
+        self,
+        key: StreamKey,
+        seq: int,
+        *,
+        status: str | None = None,
+        progress: int | None = None,
+        end: bool = False,
+        reason: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None: ...
 
 
 class SSELogger:
@@ -96,7 +123,9 @@ class SSELogger:
     told on the error event, and `retry_in` (seconds) when the job will be retried.
     `last_seq` is the highest seq the caller knows was used (the database's floor):
     no event gets a seq at or below it. `on_complete(seq)` is called once the
-    `complete` event is published, to record where the video's events end.
+    `complete` event is published, to record where the video's events end. `store`
+    (an SQLStore) keeps the job's floor and outcome durably, for a `progress_router`
+    given the same store (docs/library.md, "A store").
     """
 
     def __init__(
@@ -112,8 +141,12 @@ class SSELogger:
         client: redis.Redis | None = None,
         last_seq: int = 0,
         on_complete: Callable[[int], None] | None = None,
+        retention: Retention | None = None,
+        store: Recorder | None = None,
     ) -> None:
         self.key = job if isinstance(job, StreamKey) else keys.of(kind, job)
+        # EVENT_HISTORY_MAX and EVENT_RETENTION_SECONDS unless the host says.
+        self.retention = retention or Retention.from_env()
         self._redis_url = redis_url
         self.retry_count = retry_count
         self.max_retries = max_retries
@@ -125,6 +158,10 @@ class SSELogger:
         self.last_seq = last_seq
         self.ended = False  # the `complete` is published (by us, or by someone else)
         self._on_complete = on_complete
+        self.store = store
+        if store is not None:
+            self.last_seq = max(self.last_seq, self._stored(store.floor, self.key) or 0)
+        self._recorded = self.last_seq
 
     @classmethod
     def for_task(cls, task: Any, *, kind: str = "job", **kwargs: Any) -> Self:
@@ -227,7 +264,22 @@ class SSELogger:
         message, fields = ending(self.key, status, reason=reason, **result)
         if status == "completed":
             self.progress = 100
+        if self.store is not None and not self.ended:
+            # The outcome first: if Redis cannot take the `complete` now, a stream
+            # publishes it from the store later.
+            self._stored(
+                self.store.record, self.key, self.last_seq, status=status,
+                progress=self.progress, reason=reason, result=result or None,
+            )  # fmt: skip
         return self.publish("complete", message, **fields)
+
+    def _stored(self, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A store's call; a store that fails is logged, and the job goes on."""
+        try:
+            return call(*args, **kwargs)
+        except Exception:
+            log.exception("the store of %s could not be written or read", self.key)
+            return None
 
     # -- the one round trip -----------------------------------------------------------
 
@@ -256,14 +308,14 @@ class SSELogger:
                     "event for %s not published (%s); kept until Redis is back: %s",
                     self.key, exc, body.decode(),
                 )  # fmt: skip
-        metrics.EVENTS_NOT_PUBLISHED.inc()
+        StreamMetrics.of().events_not_published.inc()
         OUTBOX.add(Pending(self.key, lambda: self._send(event_type, body, terminal, uid)))
         return None
 
     def _send(self, event_type: EventType, body: bytes, terminal: bool, uid: str) -> int | None:
         """The one round trip; raises redis.RedisError."""
         client = self._client or sync_client(self._redis_url)
-        names, args = script_args(self.key, body, self.last_seq, terminal, uid)
+        names, args = script_args(self.key, body, self.last_seq, terminal, self.retention, uid)
         try:  # EVALSHA straight away: redis-py's Script wrapper costs a tenth of a call
             seq = int(client.evalsha(PUBLISH_SHA, len(names), *names, *args))
         except redis.exceptions.NoScriptError:  # a Redis that has not seen it (restarted)
@@ -273,8 +325,15 @@ class SSELogger:
             self.ended = True
             log.info("event for %s refused: its complete was published", self.key)
             return None
-        published(event_type).inc()
+        StreamMetrics.of().published(event_type).inc()
         self.last_seq = seq
+        store = self.store
+        if store is not None and (
+            terminal or event_type == "stage" or seq - self._recorded >= STORE_EVERY
+            or not self._recorded
+        ):  # fmt: skip
+            self._recorded = seq
+            self._stored(store.record, self.key, seq, progress=self.progress, end=terminal)
         if terminal and self._on_complete is not None:
             self._on_complete(seq)
         return seq

@@ -11,13 +11,13 @@ one waits for the client to disconnect; ONE patrol task per event loop, waking e
 PATROL_SECONDS, sends `: ping` on a stream idle for `ping_seconds`, ends a stream
 whose write has been stuck for `stall_seconds` (the client stopped reading: it
 reconnects with Last-Event-ID and loses nothing), and when the server starts
-shutting down (sse-starlette's AppStatus, which hooks uvicorn's exit) sets the
-app's shutdown event, so the hub tells every stream to end with a last `retry:`, and
-ends whatever is still open SHUTDOWN_GRACE_SECONDS later. The frames are
-sse-starlette's: the hub encodes each event once (kinora.streaming.frames), and the
-heartbeat is its `ServerSentEvent` comment. (uvicorn logs a response ended this way
-as "returned without completing response": it could not be finished, and the server
-closes its connection.)
+shutting down (sse-starlette's AppStatus, which hooks uvicorn's exit) tells its
+core, whose hub tells every stream to end with a last `retry:`, and ends whatever is
+still open SHUTDOWN_GRACE_SECONDS later (the patrol is the core's:
+kinora.streaming.core). The frames are sse-starlette's: the hub encodes each event
+once (kinora.streaming.frames), and the heartbeat is its `ServerSentEvent` comment.
+(uvicorn logs a response ended this way as "returned without completing response":
+it could not be finished, and the server closes its connection.)
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
-import anyio
 import redis
 from fastapi import HTTPException, status
 from sse_starlette import ServerSentEvent
@@ -38,12 +37,11 @@ from sse_starlette.sse import AppStatus
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kinora.core.config import Settings
 from kinora.streaming.access import Access, sse_notice
 from kinora.streaming.frames import Item
 from kinora.streaming.hub import StreamHub, SubscribeTimeout
 from kinora.streaming.keys import StreamKey
-from kinora.streaming.per_loop import PerLoop
+from kinora.streaming.settings import StreamSettings
 from kinora.streaming.watcher import LostNotice, Pacer, Watcher
 
 log = logging.getLogger(__name__)
@@ -93,7 +91,7 @@ class EventStream(StreamingResponse):
         *,
         ping_seconds: float,
         stall_seconds: float,
-        shutdown: anyio.Event | None = None,
+        patrol: Patrol,
         headers: Mapping[str, str] | None = None,
         lease: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
@@ -102,7 +100,7 @@ class EventStream(StreamingResponse):
         super().__init__(content, status_code, headers={**base, **(headers or {})})
         self.ping_seconds = ping_seconds
         self.stall_seconds = stall_seconds
-        self.shutdown = shutdown
+        self.patrol = patrol
         self.lease = lease  # held while the response runs (a user's count of streams)
         self.sending_since = 0.0  # when the write in progress began; 0: none
         self.last_write = 0.0
@@ -119,7 +117,7 @@ class EventStream(StreamingResponse):
             return
         self.send = scope.get(SERVER_SEND, send)
         loop = asyncio.get_running_loop()
-        patrol = Patrol.of_this_loop()
+        patrol = self.patrol
         with self.lease or contextlib.nullcontext():
             # The body is written by a task of its own. Resuming the request's task runs
             # through the coroutine of every middleware and router layer (two dozen in a
@@ -157,7 +155,7 @@ class EventStream(StreamingResponse):
             # end) waits until the clients already in line have been written to: a
             # video's streams all end in the pass that delivers its `complete`, and
             # each end costs several writes' worth.
-            await Pacer.of_this_loop().wait_turn()
+            await self.patrol.pacer.wait_turn()
         except asyncio.CancelledError:
             if self.ended in (None, FINISHED):
                 raise  # not ours: the server is cancelling the request
@@ -199,19 +197,18 @@ class EventStream(StreamingResponse):
 
 
 class Patrol:
-    """The open streams of one event loop, and the one task that pings the idle ones,
-    cuts the stalled ones, and ends them all when the server shuts down; the task ends
-    by itself once no stream is open (or with the app: `stop`)."""
+    """The open streams of one core, and the one task that pings the idle ones, cuts
+    the stalled ones, and ends them all when the server shuts down (`on_shutdown` is
+    told first, so they can say goodbye); the task ends by itself once no stream is
+    open (or with the core: `stop`). `pacer`: the turn a finished stream waits for."""
 
-    def __init__(self) -> None:
+    def __init__(self, pacer: Pacer, on_shutdown: Callable[[], object]) -> None:
+        self.pacer = pacer
+        self.on_shutdown = on_shutdown
         self.streams: set[EventStream] = set()
         self.task: asyncio.Task[None] | None = None
         self.pings: set[asyncio.Task[None]] = set()
         self.exiting_since = 0.0
-
-    @staticmethod
-    def of_this_loop() -> Patrol:
-        return _PATROLS.get()
 
     def add(self, stream: EventStream) -> None:
         self.streams.add(stream)
@@ -242,24 +239,17 @@ class Patrol:
     def _shutting_down(self, now: float) -> None:
         if not self.exiting_since:
             self.exiting_since = now
-            for stream in self.streams:
-                if stream.shutdown is not None:
-                    stream.shutdown.set()  # the app's hub tells its streams to end
+            self.on_shutdown()  # the core's hub tells its streams to end
         elif now - self.exiting_since >= SHUTDOWN_GRACE_SECONDS:
             for stream in list(self.streams):
                 stream.end("the server is shutting down")
 
-    @staticmethod
-    async def stop() -> None:
-        """At the app's shutdown: no task left pending when the loop closes."""
-        patrol = _PATROLS.peek()
-        if patrol is not None and patrol.task is not None:
-            patrol.task.cancel()
+    async def stop(self) -> None:
+        """At the core's stop: no task left pending when the loop closes."""
+        if self.task is not None:
+            self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await patrol.task
-
-
-_PATROLS: PerLoop[Patrol] = PerLoop(Patrol)
+                await self.task
 
 
 def parse_last_event_id(value: str | None) -> int:
@@ -346,21 +336,21 @@ def attached(access: Access | None, watcher: Watcher) -> Iterator[None]:
 
 def event_response(
     body: AsyncIterator[bytes],
-    settings: Settings,
+    settings: StreamSettings,
     *,
-    shutdown: anyio.Event | None,
+    patrol: Patrol,
     headers: Mapping[str, str] | None = None,
     lease: contextlib.AbstractContextManager[Any] | None = None,
 ) -> EventStream:
     """The SSE response of a stream (docs/protocol.md §2): heartbeats, no caching, a stalled
-    client cut off, and a last `retry:` when the server shuts down (`shutdown`: set
-    then; the app drains its hub on it, and the streams end on their own). `lease` is
-    held while the stream runs."""
+    client cut off, and a last `retry:` when the server shuts down (the patrol's core
+    drains its hub then, and the streams end on their own). `lease` is held while the
+    stream runs."""
     return EventStream(
         body,
         ping_seconds=settings.sse_ping_seconds,
         stall_seconds=settings.sse_send_timeout_seconds,
-        shutdown=shutdown,
+        patrol=patrol,
         headers=headers,
         lease=lease,
     )

@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Literal, Protocol
 
-from kinora.core import metrics
 from kinora.streaming.events import history_lost
 from kinora.streaming.frames import RESYNC, Item
 from kinora.streaming.keys import StreamKey
-from kinora.streaming.per_loop import PerLoop
+from kinora.streaming.metrics import StreamMetrics
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,7 @@ class Source(Protocol):
 
     history_page: int
     slow_cuts: int
+    metrics: StreamMetrics
     delivered: dict[str, int]
 
     async def history(self, key: StreamKey, after: int, limit: int | None = None) -> list[Item]: ...
@@ -42,6 +42,15 @@ class Source(Protocol):
 WAKE_SLICE = 128
 
 
+class Wakeable(Protocol):
+    """What waits in a topic for its next event: a sleeping watcher's future, or a
+    many-jobs stream's hook (kinora.streaming.many)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: None, /) -> None: ...
+
+
 class Pacer:
     """Wakes sleeping watchers, at most WAKE_SLICE per turn of the event loop, in the
     order they went to sleep, so the loop reads its sockets (the Redis subscriber among
@@ -49,18 +58,14 @@ class Pacer:
     written to reaches the ones not yet written to in the same pass, instead of waiting
     for the whole pass to end (which doubled the worst latency of a hot video). A
     watcher that has just written goes to the back of the line: every watcher writes
-    once per pass, with everything that arrived since its last write. One per event
-    loop (`of_this_loop`), shared by every hub and stream of it."""
+    once per pass, with everything that arrived since its last write. One per progress
+    core, shared by its hub and its streams."""
 
     __slots__ = ("handle", "queue")
 
     def __init__(self) -> None:
-        self.queue: deque[asyncio.Future[None]] = deque()
+        self.queue: deque[Wakeable] = deque()
         self.handle: asyncio.Handle | None = None
-
-    @staticmethod
-    def of_this_loop() -> Pacer:
-        return _PACERS.get()
 
     async def wait_turn(self) -> None:
         """Wait behind every watcher already in line, for work that can wait until they
@@ -70,7 +75,7 @@ class Pacer:
             self.queue.append(turn)
             await turn
 
-    def release(self, waiting: list[asyncio.Future[None]]) -> None:
+    def release(self, waiting: Sequence[Wakeable]) -> None:
         self.queue.extend(waiting)
         if self.handle is None:
             self._turn()
@@ -84,9 +89,6 @@ class Pacer:
                 future.set_result(None)
         if queue:
             self.handle = asyncio.get_running_loop().call_soon(self._turn)
-
-
-_PACERS: PerLoop[Pacer] = PerLoop(Pacer)
 
 
 class Topic:
@@ -105,7 +107,7 @@ class Topic:
         self.ready = asyncio.Event()
         self.log: list[Item] = []
         self.base = 0  # the position of log[0] among every event this topic received
-        self.waiting: list[asyncio.Future[None]] = []  # watchers asleep until the next event
+        self.waiting: list[Wakeable] = []  # watchers asleep until the next event
 
     @property
     def end(self) -> int:
@@ -192,7 +194,7 @@ class Watcher:
             return
         self.cut = True
         self.hub.slow_cuts += 1
-        metrics.CLIENTS_CUT.labels(self.transport).inc()
+        self.hub.metrics.clients_cut.labels(self.transport).inc()
         self.hub.detach(self)
         self.topic.wake()
         log.info("watcher of %s cut off: %d events behind", self.key, self.backlog)
@@ -259,30 +261,37 @@ class Watcher:
                     topic.waiting.append(future)
                     await future
                     continue
-                if self.cursor < topic.base:
-                    self.cut_off()
-                    return
-                items = topic.log[self.cursor - topic.base :]
-                self.cursor = topic.end
-                batch: list[Item] = []
-                for item in items:
-                    if item is RESYNC or item.seq > self.last_seq + 1:
-                        # A gap (the subscriber reconnected, events raced, or Redis lost
-                        # data and numbering jumped): fill it from history, or say that
-                        # it cannot be filled.
-                        if batch:
-                            yield self._took(batch)
-                            batch = []
-                        async for page in self.replay(check_lost=False):
-                            yield page
-                    if item is not RESYNC and item.seq > self.last_seq:
-                        self.last_seq = item.seq
-                        batch.append(item)
-                if batch:
-                    yield self._took(batch)
+                async for batch in self.take():
+                    yield batch
         finally:
             if timer is not None:
                 timer.cancel()
+
+    async def take(self) -> AsyncIterator[list[Item]]:
+        """The live events that arrived since it last took (none: nothing did), in seq
+        order, none twice; cut off if it fell too far behind."""
+        topic = self.topic
+        if self.cursor < topic.base:
+            self.cut_off()
+            return
+        items = topic.log[self.cursor - topic.base :]
+        self.cursor = topic.end
+        batch: list[Item] = []
+        for item in items:
+            if item is RESYNC or item.seq > self.last_seq + 1:
+                # A gap (the subscriber reconnected, events raced, or Redis lost data
+                # and numbering jumped): fill it from history, or say that it cannot
+                # be filled.
+                if batch:
+                    yield self._took(batch)
+                    batch = []
+                async for page in self.replay(check_lost=False):
+                    yield page
+            if item is not RESYNC and item.seq > self.last_seq:
+                self.last_seq = item.seq
+                batch.append(item)
+        if batch:
+            yield self._took(batch)
 
     async def events(self, deadline: float | None = None) -> AsyncIterator[Item]:
         """The same as `batches`, one event at a time."""

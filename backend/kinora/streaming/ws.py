@@ -20,11 +20,11 @@ import orjson
 import redis
 from fastapi import WebSocket, WebSocketDisconnect
 
-from kinora.core.config import get_settings
 from kinora.streaming.access import MESSAGES, Access
 from kinora.streaming.events import Event, timestamp
 from kinora.streaming.hub import StreamHub, SubscribeTimeout
 from kinora.streaming.keys import StreamKey
+from kinora.streaming.settings import StreamSettings
 from kinora.streaming.sse import Finish, attached
 from kinora.streaming.watcher import Watcher
 
@@ -59,6 +59,7 @@ async def watch(
     websocket: WebSocket,
     hub: StreamHub,
     key: StreamKey,
+    settings: StreamSettings,
     *,
     hello: dict[str, Any],
     status: str | None = None,
@@ -74,7 +75,9 @@ async def watch(
     try:
         async with hub.watch(key, transport="websocket") as watcher:
             with attached(access, watcher):
-                await _serve_watcher(websocket, hub, key, watcher, status, progress, finish)
+                await _serve_watcher(
+                    websocket, hub, key, watcher, settings, status, progress, finish
+                )
     except (SubscribeTimeout, redis.RedisError) as exc:
         log.warning("WebSocket of %s ended: Redis unreachable (%s)", key, exc)
         await websocket.close(CLOSE_TRY_LATER, reason="Redis unreachable: reconnect")
@@ -87,6 +90,7 @@ async def _serve_watcher(
     hub: StreamHub,
     key: StreamKey,
     watcher: Watcher,
+    settings: StreamSettings,
     status: str | None,
     progress: int | None,
     finish: Finish | None,
@@ -107,11 +111,12 @@ async def _serve_watcher(
     if logs and logs[-1].terminal:
         await websocket.close(1000)
         return
-    await serve(websocket, watcher, finish)
+    await serve(websocket, watcher, settings, finish)
 
 
-async def serve(websocket: WebSocket, watcher: Watcher, finish: Finish | None = None) -> None:
-    settings = get_settings()
+async def serve(
+    websocket: WebSocket, watcher: Watcher, settings: StreamSettings, finish: Finish | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     last_pong = loop.time()
 

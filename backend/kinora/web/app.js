@@ -1,7 +1,7 @@
 // Kinora's page: submit a video, then watch it with kinora-progress.js (EventSource,
 // resumed where it left off, polling while the stream is down). An ES module with no
 // build step; talks only to the API it is served from.
-import { watch } from "/static/kinora-progress.js";
+import { watch, watchMany } from "/static/kinora-progress.js";
 
 const TOKEN_KEY = "kinora.token";
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
@@ -10,6 +10,7 @@ const $ = (id) => document.getElementById(id);
 let token = null;
 let current = null; // {id, streamUrl, lastSeq, watching, status, countdown}
 let submitting = false;
+let list = null; // the list's one stream: every running video of the user (watchMany)
 
 function newKey() {
   if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
@@ -49,6 +50,8 @@ function signOut(message) {
   localStorage.removeItem(TOKEN_KEY);
   token = null;
   closeStream();
+  if (list) list.close();
+  list = null;
   $("app").hidden = true;
   $("sign-out").hidden = true;
   $("sign-in").hidden = false;
@@ -64,6 +67,33 @@ function start() {
   loadVideos().then(() => {
     const match = location.hash.match(/^#video-(\d+)$/);
     if (match) select(Number(match[1]));
+    watchList();
+  });
+}
+
+let reloading = null;
+function reloadList() {
+  reloading = reloading || loadVideos().finally(() => { reloading = null; });
+}
+
+// Every running video's badge moves live, over ONE connection for all of them (a
+// browser holds six per origin: one stream per video would leave the page none).
+function watchList() {
+  if (list) list.close();
+  list = watchMany({
+    // EventSource sends no headers: the API token goes in the URL (only this stream's).
+    streamUrl: `/api/v1/stream?token=${encodeURIComponent(token)}`,
+    onEvent: (id, event) => {
+      const li = $("videos").querySelector(`li[data-id="${id}"]`);
+      if (!li) { reloadList(); return; } // new to the list: it takes it in
+      const badge = li.querySelector(".badge");
+      const status = event.type === "complete" ? event.status : event.status || "processing";
+      badge.className = `badge ${status}`;
+      badge.textContent = status === "processing" && typeof event.progress === "number"
+        ? `${event.progress}%` : status;
+    },
+    onConnection: (state) => { $("videos").dataset.stream = state; },
+    onAccessEnd: () => signOut("Your API token was rotated or has expired: sign in again"),
   });
 }
 

@@ -21,7 +21,6 @@ from kinora.core.models import Video
 from kinora.jobs import dispatch, event_floor, store, webhooks
 from kinora.jobs.errors import RetryPolicy
 from kinora.jobs.lifecycle import Step, VideoParameters
-from kinora.streaming import keys
 from kinora.streaming.events import describe_error
 from kinora.streaming.logger import SSELogger
 from kinora.worker import handback
@@ -93,14 +92,14 @@ def run(
             left = store.lease_left(session, video_id, f":{task_id}")
         if left is not None:
             log.info("video %s: this task's earlier delivery holds it %.1f s more", video_id, left)
-            SSELogger(keys.video(video_id), last_seq=event_floor.floor(video_id)).log(
+            event_floor.video_logger(video_id).log(
                 f"Its worker stopped answering: resuming in {left:.0f} s"
             )
             raise WaitForLease(left)
         log.info("video %s is not pending: skipped (duplicate delivery)", video_id)
         return {"status": "skipped", "video_id": video_id}
-    events = SSELogger(
-        keys.video(video_id),
+    events = event_floor.video_logger(
+        video_id,
         retry_count=retry_count,
         max_retries=max_retries,
         will_retry=lambda exc: policy.will_retry(exc, retry_count),

@@ -19,8 +19,7 @@ import time
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.jobs import dispatch, event_floor, store, webhooks
-from kinora.streaming import keys
-from kinora.streaming.logger import SSELogger, sync_client
+from kinora.streaming.logger import sync_client
 from kinora.worker import holds
 
 log = logging.getLogger(__name__)
@@ -40,10 +39,8 @@ def sweep_once(*, at_start: bool = False) -> store.Sweep:
             stale_pending=0 if at_start else settings.stale_pending_seconds,
         )
     for video_id in found.timed_out:
-        with SSELogger(
-            keys.video(video_id),
-            last_seq=event_floor.floor(video_id),
-            on_complete=event_floor.end_recorder(video_id),
+        with event_floor.video_logger(
+            video_id, on_complete=event_floor.end_recorder(video_id)
         ) as events:
             message = f"generation took longer than {settings.video_timeout_seconds:g} s"
             events.error(message, error_code="timeout", is_retryable=False)
@@ -51,7 +48,7 @@ def sweep_once(*, at_start: bool = False) -> store.Sweep:
         webhooks.notify(video_id, "failed")
     if found.requeue:
         for video_id in found.requeue:
-            with SSELogger(keys.video(video_id), last_seq=event_floor.floor(video_id)) as events:
+            with event_floor.video_logger(video_id) as events:
                 # Refused by the event store if the video ended meanwhile (cancelled).
                 events.log("Its worker stopped answering: queued again")
             dispatch.generate_video(video_id)
@@ -109,4 +106,4 @@ MARKER = "kinora:sweeper:marker"
 def redis_lost_its_data() -> bool:
     """True once after Redis lost its data (and at the very first sweep of a new
     Redis, when there is nothing to lose)."""
-    return bool(sync_client().set(MARKER, 1, nx=True))
+    return bool(sync_client(get_settings().required_redis_url).set(MARKER, 1, nx=True))

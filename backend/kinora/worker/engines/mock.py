@@ -26,6 +26,7 @@ from typing import cast
 
 import redis
 
+from kinora.core.config import get_settings
 from kinora.streaming.logger import sync_client
 from kinora.worker.engines.base import EngineError, ModelJob, TransientEngineError
 from kinora.worker.media import render_test_pattern
@@ -75,7 +76,7 @@ class MockEngine:
 
     @property
     def redis(self) -> redis.Redis:
-        return self._client or sync_client()
+        return self._client or sync_client(get_settings().required_redis_url)
 
     def create(
         self, *, prompt: str, seconds: int, size: str, reference: bytes | None = None
