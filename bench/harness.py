@@ -186,8 +186,9 @@ class RawSSE(asyncio.Protocol):
     (uvicorn frames the body in chunks even for HTTP/1.0; a chunk is one write of
     whole frames, so its size lines are lines of their own, ignored.)"""
 
-    def __init__(self, request: bytes) -> None:
+    def __init__(self, request: bytes, ends: int = 1) -> None:
         self.request = request
+        self.ends = ends  # the `complete` events that end it (a many-jobs stream: one per job)
         self.head = b""  # the response head, until it is complete
         self.tail = b""  # a line that has not fully arrived yet
         self.answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -215,7 +216,9 @@ class RawSSE(asyncio.Protocol):
         data, self.tail = data[:cut], data[cut:]
         self.lines(data)
         if COMPLETE in data:
-            self._close()
+            self.ends -= data.count(COMPLETE)
+            if self.ends <= 0:
+                self._close()
 
     def lines(self, data: bytes) -> None:
         """Whole lines of the body, as they arrive."""
@@ -236,8 +239,8 @@ class SSEClient(RawSSE):
     expression over the whole read, which costs a few microseconds an event, so the
     load generator is not what is measured."""
 
-    def __init__(self, path: str, result: LoadResult) -> None:
-        super().__init__(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    def __init__(self, path: str, result: LoadResult, ends: int = 1) -> None:
+        super().__init__(f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n".encode(), ends)
         self.result = result
 
     def lines(self, data: bytes) -> None:
@@ -246,8 +249,8 @@ class SSEClient(RawSSE):
         before = len(latencies)
         latencies.extend(received - float(m[1]) for m in SENT_AT.finditer(data))
         self.result.delivered += len(latencies) - before
-        if COMPLETE in data:
-            self.result.complete += 1
+        if COMPLETE in data and self.ends <= data.count(COMPLETE):
+            self.result.complete += 1  # the stream has every `complete` it waits for
 
 
 def load_process(
@@ -257,6 +260,7 @@ def load_process(
     finished_flag: MpEvent,
     results: Any,
     timeout: float,
+    ends: int = 1,
 ) -> None:
     """Open one SSE connection per path (at most 256 handshakes at a time), read each
     until `complete` or the timeout."""
@@ -270,7 +274,7 @@ def load_process(
 
         async def connect(path: str) -> None:
             async with gate:
-                client = SSEClient(path, result)
+                client = SSEClient(path, result, ends)
                 try:
                     await loop.create_connection(lambda: client, "127.0.0.1", port)
                 except OSError:
@@ -360,11 +364,22 @@ def run_load(
     loaders: int = 2,
     settle: float = 2.0,
     timeout: float = 120.0,
+    many: int = 0,
 ) -> dict[str, Any]:
     """`watchers` SSE clients spread over `videos` videos; `per_video` events published
-    to each at `rate` events/s in all. Returns delivery, latency and server figures."""
+    to each at `rate` events/s in all. Returns delivery, latency and server figures.
+    `many`: each client watches `many` of the videos on one many-jobs stream
+    (`GET /api/v1/stream?video=…`) instead of one."""
     ids = w.videos(videos)
-    paths = [server.url_path(ids[i % videos], w.token) for i in range(watchers)]
+    if many:
+        paths = [
+            "/api/v1/stream?"
+            + "&".join(f"video={ids[(i + j) % videos]}" for j in range(many))
+            + f"&token={w.token}"
+            for i in range(watchers)
+        ]
+    else:
+        paths = [server.url_path(ids[i % videos], w.token) for i in range(watchers)]
     rss_idle = server.rss()
     results = SPAWN.Queue()
     connected = [SPAWN.Event() for _ in range(loaders)]
@@ -372,7 +387,15 @@ def run_load(
     procs = [
         SPAWN.Process(
             target=load_process,
-            args=(server.port, paths[i::loaders], connected[i], finished[i], results, timeout),
+            args=(
+                server.port,
+                paths[i::loaders],
+                connected[i],
+                finished[i],
+                results,
+                timeout,
+                max(many, 1),
+            ),
         )
         for i in range(loaders)
     ]
@@ -401,7 +424,7 @@ def run_load(
     latencies = np.concatenate([np.frombuffer(part[4], dtype=np.float64) for part in parts])
     connected_total = sum(part[0] for part in parts)
     delivered = sum(part[2] for part in parts)
-    expected = watchers * per_video
+    expected = watchers * per_video * max(many, 1)
     return {
         "server": server.name,
         "watchers": watchers,

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
-from tasks import BROKER_URL, import_csv
+from tasks import BROKER_URL, STORE, import_csv
 
-from kinora.streaming import progress_router
+from kinora.streaming import keys, progress_router
 
 # The imports this app started. A real app would ask its database whether the caller
-# may see the job; this one lets anyone watch any import it started.
+# may see the job; this one lets anyone watch any import it started (or, with a store,
+# any import the store knows: they survive a restart of the app).
 STARTED: set[str] = set()
 
 
-def can_watch(request: Any, job_id: str) -> bool:
-    return job_id in STARTED
+async def can_watch(request: Any, job_id: str) -> bool:
+    if job_id in STARTED:
+        return True
+    return STORE is not None and await STORE.load(keys.job(job_id)) is not None
 
 
 app = FastAPI(title="CSV import")
-app.include_router(progress_router(authorize=can_watch, redis_url=BROKER_URL), prefix="/progress")
+events = os.environ.get("REDIS_URL", BROKER_URL)  # where the tasks publish
+app.include_router(
+    progress_router(authorize=can_watch, redis_url=events, store=STORE), prefix="/progress"
+)
 
 
 @app.post("/imports", status_code=202)

@@ -237,9 +237,13 @@ class Watcher(threading.Thread):
     """An EventSource: reconnects with Last-Event-ID after any drop, waits after a 503,
     stops at `complete` or a 204; records everything it saw."""
 
-    def __init__(self, base: str, video_id: int, token: str, deadline: float) -> None:
+    def __init__(
+        self, base: str, video_id: int, token: str, deadline: float, *, url: str | None = None
+    ) -> None:
         super().__init__(daemon=True)
         self.base = base
+        # A video's stream, unless told another (a library host's job: no token).
+        self.url = url or f"{base}/api/v1/videos/{video_id}/stream"
         self.video_id = video_id
         self.token = token
         self.deadline = deadline
@@ -252,10 +256,10 @@ class Watcher(threading.Thread):
         while time.monotonic() < self.deadline:
             if self.events and self.events[-1]["type"] == "complete":
                 return
-            headers = {"Authorization": f"Bearer {self.token}"}
+            headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
             if last_id is not None:
                 headers["Last-Event-ID"] = last_id
-            url = f"{self.base}/api/v1/videos/{self.video_id}/stream"
+            url = self.url
             started = time.monotonic()
             try:
                 with (

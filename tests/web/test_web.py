@@ -234,11 +234,16 @@ def test_eight_running_videos_move_on_one_connection_and_the_page_still_answers(
     # Every badge ends as its video did (some of the eight wait behind the others past
     # the tests' short deadline, and fail: the badge says so too).
     final = ".badge.completed, .badge.failed, .badge.cancelled"
-    page.wait_for_function(
-        f"document.querySelectorAll('#videos li').length === 8 && "
-        f"document.querySelectorAll('#videos li :is({final})').length === 8",
-        timeout=90_000,
-    )
+    try:
+        page.wait_for_function(
+            f"document.querySelectorAll('#videos li').length === 8 && "
+            f"document.querySelectorAll('#videos li :is({final})').length === 8",
+            timeout=90_000,
+        )
+    except Exception:  # what the page showed, and what its one stream was doing
+        print(page.eval_on_selector_all("#videos li", "els => els.map(e => e.textContent)"))
+        print(page.eval_on_selector("#videos", "e => e.dataset.stream"), streams)
+        raise
     shown = page.eval_on_selector_all(
         "#videos li", "els => els.map(e => [+e.dataset.id, e.querySelector('.badge').textContent])"
     )

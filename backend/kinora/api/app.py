@@ -57,7 +57,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.fresh_ends = FreshEnds()
         app.state.grants = Grants()
         patrol = asyncio.create_task(app.state.grants.patrol(), name="token-revocations")
-        tune_gc()
+        if app.state.tune_gc:
+            tune_gc()
         try:
             yield
         finally:
@@ -168,7 +169,10 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 WEB = Path(__file__).resolve().parent.parent / "web"
 
 
-def create_app() -> FastAPI:
+def create_app(*, gc_tuned: bool = False) -> FastAPI:
+    """The API. `gc_tuned`: the app owns its process (`kinora api`) and tunes its
+    garbage collector at start-up (tune_gc), which an app among others (the tests', a
+    host's) must not do to its process."""
     settings = get_settings()
     logs.configure(settings.log_format, settings.log_level)
     # /docs and /redoc load their scripts from this server, not a CDN: they work offline.
@@ -180,6 +184,7 @@ def create_app() -> FastAPI:
         favicon_url="/favicon.ico",
         redoc_url=None,  # ours below: the same page, kept from reaching out
     )
+    app.state.tune_gc = gc_tuned
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
@@ -235,4 +240,4 @@ def create_app() -> FastAPI:
 def serve() -> ASGIApp:
     """The app as `kinora api` serves it: streams write their bodies straight to the
     server (kinora.streaming.sse.direct_writes)."""
-    return direct_writes(create_app())
+    return direct_writes(create_app(gc_tuned=True))

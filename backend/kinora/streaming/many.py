@@ -36,27 +36,33 @@ log = logging.getLogger(__name__)
 
 
 class Hook:
-    """A lane's place in its topic's waiting line: an event there wakes the stream."""
+    """A lane's place in its topic's waiting line: each event there marks the lane
+    ready and wakes the stream. It stays in line (it puts itself back when it is
+    woken) until its lane closes."""
 
-    __slots__ = ("armed", "mux")
+    __slots__ = ("armed", "lane", "mux")
 
-    def __init__(self, mux: Mux) -> None:
+    def __init__(self, mux: Mux, lane: Lane) -> None:
         self.mux = mux
-        self.armed = False
+        self.lane = lane
+        self.armed = True
+        lane.watcher.topic.waiting.append(self)
 
     def done(self) -> bool:
         return not self.armed
 
     def set_result(self, _result: None, /) -> None:
-        if self.armed:
-            self.armed = False
-            self.mux.wake()
+        if not self.armed:
+            return
+        lane = self.lane
+        lane.watcher.topic.waiting.append(self)  # in line for the next event
+        self.mux.mark(lane)
 
 
 class Lane:
     """One job of a many-jobs stream."""
 
-    __slots__ = ("context", "grant", "hook", "name", "watcher")
+    __slots__ = ("context", "flagged", "grant", "hook", "name", "watcher")
 
     def __init__(
         self,
@@ -64,75 +70,74 @@ class Lane:
         name: str,
         context: AbstractAsyncContextManager[Watcher],
         watcher: Watcher,
-        hook: Hook,
     ) -> None:
         self.grant = grant
         self.name = name
         self.context = context
         self.watcher = watcher
-        self.hook = hook
-
-    @property
-    def ready(self) -> bool:
-        watcher = self.watcher
-        return watcher.cursor != watcher.topic.end or watcher.cut or watcher.expired
+        self.flagged = False  # in the stream's ready list
+        self.hook: Hook | None = None
 
 
 class Mux:
-    """The lanes of one stream, and the one future they wake."""
+    """The lanes of one stream, the ones an event has reached since it last looked,
+    and the one future that wakes it."""
 
     def __init__(self, hub: StreamHub, watch: Watch) -> None:
         self.hub = hub
         self.watch = watch
         self.lanes: dict[str, Lane] = {}
+        self.ready: list[Lane] = []
         self.future: asyncio.Future[None] | None = None
         self.expired = False
 
-    def wake(self) -> None:
+    def mark(self, lane: Lane) -> None:
+        if not lane.flagged:
+            lane.flagged = True
+            self.ready.append(lane)
         future = self.future
         if future is not None and not future.done():
             future.set_result(None)
 
     def expire(self) -> None:
         self.expired = True
-        self.wake()
+        future = self.future
+        if future is not None and not future.done():
+            future.set_result(None)
 
-    async def open(self, grant: Grant, name: str, after: int) -> Lane:
+    async def open(self, grant: Grant, name: str, after: int, *, lost: bool = True) -> Lane:
         context = self.hub.watch(
-            grant.key, after, floor=grant.floor, lost=lost_notice(grant.key, grant.store)
-        )
+            grant.key, after, floor=grant.floor,
+            lost=lost_notice(grant.key, grant.store) if lost else None,
+        )  # fmt: skip
         watcher = await context.__aenter__()
-        lane = self.lanes[name] = Lane(grant, name, context, watcher, Hook(self))
+        lane = self.lanes[name] = Lane(grant, name, context, watcher)
+        lane.hook = Hook(self, lane)
+        self.mark(lane)  # what reached it before its hook was in line
         if self.watch.access is not None:
             self.watch.access.attach(watcher)
         return lane
 
     async def close(self, lane: Lane) -> None:
         self.lanes.pop(lane.name, None)
-        lane.hook.armed = False  # it may still stand in its topic's line: it wakes no one
+        if lane.hook is not None:
+            lane.hook.armed = False  # it may still stand in its topic's line: it wakes no one
         if self.watch.access is not None:
             self.watch.access.detach(lane.watcher)
         await lane.context.__aexit__(None, None, None)
 
     async def sleep(self) -> None:
         """Until an event reaches any lane (or the stream must end)."""
+        if self.ready or self.expired:
+            return
         self.future = asyncio.get_running_loop().create_future()
-        for lane in self.lanes.values():
-            if lane.ready:
-                return
-            hook = lane.hook
-            if not hook.armed:
-                hook.armed = True
-                lane.watcher.topic.waiting.append(hook)
-        if not self.expired:
-            await self.future
+        await self.future
 
-    def ended_by(self) -> Watcher | None:
-        """A lane whose watcher was cut off, drained or expired: the stream ends."""
-        for lane in self.lanes.values():
-            if lane.watcher.cut or lane.watcher.expired:
-                return lane.watcher
-        return None
+    def take_ready(self) -> list[Lane]:
+        ready, self.ready = self.ready, []
+        for lane in ready:
+            lane.flagged = False
+        return ready
 
 
 class Frames:
@@ -162,21 +167,101 @@ class Frames:
         return b"".join(parts)
 
 
+class Stream:
+    """One many-jobs stream's state: its lanes, its cursor, what it resumes from."""
+
+    def __init__(
+        self, hub: StreamHub, watch: Watch, resume: dict[str, int], settings: StreamSettings
+    ) -> None:
+        self.mux = Mux(hub, watch)
+        self.watch = watch
+        self.resume = resume
+        self.settings = settings
+        self.following = watch.follow is not None
+        self.out = Frames({})
+        self.news: Lane | None = None  # the announcements of the caller's new jobs
+
+    async def join(self, grant: Grant) -> AsyncIterator[bytes]:
+        """A job joins the stream: its events after the cursor's position, then (unless
+        it has ended) a lane for its live ones."""
+        name = cursor.token(grant.key.id)
+        mux, positions = self.mux, self.out.positions
+        if name in mux.lanes:
+            return
+        after = self.resume.get(name, 0)
+        record = grant.record
+        if record is not None and record.ended:
+            end = await ended.find_end(mux.hub, grant, self.settings.retention)
+            if end is not None:
+                if after < end:
+                    lost = lost_notice(grant.key, grant.store)
+                    async for batch in ended.replay(mux.hub, grant, after, end, lost):
+                        yield self.out.of(name, batch)
+                if self.following:
+                    positions.pop(name, None)  # final: it will not be listed again
+                else:
+                    positions[name] = max(after, positions.get(name, 0))
+                return
+        lane = await mux.open(grant, name, after)
+        if not self.following:
+            positions.setdefault(name, after)
+        async for batch in lane.watcher.replay():
+            chunk, finished = self.batch(lane, batch)
+            yield chunk
+            if finished:
+                await self.finished(lane)
+                return
+
+    async def announced(self, batch: list[Item]) -> AsyncIterator[bytes]:
+        """Jobs the caller submitted: each joins the stream (from its first event)."""
+        follow = self.watch.follow
+        assert follow is not None
+        for item in batch:
+            self.out.positions[cursor.NEW] = item.seq
+            job = _job_of(item)
+            grant = None if job is None else await follow.grant(job)
+            if grant is not None:
+                async for chunk in self.join(grant):
+                    yield chunk
+
+    async def long_way(self, lane: Lane) -> AsyncIterator[bytes]:
+        """A lane's events when history must fill a gap first, or the announcements."""
+        async for batch in lane.watcher.take():
+            if lane is self.news:
+                async for chunk in self.announced(batch):
+                    yield chunk
+                continue
+            chunk, finished = self.batch(lane, batch)
+            yield chunk
+            if finished:
+                await self.finished(lane)
+
+    def batch(self, lane: Lane, batch: list[Item]) -> tuple[bytes, bool]:
+        """A lane's batch as frames, its `complete` made as it is sent; whether it ended."""
+        finished = batch[-1].terminal
+        finish = lane.grant.finish
+        if finished and finish is not None:
+            batch = [*batch[:-1], finish(batch[-1])]
+        return self.out.of(lane.name, batch), finished
+
+    async def finished(self, lane: Lane) -> None:
+        """A job's `complete` went out: its lane closes (following the caller's jobs,
+        the cursor forgets it: it is final, and will not be listed again)."""
+        await self.mux.close(lane)
+        if self.following:
+            self.out.positions.pop(lane.name, None)
+
+
 async def frames(
-    hub: StreamHub,
-    watch: Watch,
-    resume: dict[str, int],
-    settings: StreamSettings,
+    hub: StreamHub, watch: Watch, resume: dict[str, int], settings: StreamSettings
 ) -> AsyncIterator[bytes]:
     """`retry:`, then every event of every job after the client's cursor, until every
     listed job has ended (or, following the caller's new jobs, until the timeout)."""
     retry_ms = settings.sse_retry_ms
     yield b"retry: %d\n\n" % retry_ms
     loop = asyncio.get_running_loop()
-    mux = Mux(hub, watch)
-    following = watch.follow is not None
-    positions: dict[str, int] = {}
-    out = Frames(positions)
+    stream = Stream(hub, watch, resume, settings)
+    mux = stream.mux
     timers = [loop.call_later(settings.sse_timeout_seconds, mux.expire)]
     access = watch.access
     if access is not None and access.expires is not None:
@@ -184,57 +269,49 @@ async def frames(
             loop.call_later(max(0.0, access.expires - time.time()), access.end, "expired")
         )
     try:
-        pending: list[bytes] = []
         for grant in watch.grants:
-            async for chunk in _join(mux, out, grant, resume, settings, following):
-                pending.append(chunk)
-            if pending:
-                yield b"".join(pending)
-                pending = []
-        news: Watcher | None = None
+            joined = [chunk async for chunk in stream.join(grant)]
+            if joined:
+                yield b"".join(joined)
         if watch.follow is not None:
             follow = watch.follow
             after = resume.get(cursor.NEW, follow.after)
-            positions[cursor.NEW] = after
-            announced = hub.watch(follow.key, after)
-            news = await announced.__aenter__()  # closed with the lanes
-            mux.lanes[cursor.NEW] = Lane(Grant(follow.key), cursor.NEW, announced, news, Hook(mux))
+            stream.out.positions[cursor.NEW] = after
+            news = stream.news = await mux.open(Grant(follow.key), cursor.NEW, after, lost=False)
+            async for batch in news.watcher.replay():  # announced since the cursor
+                async for chunk in stream.announced(batch):
+                    yield chunk
         elif not mux.lanes:
             yield LastChunk(b"")  # every listed job had ended: the client has them all
             return
-        replayed = news.replay() if news is not None else None
-        while True:
-            if replayed is not None:  # the announcements since the cursor, first
-                async for batch in replayed:
-                    async for chunk in _announced(mux, out, batch, resume, settings):
+        stop: Watcher | None = None
+        while stop is None and not mux.expired:
+            await mux.sleep()
+            parts: list[bytes] = []
+            for lane in mux.take_ready():
+                watcher = lane.watcher
+                if lane.name not in mux.lanes:
+                    continue  # closed meanwhile
+                if watcher.cut or watcher.expired:
+                    stop = watcher
+                    break
+                taken = None if lane is stream.news else watcher.take_now()
+                if taken is None:  # a gap to fill, or new jobs: the long way
+                    if parts:
+                        yield b"".join(parts)
+                        parts = []
+                    async for chunk in stream.long_way(lane):
                         yield chunk
-                replayed = None
-            stop = mux.ended_by()
-            if stop is not None or mux.expired:
-                break
-            wrote = False
-            for lane in list(mux.lanes.values()):
-                if not lane.ready:
-                    continue
-                async for batch in lane.watcher.take():
-                    if lane.name == cursor.NEW:
-                        async for chunk in _announced(mux, out, batch, resume, settings):
-                            yield chunk
-                        continue
-                    chunk, finished = _lane_batch(out, lane.grant, lane.name, batch)
+                elif taken:
+                    chunk, finished = stream.batch(lane, taken)
+                    parts.append(chunk)
                     if finished:
-                        await mux.close(lane)
-                        if not following:
-                            positions[lane.name] = batch[-1].seq
-                        else:
-                            positions.pop(lane.name, None)
-                        if not following and not mux.lanes:
-                            yield LastChunk(chunk)  # every listed job has ended
-                            return
-                    yield chunk
-                    wrote = True
-            if not wrote:
-                await mux.sleep()
+                        await stream.finished(lane)
+            if not stream.following and not mux.lanes:
+                yield LastChunk(b"".join(parts))  # every listed job has ended
+                return
+            if parts:
+                yield b"".join(parts)
         why = stop.drained if stop is not None else None
         if why == "expired" or why == "revoked":
             yield LastChunk(sse_notice(None, why))
@@ -250,72 +327,6 @@ async def frames(
         for lane in list(mux.lanes.values()):
             with contextlib.suppress(Exception):
                 await mux.close(lane)
-
-
-def _lane_batch(out: Frames, grant: Grant, name: str, batch: list[Item]) -> tuple[bytes, bool]:
-    """A lane's batch as frames, its `complete` made as it is sent; whether it ended."""
-    finished = batch[-1].terminal
-    if finished and grant.finish is not None:
-        batch = [*batch[:-1], grant.finish(batch[-1])]
-    return out.of(name, batch), finished
-
-
-async def _join(
-    mux: Mux,
-    out: Frames,
-    grant: Grant,
-    resume: dict[str, int],
-    settings: StreamSettings,
-    following: bool,
-) -> AsyncIterator[bytes]:
-    """A job joins the stream: its events after the cursor's position, then (unless it
-    has ended) a lane for its live ones."""
-    name = cursor.token(grant.key.id)
-    if name in mux.lanes:
-        return
-    after = resume.get(name, 0)
-    record = grant.record
-    hub = mux.hub
-    if record is not None and record.ended:
-        end = await ended.find_end(hub, grant, settings.retention)
-        if end is not None:
-            if after < end:
-                lost = lost_notice(grant.key, grant.store)
-                async for batch in ended.replay(hub, grant, after, end, lost):
-                    yield out.of(name, batch)
-            elif not following:
-                out.positions[name] = after
-            if following:
-                out.positions.pop(name, None)
-            return
-    lane = await mux.open(grant, name, after)
-    if not following:
-        out.positions.setdefault(name, after)
-    async for batch in lane.watcher.replay():
-        chunk, finished = _lane_batch(out, grant, name, batch)
-        yield chunk
-        if finished:
-            await mux.close(lane)
-            if following:
-                out.positions.pop(name, None)
-            return
-
-
-async def _announced(
-    mux: Mux, out: Frames, batch: list[Item], resume: dict[str, int], settings: StreamSettings
-) -> AsyncIterator[bytes]:
-    """Jobs the caller submitted: each joins the stream (from its first event)."""
-    follow = mux.watch.follow
-    assert follow is not None
-    for item in batch:
-        out.positions[cursor.NEW] = item.seq
-        job = _job_of(item)
-        if job is None:
-            continue
-        grant = await follow.grant(job)
-        if grant is not None:
-            async for chunk in _join(mux, out, grant, resume, settings, following=True):
-                yield chunk
 
 
 def _job_of(item: Item) -> str | None:

@@ -261,11 +261,34 @@ class Watcher:
                     topic.waiting.append(future)
                     await future
                     continue
-                async for batch in self.take():
+                batch = self.take_now()
+                if batch is None:  # a gap: filled from history
+                    async for batch in self.take():
+                        yield batch
+                elif batch:
                     yield batch
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def take_now(self) -> list[Item] | None:
+        """`take` without waiting, when nothing is missing (almost always): the live
+        events since it last took, in seq order; None when there is a gap to fill from
+        history first (then `take`)."""
+        topic = self.topic
+        if self.cursor < topic.base:
+            self.cut_off()
+            return []
+        last = self.last_seq
+        batch: list[Item] = []
+        for item in topic.log[self.cursor - topic.base :]:
+            if item is RESYNC or item.seq > last + 1:
+                return None
+            if item.seq > last:
+                last = item.seq
+                batch.append(item)
+        self.cursor = topic.end
+        return self._took(batch) if batch else batch
 
     async def take(self) -> AsyncIterator[list[Item]]:
         """The live events that arrived since it last took (none: nothing did), in seq
