@@ -136,3 +136,16 @@ def test_recovery() -> None:
         assert run["status"] == "completed", run
         assert run["problems"] == [], run
         assert run["seconds_to_next_event"] <= run["seconds_to_resume"]
+
+
+def test_many() -> None:
+    result = bench("many", "--clients", "40", "--jobs", "4", "--events", "3", "--rate", "80")
+    for shape, connections in (("single", 160), ("many", 40)):
+        run = result[shape]
+        assert run["connections"] == connections
+        assert run["connected"] == connections
+        assert run["delivered_ratio"] == 1.0
+        assert run["completed_streams"] == connections
+    assert set(result["many_vs_single"]) == {
+        "p50_ms", "p99_ms", "cpu_us_per_delivery", "rss_per_client_kb", "connections",
+    }  # fmt: skip

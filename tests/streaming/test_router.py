@@ -18,7 +18,6 @@ from fastapi import FastAPI, Request
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from kinora.core.config import get_settings
 from kinora.streaming import SSELogger, progress_router
 from tests.utils.clients import events_of, read_stream
 from tests.utils.processes import wait_for
@@ -37,13 +36,13 @@ async def can_watch_async(request: Request, job_id: str) -> bool:
 
 @pytest.fixture
 def broker_only(environment: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """REDIS_URL unset: the task's events must find Redis through its broker."""
+    """REDIS_URL unset: the task's events must find Redis through its broker. (The layer
+    reads the environment when it is asked, and none of Kinora's settings: nothing to
+    forget.)"""
     url = environment["REDIS_URL"]
     monkeypatch.delenv("REDIS_URL")
-    get_settings.cache_clear()
     yield url
     monkeypatch.setenv("REDIS_URL", url)
-    get_settings.cache_clear()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -68,19 +69,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def stream_settings(settings: Settings) -> StreamSettings:
-    """The progress core's settings, from Kinora's (environment and `.env`)."""
+    """The progress core's settings, from Kinora's (environment and `.env`): each of
+    StreamSettings's fields is Kinora's setting of the same name."""
+    same = {
+        field.name: getattr(settings, field.name)
+        for field in dataclasses.fields(StreamSettings)
+        if field.name not in ("redis_url", "retention")
+    }
     return StreamSettings(
         redis_url=settings.required_redis_url,
-        sse_ping_seconds=settings.sse_ping_seconds,
-        sse_timeout_seconds=settings.sse_timeout_seconds,
-        sse_retry_ms=settings.sse_retry_ms,
-        sse_send_timeout_seconds=settings.sse_send_timeout_seconds,
-        ws_ping_seconds=settings.ws_ping_seconds,
-        ws_pong_timeout_seconds=settings.ws_pong_timeout_seconds,
-        stream_queue_size=settings.stream_queue_size,
-        presence_ttl_seconds=settings.presence_ttl_seconds,
-        history_page_size=settings.history_page_size,
         retention=Retention(settings.event_history_max, settings.event_retention_seconds),
+        **same,
     )
 
 
