@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import io
 import itertools
-import signal
 import socket
 import subprocess
 import time
@@ -439,55 +438,6 @@ def test_a_client_that_never_reads_again_gives_back_its_stream_slot(
             wait_for("the stalled client's slot given back", watchable, timeout=20)
     finally:
         stop(api)
-
-
-def test_sigterm_tells_streams_to_come_back_and_exits_within_ten_seconds(
-    stack: Stack, account: Account, environment: dict[str, str], var_dir: Path
-) -> None:
-    video = unqueued_video(account)
-    with SSELogger(keys.video(video.id)) as log:
-        log.step(1, "Validating request parameters...", progress=3)
-    api, base = start_api(environment, var_dir / "logs" / "api-term.log")
-    try:
-        lines: list[str] = []
-        with (
-            httpx.Client(timeout=httpx.Timeout(10, read=12)) as client,
-            client.stream(
-                "GET", f"{base}/api/v1/videos/{video.id}/stream", headers=account.headers
-            ) as response,
-        ):
-            assert response.status_code == 200
-            stream = response.iter_lines()
-            for line in stream:
-                lines.append(line)
-                if line.startswith("data: "):
-                    break
-            signalled = time.monotonic()
-            api.send_signal(signal.SIGTERM)
-            lines.extend(stream)  # ends when the server closes it
-            closed = time.monotonic() - signalled
-        # uvicorn re-raises the signal once it has shut down cleanly.
-        assert api.wait(10) in (0, -signal.SIGTERM)
-        exited = time.monotonic() - signalled
-        assert "Application shutdown complete" in (var_dir / "logs" / "api-term.log").read_text()
-    finally:
-        stop(api)
-    retries = [line for line in lines if line.startswith("retry: ")]
-    assert len(retries) == 2, lines  # the opening one, and "come back" at shutdown
-    assert 0 < int(retries[1][7:]) <= 3000
-    assert lines.index(retries[1]) > lines.index(next(x for x in lines if x.startswith("data: ")))
-    assert closed < 5
-    assert exited < 10
-    # It comes back to a surviving process and misses nothing.
-    with SSELogger(keys.video(video.id)) as log:
-        log.step(2, "No reference image", progress=10)
-    _, rest = read_stream(
-        f"{stack.base_url}/api/v1/videos/{video.id}/stream",
-        headers={**account.headers, "Last-Event-ID": ids_of(lines)[-1]},
-        limit=1,
-        timeout=10,
-    )
-    assert [e["seq"] for e in events_of(rest)] == [int(ids_of(lines)[-1]) + 1]
 
 
 def test_a_shared_stream_url_has_any_audience_while_the_api_token_is_capped(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import func, select, text
@@ -28,9 +28,13 @@ def _database_ok() -> None:
         conn.execute(text("SELECT 1"))
 
 
-@router.get("/readyz", responses={503: {"description": "database or Redis unreachable"}})
-async def readyz(hub: HubDep) -> Any:
-    """The database and Redis are reachable."""
+@router.get(
+    "/readyz", responses={503: {"description": "draining, or database or Redis unreachable"}}
+)
+async def readyz(request: Request, hub: HubDep) -> Any:
+    """The database and Redis are reachable, and the process is not shutting down."""
+    if request.app.state.progress.draining:  # SIGTERM: send no one new here
+        return JSONResponse({"status": "draining"}, 503)
     checks: dict[str, str] = {}
     try:
         await run_in_threadpool(_database_ok)

@@ -255,6 +255,8 @@ def run_all(*, host: str, port: int, workers: int) -> int:
     var = settings.var_dir.resolve()
     var.mkdir(parents=True, exist_ok=True)
     env = child_environment(KINORA_VAR_DIR=str(var), PYTHONUNBUFFERED="1")
+    # Ctrl-C ends everything within GRACE_SECONDS: the API's drain is short here.
+    env.setdefault("DRAIN_SECONDS", "2")
     if METRICS_DIR_ENV not in env:
         # One directory of metric files for the API and the worker: the API's /metrics
         # shows the worker's task outcomes and model latency too.

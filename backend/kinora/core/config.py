@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     sse_send_timeout_seconds: float = 30.0
     ws_ping_seconds: float = 30.0
     ws_pong_timeout_seconds: float = 60.0
+    # On SIGTERM, an API process answers /readyz with 503 and ends its streams with a
+    # last `retry:` spread over this many seconds, then stops (README, Deployment).
+    drain_seconds: float = Field(default=5.0, ge=0)
 
     video_timeout_seconds: int = 1200
     # A worker's claim on a video lasts this long and is renewed (every third of it)

@@ -11,9 +11,13 @@ alike, so each promise is kept once, for both.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from types import FrameType
 from typing import Any
 
 import redis
@@ -36,6 +40,9 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_SECONDS = 2
 # Events a snapshot carries: enough to draw a job's state without the stream.
 RECENT_EVENTS = 50
+# After the drain's time, how long streams still writing their goodbye may take before
+# the server is told to shut down.
+HANDOFF_MARGIN_SECONDS = 0.5
 # Jobs one many-jobs stream may list (docs/protocol.md §6).
 MAX_JOBS = 50
 
@@ -74,6 +81,9 @@ class ProgressCore:
         self._settings: StreamSettings | None = settings
         self._hub: StreamHub | None = None
         self._patrol: Patrol | None = None
+        self.draining = False  # shutting down: /readyz says so, streams say goodbye
+        self._previous: dict[int, Any] = {}  # the server's signal handlers, ours in front
+        self._handoff: asyncio.Task[None] | None = None
 
     @property
     def settings(self) -> StreamSettings:
@@ -109,11 +119,16 @@ class ProgressCore:
             pacer=pacer,
         )
         self._patrol = Patrol(pacer, on_shutdown=self.drain)
+        self.draining = False
         await self._hub.start()
+        self._own_signals()
 
     async def stop(self) -> None:
         if self._hub is None:
             return
+        self._release_signals()
+        if self._handoff is not None:
+            self._handoff.cancel()
         await self.patrol.stop()
         await self._hub.stop()
         self._hub = None
@@ -127,9 +142,76 @@ class ProgressCore:
         finally:
             await self.stop()
 
-    def drain(self) -> int:
-        """The process is shutting down: every stream ends with a last `retry:`."""
-        return self.hub.drain("shutdown")
+    def drain(self, spread: float = 0.0) -> int:
+        """The process is shutting down: `/readyz` answers 503 from now on, and every
+        stream ends with a last `retry:` (WebSockets close with 1012), each at a random
+        moment within `spread` seconds so their clients come back to the other
+        processes spread out; a stream opened meanwhile gets its history and the same
+        goodbye. Returns how many streams were told."""
+        if self.draining:
+            return 0
+        self.draining = True
+        self.patrol.shutting_down(spread)
+        return self.hub.drain("shutdown", spread=spread)
+
+    # -- the shutdown signal --------------------------------------------------------------
+
+    def _own_signals(self) -> None:
+        """Stand in front of the server's SIGTERM and SIGINT handlers (uvicorn's, in each
+        of `--workers N` processes: a dependency's patch of the server class does not
+        reach the handler a worker process installed before it imported the app)."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only (an app served from a thread)
+        loop = asyncio.get_running_loop()
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(self._signalled, signum, frame)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if callable(previous):  # a server that catches it (not the default action)
+                self._previous[signum] = previous
+                signal.signal(signum, handler)
+
+    def _release_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum, previous in self._previous.items():
+                signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _signalled(self, signum: int, frame: FrameType | None) -> None:
+        """SIGTERM: drain over `drain_seconds`, then the server shuts down (requests in
+        flight finish). SIGINT (Ctrl-C), a second signal, or no drain time: at once."""
+        previous: Callable[[int, FrameType | None], Any] = self._previous[signum]
+        spread = self.settings.drain_seconds
+        if signum != signal.SIGTERM or self._handoff is not None or spread <= 0 or not self._hub:
+            if self._hub is not None:
+                self.drain()
+            previous(signum, frame)
+            return
+        told = self.drain(spread)
+        log.info("SIGTERM: draining %d streams over %g s, then shutting down", told, spread)
+        self._handoff = asyncio.get_running_loop().create_task(
+            self._hand_off(previous, signum, frame, spread), name="drain"
+        )
+
+    def _open(self) -> bool:
+        return bool(self.patrol.streams or self.hub.watching)
+
+    async def _hand_off(
+        self,
+        previous: Callable[[int, FrameType | None], Any],
+        signum: int,
+        frame: FrameType | None,
+        spread: float,
+    ) -> None:
+        """The server's own handler once every stream has said goodbye (or the drain's
+        time is up): it stops accepting, lets requests in flight finish, and exits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + spread + HANDOFF_MARGIN_SECONDS
+        while loop.time() < deadline and self._open():  # noqa: ASYNC110 (two counts, no event)
+            await asyncio.sleep(0.1)
+        previous(signum, frame)
 
     # -- the route bodies ---------------------------------------------------------------
 

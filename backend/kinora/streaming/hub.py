@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any, Literal, cast
@@ -96,6 +97,7 @@ class StreamHub:
         self.queue_size = queue_size
         self.subscribe_timeout = subscribe_timeout
         self.slow_cuts = 0
+        self.closing = False  # shutting down: a new watcher ends at once
         self._last_pong = float("-inf")
         self._topics: dict[bytes, Topic] = {}
         # SUBSCRIBEs sent whose confirmation has not come back, per channel.
@@ -172,6 +174,8 @@ class StreamHub:
             self._ops.put_nowait(("sub", name))
         watcher = Watcher(self, key, topic, after, transport, floor=floor, lost=lost)
         topic.watchers.add(watcher)  # registered before the subscription can go live
+        if self.closing:
+            watcher.end("shutdown")  # its history, then a `retry:` towards another process
         self.presence.joined(key)
         clients = self.metrics.clients.labels(transport)
         clients.inc()
@@ -202,17 +206,33 @@ class StreamHub:
             del self._topics[name]
             self._ops.put_nowait(("unsub", name))
 
-    def drain(self, why: Drain = "shutdown") -> int:
+    def drain(self, why: Drain = "shutdown", spread: float = 0.0) -> int:
         """End every watcher's stream; each client is told to come back: to another
-        process (`shutdown`), or once Redis answers again (`redis`). Returns how many
-        were ended."""
-        ended = 0
-        for topic in self._topics.values():
-            for watcher in topic.watchers:
-                ended += watcher.end(why)
-        if ended:
-            log.info("%s: %d streams told to reconnect", DRAIN_REASONS[why], ended)
-        return ended
+        process (`shutdown`), or once Redis answers again (`redis`). `spread`: each
+        ends at a random moment within that many seconds, so the clients do not come
+        back in one burst. After a `shutdown`, a watcher that joins ends at once.
+        Returns how many were told."""
+        if why == "shutdown":
+            self.closing = True
+        watchers = [w for topic in self._topics.values() for w in topic.watchers]
+        if spread > 0:
+            loop = asyncio.get_running_loop()
+            for watcher in watchers:
+                loop.call_later(random.uniform(0, spread), watcher.end, why)
+        else:
+            for watcher in watchers:
+                watcher.end(why)
+        if watchers:
+            log.info(
+                "%s: %d streams told to reconnect%s", DRAIN_REASONS[why], len(watchers),
+                f" over {spread:g} s" if spread > 0 else "",
+            )  # fmt: skip
+        return len(watchers)
+
+    @property
+    def watching(self) -> int:
+        """Watchers registered now (SSE and WebSocket)."""
+        return sum(len(topic.watchers) for topic in self._topics.values())
 
     async def history(self, key: StreamKey, after: int, limit: int | None = None) -> list[Item]:
         """At most `limit` (a page) events after seq `after`, oldest first."""

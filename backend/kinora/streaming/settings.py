@@ -48,6 +48,8 @@ class StreamSettings:
     stream_queue_size: int = 256
     presence_ttl_seconds: float = 15.0
     history_page_size: int = 200
+    # On SIGTERM, streams end over this many seconds before the server stops (0: at once).
+    drain_seconds: float = 5.0
     retention: Retention = Retention()
 
     @classmethod
@@ -63,11 +65,14 @@ class StreamSettings:
             if field.name in ("redis_url", "retention"):
                 continue
             kind = int if isinstance(field.default, int) else float
-            values[field.name] = _number(env, field.name.upper(), field.default, kind)
+            least = 0 if field.name == "drain_seconds" else 1e-9
+            values[field.name] = _number(env, field.name.upper(), field.default, kind, least)
         return cls(redis_url=url, retention=Retention.from_env(env), **values)
 
 
-def _number(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
+def _number(
+    env: Mapping[str, str], name: str, default: Any, kind: type, least: float = 1e-9
+) -> Any:
     text = env.get(name, "").strip()
     if not text:
         return default
@@ -75,6 +80,6 @@ def _number(env: Mapping[str, str], name: str, default: Any, kind: type) -> Any:
         value = kind(text)
     except ValueError:
         raise ValueError(f"{name}={text!r} is not a number: set it to one, or unset it") from None
-    if value <= 0:
-        raise ValueError(f"{name}={text!r} must be above 0")
+    if value < least:
+        raise ValueError(f"{name}={text!r} must be above 0" if least else f"{name} < 0")
     return value

@@ -208,7 +208,7 @@ class Patrol:
         self.streams: set[EventStream] = set()
         self.task: asyncio.Task[None] | None = None
         self.pings: set[asyncio.Task[None]] = set()
-        self.exiting_since = 0.0
+        self.cut_at = 0.0  # shutting down: what is still open then is ended (monotonic)
 
     def add(self, stream: EventStream) -> None:
         self.streams.add(stream)
@@ -222,8 +222,13 @@ class Patrol:
         while self.streams:
             await asyncio.sleep(PATROL_SECONDS)
             now = time.monotonic()
-            if AppStatus.should_exit:
-                self._shutting_down(now)
+            if AppStatus.should_exit and not self.cut_at:
+                # A server the core's own signal handler did not see (another
+                # server's exit hook, sse-starlette's): drain at once.
+                self.on_shutdown()
+            if self.cut_at and now >= self.cut_at:
+                for stream in list(self.streams):
+                    stream.end("the server is shutting down")
             for stream in list(self.streams):
                 began = stream.sending_since
                 if began:
@@ -236,13 +241,11 @@ class Patrol:
                     self.pings.add(ping)
                     ping.add_done_callback(self.pings.discard)
 
-    def _shutting_down(self, now: float) -> None:
-        if not self.exiting_since:
-            self.exiting_since = now
-            self.on_shutdown()  # the core's hub tells its streams to end
-        elif now - self.exiting_since >= SHUTDOWN_GRACE_SECONDS:
-            for stream in list(self.streams):
-                stream.end("the server is shutting down")
+    def shutting_down(self, within: float) -> None:
+        """The streams were told to end within `within` seconds: whatever is still open
+        SHUTDOWN_GRACE_SECONDS after that is ended (it could not say goodbye)."""
+        if not self.cut_at:
+            self.cut_at = time.monotonic() + within + SHUTDOWN_GRACE_SECONDS
 
     async def stop(self) -> None:
         """At the core's stop: no task left pending when the loop closes."""
