@@ -8,7 +8,7 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -49,7 +49,7 @@ def api(host: str, port: int, workers: int) -> None:
     import uvicorn
 
     settings = get_settings()
-    settings.required_redis_url  # noqa: B018  (fail early with a clear message)
+    redis_url(settings)  # fail early with a clear message
     share_metrics(settings.var_dir / "metrics" / f"api-{socket.gethostname()}-{port}")
     uvicorn.run(
         "kinora.api.app:serve",
@@ -80,7 +80,7 @@ def api(host: str, port: int, workers: int) -> None:
 def worker(concurrency: int, metrics_port: int, webhooks: bool, quiet: bool) -> None:
     """Run a Celery worker for the generation tasks (needs REDIS_URL)."""
     settings = get_settings()
-    settings.required_redis_url  # noqa: B018
+    redis_url(settings)
     share_metrics(settings.var_dir / "metrics" / f"worker-{socket.gethostname()}-{os.getpid()}")
     if metrics_port:
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server
@@ -97,6 +97,19 @@ def worker(concurrency: int, metrics_port: int, webhooks: bool, quiet: bool) -> 
     else:
         queue = ["-Q", QUEUE, "--concurrency", str(concurrency)]
     app.worker_main(["--quiet"] * quiet + ["worker", "--loglevel", "INFO", *queue])
+
+
+def redis_url(settings: Any) -> str:
+    """REDIS_URL, when it is set and of a form Kinora knows (README, Redis topologies);
+    else a one-line error that says what to set."""
+    from kinora.streaming.connect import topology
+
+    try:
+        url: str = settings.required_redis_url
+        topology(url)
+    except (RuntimeError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    return url
 
 
 def share_metrics(default: Path) -> None:

@@ -14,6 +14,7 @@ from celery import Celery
 from kombu.transport import redis as kombu_redis
 
 from kinora.core.config import get_settings
+from kinora.streaming import connect
 
 QUEUE = "kinora"
 GENERATE_VIDEO = "kinora.generate_video"
@@ -63,10 +64,12 @@ def make_celery(
     settings = get_settings()
     url = broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
     keep = _results if results is None else results
-    app = Celery("kinora", broker=url, backend=url if keep else None)
+    # One Redis, whatever its form (a Sentinel URL: kombu's Sentinel transport).
+    broker, transport = connect.celery_broker(url)
+    app = Celery("kinora", broker=broker, backend=broker if keep else None)
     # The Redis broker redelivers unacknowledged messages after this long; it must
     # exceed the longest generation or a running job would be delivered twice.
-    visibility = {"visibility_timeout": settings.video_timeout_seconds + 600}
+    visibility = {"visibility_timeout": settings.video_timeout_seconds + 600, **transport}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -83,7 +86,7 @@ def make_celery(
         worker_hijack_root_logger=False,
         task_default_queue=QUEUE,
     )
-    if publisher:
+    if publisher and not transport:  # (kombu's Sentinel transport keeps its own pools)
         # One connection to the broker, shared by the requests that queue (a publish
         # is one LPUSH: they wait their turn for it, briefly).
         app.conf.update(broker_transport=PublishingTransport, broker_pool_limit=1)

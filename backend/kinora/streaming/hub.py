@@ -148,8 +148,8 @@ class StreamHub:
         self.flush_deliveries()
         await self.presence.stop()
         await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        await self._subscriber.aclose()
-        await self.redis.aclose()
+        await connect.close(self._subscriber)
+        await connect.close(self.redis)
 
     # -- watching -------------------------------------------------------------------
 
