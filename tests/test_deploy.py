@@ -80,3 +80,73 @@ def test_the_image_installs_the_package_and_runs_the_api_by_default() -> None:
     assert re.search(r"^USER (?!root)", dockerfile, re.M)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "var", ".git"} <= set(ignored)
+
+
+# -- Kubernetes (deploy/kubernetes), checked against Kubernetes' own schemas ------------
+
+KUBERNETES = "1.33"  # the oldest release whose schema has a preStop `sleep`
+
+
+def manifests() -> dict[tuple[str, str], dict[str, Any]]:
+    text = (ROOT / "deploy" / "kubernetes" / "kinora.yaml").read_text()
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def test_every_kubernetes_manifest_is_valid_for_kubernetes() -> None:
+    import kubernetes_validate
+
+    found = manifests()
+    assert set(found) == {
+        ("Secret", "kinora"), ("ConfigMap", "kinora"), ("Job", "kinora-migrate"),
+        ("Deployment", "kinora-api"), ("Deployment", "kinora-worker"),
+        ("PersistentVolumeClaim", "kinora-data"), ("Service", "kinora-api"),
+        ("PodDisruptionBudget", "kinora-api"), ("HorizontalPodAutoscaler", "kinora-api"),
+    }  # fmt: skip
+    for doc in found.values():
+        # strict: a misspelt field (readinesProbe) is an error, not ignored
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_the_api_pods_drain_within_their_grace_period() -> None:
+    found = manifests()
+    pod = found[("Deployment", "kinora-api")]["spec"]["template"]["spec"]
+    (api,) = pod["containers"]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"  # 503 from SIGTERM on
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    pause = api["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(found[("ConfigMap", "kinora")]["data"]["DRAIN_SECONDS"])
+    server_grace = 3  # kinora api's timeout_graceful_shutdown
+    assert pod["terminationGracePeriodSeconds"] > pause + drain + server_grace + 5
+    worker = found[("Deployment", "kinora-worker")]["spec"]["template"]["spec"]
+    assert worker["terminationGracePeriodSeconds"] >= 60  # a warm shutdown's last step
+    labels = found[("Deployment", "kinora-api")]["spec"]["template"]["metadata"]["labels"]
+    for kind in ("PodDisruptionBudget", "Service"):
+        selector = found[(kind, "kinora-api")]["spec"]["selector"]
+        assert selector.get("matchLabels", selector).items() <= labels.items(), kind
+    scaled = found[("HorizontalPodAutoscaler", "kinora-api")]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "kinora-api"
+    assert scaled["metrics"][0]["pods"]["metric"]["name"] == "kinora_stream_clients"
+
+
+def test_every_kubernetes_command_and_setting_is_kinoras() -> None:
+    found = manifests()
+    known = {(field.alias or name).upper() for name, field in Settings.model_fields.items()}
+    for kind in ("Secret", "ConfigMap"):
+        doc = found[(kind, "kinora")]
+        unknown = set(doc.get("stringData", doc.get("data", {}))) - known
+        assert not unknown, f"{kind}: settings Kinora does not read: {unknown}"
+    for key in (
+        ("Job", "kinora-migrate"),
+        ("Deployment", "kinora-api"),
+        ("Deployment", "kinora-worker"),
+    ):
+        pod = found[key]["spec"]["template"]["spec"]
+        for container in pod["containers"]:
+            command = container["command"]
+            assert command[0] == "kinora"
+            result = subprocess.run(
+                [sys.executable, "-m", "kinora", *command[1:], "--help"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert result.returncode == 0, f"{key}: {command}: {result.stderr}"
