@@ -16,8 +16,10 @@ from fastapi import FastAPI
 from kinora.jobs import dispatch
 from kinora.streaming import SQLStore, SSELogger, progress_router
 from tests.faults.chaos import Watcher, seq_problems
+from tests.utils.clients import events_of, read_stream
 from tests.utils.sentinel import SentinelSet
 from tests.utils.servers import serve
+from tests.utils.tls import TlsRedis
 
 pytestmark = pytest.mark.slow
 
@@ -78,3 +80,28 @@ def test_a_job_and_the_queue_go_on_through_a_failover(
     assert progress == sorted(progress)
     assert 100 in progress  # the events after the failover arrived
     assert queue_round_trip(sentinel.url, {"after": 2}) == {"after": 2}
+
+
+def test_tls_with_an_acl_user_for_the_events_and_the_queue(
+    tmp_path: Path, environment: dict[str, str]
+) -> None:
+    """`rediss://user:password@…?ssl_cert_reqs=required&ssl_ca_certs=…`: a server that
+    speaks TLS only and refuses its default user."""
+    server = TlsRedis(tmp_path / "tls").start()
+    try:
+        assert queue_round_trip(server.url, {"tls": 1}) == {"tls": 1}
+        app = FastAPI(title="not Kinora")
+        app.include_router(
+            progress_router(authorize=lambda r, j: True, redis_url=server.url), prefix="/p"
+        )
+        job = f"tls-{time.monotonic_ns()}"
+        with serve(app) as base:
+            with SSELogger(job, kind="job", redis_url=server.url) as log:
+                log.update(1, 2)
+                log.update(2, 2)
+                log.complete()
+            status, lines = read_stream(f"{base}/p/{job}/stream", timeout=10)
+        assert status == 200
+        assert [e["seq"] for e in events_of(lines)] == [1, 2, 3]
+    finally:
+        server.stop()
