@@ -46,10 +46,15 @@ class Client(RawSSE):
         if self.data and b"retry: " in data.split(b"data: ")[-1]:
             self.goodbye = True
         if data.endswith(b"0\r\n\r\n") or b"\r\n0\r\n" in data:
+            # The body's end: where EventSource reconnects (the connection itself may
+            # be kept alive until the server closes it).
             self.clean = True
+            self.ended_at = time.monotonic()
+            self._close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.ended_at = time.monotonic()
+        if not self.ended_at:
+            self.ended_at = time.monotonic()
         super().connection_lost(exc)
 
 

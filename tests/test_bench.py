@@ -149,3 +149,13 @@ def test_many() -> None:
     assert set(result["many_vs_single"]) == {
         "p50_ms", "p99_ms", "cpu_us_per_delivery", "rss_per_client_kb", "connections",
     }  # fmt: skip
+
+
+def test_drain() -> None:
+    result = bench("drain", "--streams", "60", "--drain", "1")
+    for run in (result["baseline"], result["drain"]):
+        assert run["streams"] == 60
+        assert run["ended_with_a_retry"] == 60  # every stream says goodbye
+        assert run["ended_cleanly"] == 60  # a complete chunked body, never a reset
+        assert 0 <= run["first_s"] <= run["median_s"] <= run["last_s"]
+    assert result["peak_vs_baseline"] > 0
