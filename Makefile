@@ -56,14 +56,29 @@ $(CHROMIUM):
 	  || (DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update \
 	      && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium)
 
+# Debian packages of servers the tests start themselves, on 127.0.0.1: installed
+# without starting the system's own service (policy-rc.d says no while apt runs).
+define apt_quiet
+	printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null
+	$(SUDO) chmod +x /usr/sbin/policy-rc.d
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(1) \
+	  || (DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -q \
+	      && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(1)); \
+	  status=$$?; $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$status
+endef
+
 # The tests of a Redis that fails over run Debian's Redis 7 (a primary, a replica and
 # three Sentinels, each started by the test on 127.0.0.1); installed when missing.
 REDIS_SENTINEL := /usr/bin/redis-sentinel
 
 $(REDIS_SENTINEL):
-	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q redis-server redis-sentinel \
-	  || (DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get update -q \
-	      && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q redis-server redis-sentinel)
+	$(call apt_quiet,redis-server redis-sentinel)
+
+# The rolling restart runs behind Debian's nginx (deploy/nginx/kinora.conf).
+NGINX := /usr/sbin/nginx
+
+$(NGINX):
+	$(call apt_quiet,nginx)
 
 # docker-compose.yml is checked by compose itself wherever the docker client is
 # installed (no engine needed): with its compose plugin, or else with Debian's
@@ -92,14 +107,14 @@ test-fast: $(VENV)/.installed-test
 # Redis, database, stack and ports. The half that breaks processes on purpose runs
 # beside the rest; its log is printed when both are done.
 E2E_FAULTS := tests/faults tests/test_bench.py tests/test_scale.py
-e2e: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL)
+e2e: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL) $(NGINX)
 	@$(BIN)/pytest -m slow $(E2E_FAULTS) --durations=10 > $(VENV)/e2e-faults.log 2>&1 & faults=$$!; \
 	$(BIN)/pytest -m slow $(E2E_FAULTS:%=--ignore=%) --durations=10; rest=$$?; \
 	wait $$faults; faulted=$$?; echo "== the faults half:"; cat $(VENV)/e2e-faults.log; \
 	[ $$rest = 0 ] && [ $$faulted = 0 ]
 
 # Everything: lint, types, both tiers on SQLite, the database's rules on PostgreSQL.
-test: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL)
+test: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL) $(NGINX)
 	$(call timed,lint,$(MAKE) --no-print-directory lint)
 	$(call timed,typecheck,$(MAKE) --no-print-directory typecheck)
 	$(call timed,compose check,$(MAKE) --no-print-directory compose-config)
