@@ -79,7 +79,7 @@ class Clients(threading.Thread):
 
 
 def test_a_rolling_restart_loses_and_repeats_no_event_for_any_client(
-    stack: object, account: Account, environment: dict[str, str], tmp_path: Path
+    account: Account, environment: dict[str, str], tmp_path: Path
 ) -> None:
     env = {
         **environment, "DRAIN_SECONDS": "1", "SSE_RETRY_MS": "300",
