@@ -137,8 +137,9 @@ bench: $(VENV)/.installed-test
 
 # Fault injection in randomized rounds against real processes (tens of minutes); prints
 # a line per round and a table. `make test` runs one round of each fault.
-faults: $(VENV)/.installed-test
+faults: $(VENV)/.installed-test $(REDIS_SENTINEL)
 	$(BIN)/python -m tests.faults.chaos --rounds $${ROUNDS:-200}
+	$(BIN)/python -m tests.faults.chaos --sentinel --rounds $${SENTINEL_ROUNDS:-50}
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

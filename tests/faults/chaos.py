@@ -15,6 +15,12 @@ one now and then, and breaks one thing at a random moment:
   redeliver      the running video's task sent again (a duplicate delivery)
   none           nothing
 
+With `--sentinel` the cluster's Redis is a primary, a replica and three Sentinels
+(REDIS_URL=redis+sentinel://…), and the faults are those of the processes and
+
+  failover       SIGKILL of the primary: the Sentinels promote the replica; the killed
+                 server comes back as the new primary's replica
+
 Then it waits for every video to end and checks, over everything every client saw:
 each video ends exactly once, as the database says; one charge, a refund exactly when
 it did not complete; the ledger sums to the balance; at most one paid model job per
@@ -25,7 +31,7 @@ A process that exits by itself is started again, as `kinora up` and compose's
 `restart: unless-stopped` do, and counted as a crash restart (Celery 5.7's worker
 exits when its broker connection breaks while it holds an unacknowledged message).
 
-    python -m tests.faults.chaos --rounds 200 [--seed N]     (make faults)
+    python -m tests.faults.chaos --rounds 200 [--seed N] [--sentinel]     (make faults)
 
 prints one line per round and a table; tests/faults/test_chaos.py runs a few rounds.
 """
@@ -58,7 +64,9 @@ import redis
 from celery import Celery
 
 from kinora.cli.embedded import EmbeddedRedis, free_port
+from kinora.streaming import connect
 from kinora.worker.engines.mock import prompt_digest
+from tests.utils.sentinel import SentinelSet
 from tests.utils.settings import reset_caches
 
 FAULTS = (
@@ -71,6 +79,8 @@ FAULTS = (
     "redeliver",
     "none",
 )
+# A Redis that fails over: what breaks is the primary, and the processes as above.
+SENTINEL_FAULTS = ("failover", "kill_pool", "kill_worker", "kill_api", "redeliver", "none")
 TERMINAL = {"completed", "failed", "cancelled"}
 ANSWER_SECONDS = 10.0  # no request may go unanswered longer (README, Faults)
 
@@ -93,17 +103,21 @@ class Cluster:
     """Redis, SQLite, one API and two workers, each a real process that can be killed
     and started again on the same state."""
 
-    def __init__(self, root: Path, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, settings: dict[str, str] | None = None, *, sentinel: bool = False
+    ) -> None:
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True)
-        self.redis = EmbeddedRedis(root / "redis", port=free_port()).start()
+        self.sentinels = SentinelSet(root / "redis").start() if sentinel else None
+        self.redis = None if sentinel else EmbeddedRedis(root / "redis", port=free_port()).start()
+        self.redis_url = self.sentinels.url if self.sentinels else self.server().url
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS")},
             **(SETTINGS if settings is None else settings),
-            "REDIS_URL": self.redis.url,
+            "REDIS_URL": self.redis_url,
             "DATABASE_URL": f"sqlite:///{root / 'kinora.db'}",
             "KINORA_VAR_DIR": str(root / "var"),
             "PROMETHEUS_MULTIPROC_DIR": str(root / "metrics"),
@@ -197,8 +211,13 @@ class Cluster:
             time.sleep(0.1)
         raise RuntimeError("the API did not come up")
 
+    def server(self) -> EmbeddedRedis:
+        """The one Redis server (not a Sentinel cluster's)."""
+        assert self.redis is not None, "this cluster's Redis fails over"
+        return self.redis
+
     def redis_client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis.url, socket_timeout=5)
+        return connect.sync_redis(self.redis_url)
 
     def sql(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
         with sqlite3.connect(self.root / "kinora.db", timeout=30) as db:
@@ -227,7 +246,10 @@ class Cluster:
                 self.processes[name].wait(10)
             except subprocess.TimeoutExpired:
                 self.kill(name)
-        self.redis.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        if self.sentinels is not None:
+            self.sentinels.stop()
         os.environ.clear()
         os.environ.update(self._saved_environ)
         reset_caches()
@@ -352,21 +374,29 @@ def inject(cluster: Cluster, fault: str, rng: random.Random, videos: list[int]) 
         cluster.restart("api")
         cluster.wait_api()
     elif fault == "pause_redis":
-        assert cluster.redis.process is not None
-        os.kill(cluster.redis.process.pid, signal.SIGSTOP)
+        process = cluster.server().process
+        assert process is not None
+        os.kill(process.pid, signal.SIGSTOP)
         time.sleep(rng.uniform(1, 3))
-        os.kill(cluster.redis.process.pid, signal.SIGCONT)
+        os.kill(process.pid, signal.SIGCONT)
     elif fault == "restart_redis":
-        assert cluster.redis.process is not None
-        cluster.redis.process.kill()
-        cluster.redis.process.wait(10)
-        cluster.redis.start()
+        process = cluster.server().process
+        assert process is not None
+        process.kill()
+        process.wait(10)
+        cluster.server().start()
+    elif fault == "failover":
+        assert cluster.sentinels is not None
+        cluster.sentinels.fail_over()
+        cluster.sentinels.heal()
     elif fault == "flush_redis":
         cluster.redis_client().flushall()
     elif fault == "redeliver":
         # Not the current app: tasks of this process (the test session's) must stay
         # bound to the session's broker, not to this cluster's.
-        app = Celery("chaos", broker=cluster.redis.url, set_as_current=False)
+        broker, transport = connect.celery_broker(cluster.redis_url)
+        app = Celery("chaos", broker=broker, set_as_current=False)
+        app.conf.broker_transport_options = transport
         try:
             for video in videos:
                 app.send_task("kinora.generate_video", args=[video], queue="kinora")
@@ -540,14 +570,17 @@ def seq_problems(events: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-def run(rounds: int, seed: int, root: Path, out: Any = sys.stdout) -> list[Round]:
+def run(
+    rounds: int, seed: int, root: Path, out: Any = sys.stdout, *, sentinel: bool = False
+) -> list[Round]:
     rng = random.Random(seed)
-    cluster = Cluster(root)
+    cluster = Cluster(root, sentinel=sentinel)
+    faults = SENTINEL_FAULTS if sentinel else FAULTS
     results = []
     try:
         for number in range(1, rounds + 1):
-            fault = FAULTS[(number - 1) % len(FAULTS)] if number <= len(FAULTS) else None
-            result = play_round(cluster, number, rng, fault or rng.choice(FAULTS))
+            fault = faults[(number - 1) % len(faults)] if number <= len(faults) else None
+            result = play_round(cluster, number, rng, fault or rng.choice(faults))
             results.append(result)
             recovered = "-" if result.recovery is None else f"{result.recovery:.2f} s"
             print(
@@ -571,7 +604,7 @@ def table(results: list[Round]) -> str:
         "| violations |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for fault in FAULTS:
+    for fault in dict.fromkeys([*FAULTS, *SENTINEL_FAULTS]):
         mine = [r for r in results if r.fault == fault]
         if not mine:
             continue
@@ -594,10 +627,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument(
+        "--sentinel", action="store_true", help="a Redis that fails over (Debian's Redis 7)"
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="kinora-chaos-"))
     print(f"seed {args.seed}; state and logs in {root}", flush=True)
-    results = run(args.rounds, args.seed, root)
+    results = run(args.rounds, args.seed, root, sentinel=args.sentinel)
     print(table(results), flush=True)
     if any(r.violations for r in results):
         sys.exit(1)

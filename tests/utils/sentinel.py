@@ -102,6 +102,24 @@ class SentinelSet:
         self.wait(lambda: self.primary() not in (None, killed), timeout)
         return time.monotonic() - started
 
+    def heal(self, timeout: float = 30) -> None:
+        """The killed server comes back as the new primary's replica, and the set can
+        fail over again."""
+        primary = self.primary()
+        assert primary is not None
+        for port, process in self.servers.items():
+            if process.poll() is not None:
+                self._server(port, "--replicaof", "127.0.0.1", str(primary))
+
+        def replicated() -> bool:
+            try:
+                with redis.Redis(port=primary, socket_timeout=1) as server:
+                    return int(server.info("replication")["connected_slaves"]) >= 1
+            except redis.RedisError:
+                return False
+
+        self.wait(replicated, timeout)
+
     @staticmethod
     def wait(check: object, timeout: float) -> None:
         assert callable(check)
