@@ -30,7 +30,8 @@ def compose() -> dict[str, Any]:
 
 def test_services_and_their_start_order() -> None:
     services = compose()["services"]
-    assert set(services) == {"redis", "postgres", "migrate", "api", "worker", "webhooks"}
+    always = {name for name, service in services.items() if "profiles" not in service}
+    assert always == {"redis", "postgres", "migrate", "api", "worker", "webhooks"}
     assert services["redis"]["image"].startswith("redis:7")
     assert services["postgres"]["image"].startswith("postgres:16")
     for name in ("redis", "postgres", "api"):
@@ -62,6 +63,28 @@ def test_every_kinora_command_in_the_file_is_accepted_by_the_cli() -> None:
             timeout=60,
         )
         assert result.returncode == 0, f"{name}: {command}: {result.stderr}"
+
+
+def test_the_sentinel_profile_watches_redis_and_its_url_is_one_kinora_reads() -> None:
+    from kinora.streaming.connect import topology
+
+    services = compose()["services"]
+    profiled = {
+        name for name, service in services.items() if "sentinel" in service.get("profiles", [])
+    }
+    assert profiled == {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    assert services["redis-replica"]["command"][-3:] == ["--replicaof", "redis", "6379"]
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = services[name]["command"][-1]
+        assert "sentinel monitor kinora redis 6379 2" in script  # a quorum of two of three
+        assert "exec redis-sentinel" in script
+    # The URL the file's comment gives, as Kinora parses it.
+    comment = (ROOT / "docker-compose.yml").read_text()
+    url = re.search(r"redis\+sentinel://\S+", comment)
+    assert url is not None
+    where = topology(url.group(0))
+    assert {host for host, _ in where.sentinels} == {"sentinel-1", "sentinel-2", "sentinel-3"}
+    assert where.service == "kinora"
 
 
 def test_every_setting_in_the_file_is_one_kinora_reads() -> None:
