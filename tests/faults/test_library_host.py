@@ -138,7 +138,7 @@ def test_each_fault_breaks_no_promise_of_a_library_job(host: Host) -> None:
     csv = "email\n" + "".join(f"user{i}@example.com\n" for i in range(ROWS))
     store = SQLStore(host.env["STORE_URL"], create=False)
     violations: list[str] = []
-    for number, fault in enumerate(FAULTS * 2, 1):
+    for number, fault in enumerate(FAULTS, 1):
         started = httpx.post(f"{host.base}/imports", content=csv, timeout=10)
         assert started.status_code == 202, started.text
         job = started.json()["job_id"]
