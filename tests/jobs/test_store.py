@@ -66,7 +66,8 @@ def test_a_hold_blocks_other_holders_until_it_runs_out_and_the_sweep_requeues_it
         assert store.hold(session, claimed, "host:1:held", 60)
         assert store.claim(session, claimed, "host:11:task", 60)  # its pool process starts it
         assert store.hold(session, dropped, "host:1:held", 60)
-        assert store.renew_holds(session, "host:1:held", 0.01) == 2  # not the claimed one
+        mine = {held, claimed, dropped}  # the messages the worker has
+        assert store.renew_holds(session, "host:1:held", 0.01, mine) == 2  # not the claimed one
         assert store.drop_holds(session, "host:1:held") == 2  # the worker stops
         assert store.hold(session, held, "host:1:held", 0.01)  # the worker dies now
     time.sleep(0.05)
@@ -74,6 +75,25 @@ def test_a_hold_blocks_other_holders_until_it_runs_out_and_the_sweep_requeues_it
     assert sweep() == []  # queued again once
     with session_scope() as session:
         assert store.hold(session, held, "host:2:held", 60)  # the new message's worker
+
+
+def test_a_hold_whose_message_the_worker_forgot_runs_out_and_is_queued_again(
+    account: Account,
+) -> None:
+    """When its broker connection breaks (a failover), Celery forgets the messages a
+    worker had received and not started; the worker renews only the holds of the
+    messages it still has, so a forgotten one runs out and the sweep queues its video
+    (before, the hold was renewed for as long as the worker lived: the video waited)."""
+    kept, forgotten = new_video(account), new_video(account)
+    with session_scope() as session:
+        assert store.hold(session, kept, "host:3:held", 0.05)
+        assert store.hold(session, forgotten, "host:3:held", 0.05)
+        assert store.renew_holds(session, "host:3:held", 60, {kept}) == 1
+    time.sleep(0.1)
+    with session_scope() as session:
+        found = store.sweep(session, video_timeout=3600, stale_pending=3600).requeue
+    assert forgotten in found
+    assert kept not in found
 
 
 def test_concurrent_charges_never_overdraw(environment: dict[str, str]) -> None:

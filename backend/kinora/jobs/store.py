@@ -10,6 +10,7 @@ Who commits: each function here is one transaction and commits it before it retu
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
@@ -153,12 +154,21 @@ def hold(session: Session, video_id: int, holder: str, lease_seconds: float) -> 
     )
 
 
-def renew_holds(session: Session, holder: str, lease_seconds: float) -> int:
-    """Extend every hold of `holder` on a still-pending video (the claim replaces a
-    hold); how many it renewed."""
+def renew_holds(
+    session: Session, holder: str, lease_seconds: float, video_ids: Collection[int]
+) -> int:
+    """Extend the holds of `holder` on those of `video_ids` still pending (the claim
+    replaces a hold); how many it renewed. A hold whose message the worker no longer
+    has is not renewed: it runs out, and the sweep queues the video again."""
+    if not video_ids:
+        return 0
     result = session.execute(
         update(Video)
-        .where(Video.status == VideoStatus.PENDING, Video.claimed_by == holder)
+        .where(
+            Video.status == VideoStatus.PENDING,
+            Video.claimed_by == holder,
+            Video.id.in_(list(video_ids)),
+        )
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
     )
     session.commit()

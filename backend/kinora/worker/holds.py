@@ -30,13 +30,31 @@ def holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:held"
 
 
-def received(request: Any) -> None:
-    """Celery's task_received, in the worker's main process."""
+def video_of(request: Any) -> int | None:
+    """The video a generation task's request is for (None for any other task)."""
     if request.name != dispatch.GENERATE_VIDEO:
-        return
+        return None
     args, kwargs = request.args or (), request.kwargs or {}
     video_id = args[0] if args else kwargs.get("video_id")
-    if not isinstance(video_id, int):
+    return video_id if isinstance(video_id, int) else None
+
+
+def kept() -> set[int]:
+    """The videos whose message this worker still has. When its broker connection
+    breaks, Celery forgets the messages it had received and not started (reserved, or
+    waiting for a retry's countdown): those come back from the broker, or are lost with
+    a primary that failed over before its replica had them; either way this worker no
+    longer holds them."""
+    from celery.worker import state
+
+    found = (video_of(request) for request in list(state.requests.values()))
+    return {video for video in found if video is not None}
+
+
+def received(request: Any) -> None:
+    """Celery's task_received, in the worker's main process."""
+    video_id = video_of(request)
+    if video_id is None:
         return
     try:
         with session_scope() as session:
@@ -49,7 +67,7 @@ def received(request: Any) -> None:
 
 def renew() -> None:
     with session_scope() as session:
-        store.renew_holds(session, holder(), get_settings().lease_seconds)
+        store.renew_holds(session, holder(), get_settings().lease_seconds, kept())
 
 
 def drop() -> None:
