@@ -18,16 +18,13 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import time
 from typing import Any
 
-import httpx
 import numpy as np
 import uvloop
 
-from bench.harness import ROOT, RawSSE, world
-from kinora.cli.embedded import free_port
+from bench.harness import RawSSE, start_server, world
 from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger
 
@@ -59,30 +56,17 @@ class Client(RawSSE):
 
 
 def run(w: Any, streams: int, drain: float) -> dict[str, Any]:
-    port = free_port()
-    env = {**w.env, "DRAIN_SECONDS": str(drain), "MAX_STREAMS_PER_USER": "0"}
-    log = (w.tmp / f"drain-{drain}.log").open("ab")
-    args = [sys.executable, "-m", "kinora", "api", "--port", str(port), "--workers", "2"]
-    server = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
+    settings = {"DRAIN_SECONDS": str(drain), "MAX_STREAMS_PER_USER": "0"}
+    server = start_server("kinora", w, workers=2, settings=settings)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not start; see {log.name}")
-            time.sleep(0.1)
         (video,) = w.videos(1)
         SSELogger(keys.video(video)).step(1, "Validating request parameters...", progress=3)
         path = f"/api/v1/videos/{video}/stream?token={w.token}"
-        return uvloop.run(measure(server, port, path, streams, drain))
+        return uvloop.run(measure(server.process, server.port, path, streams, drain))
     finally:
-        if server.poll() is None:
-            server.kill()
-        server.wait(10)
+        if server.process.poll() is None:
+            server.process.kill()
+        server.process.wait(10)
 
 
 async def measure(

@@ -125,10 +125,12 @@ class Server:
             self.process.wait(5)
 
 
-def start_server(name: str, w: World, *, workers: int = 1) -> Server:
+def start_server(
+    name: str, w: World, *, workers: int = 1, settings: dict[str, str] | None = None
+) -> Server:
     """`kinora` (our API, `workers` processes on one port), `naive` (a pub/sub
     connection per client, as in the original notes) or `broadcaster` (sse-starlette +
-    the broadcaster package)."""
+    the broadcaster package). `settings`: environment variables of this server's own."""
     port = free_port()
     if name == "kinora":
         args = [
@@ -149,7 +151,8 @@ def start_server(name: str, w: World, *, workers: int = 1) -> Server:
         ]  # fmt: skip
         path = "/stream/{video}"
     log = (w.tmp / f"{name}.log").open("ab")
-    process = subprocess.Popen(args, cwd=ROOT, env=w.env, stdout=log, stderr=log)
+    env = {**w.env, **(settings or {})}
+    process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 30
     while True:
         try:
