@@ -18,7 +18,14 @@ import redis
 import sqlalchemy as sa
 from fastapi import FastAPI
 
-from kinora.streaming import SQLStore, SSELogger, keys, progress_router
+from kinora.streaming import (
+    ProgressCore,
+    SQLStore,
+    SSELogger,
+    StreamSettings,
+    keys,
+    progress_router,
+)
 from kinora.streaming.keys import StreamKey
 from tests.utils.clients import events_of, read_stream
 from tests.utils.servers import serve
@@ -154,3 +161,48 @@ def test_an_end_redis_never_took_is_published_from_the_store(
     record = store._load(key)
     assert record is not None
     assert record.end_seq == 3
+
+
+def test_a_live_stream_ends_when_its_job_ended_with_its_last_events_lost(
+    store: SQLStore, environment: dict[str, str]
+) -> None:
+    """The stall a failover left: the worker recorded the job's outcome, then died with
+    its last events (and the `complete`) unpublished. A stream already open hears
+    nothing more from Redis; it looks at the store again once it has been quiet a
+    while, and ends with the job's outcome, the gap announced."""
+    settings = StreamSettings(redis_url=environment["REDIS_URL"], recheck_idle_seconds=0.5)
+    app = FastAPI(title="not Kinora")
+    router = progress_router(
+        authorize=lambda request, job_id: True, store=store, core=ProgressCore(settings)
+    )
+    app.include_router(router, prefix="/progress")
+    job = new_job()
+    key = keys.job(job)
+    log = SSELogger(job, kind="job", store=store)
+    events: list[dict[str, Any]] = []
+    with (
+        serve(app) as base,
+        httpx.Client(timeout=httpx.Timeout(10, read=10)) as client,
+        client.stream("GET", f"{base}/progress/{job}/stream") as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        for i in range(1, 4):
+            log.update(i, 5, f"part {i}")
+            while not events or events[-1]["seq"] < i:
+                line = next(lines)
+                events.extend(events_of([line]))
+        # Events 4 and 5 and the `complete` die with the worker; its store has the end.
+        store.record(key, 5, status="completed", progress=100, result={"rows": 5})
+        with store.engine.begin() as conn:  # it ended a minute ago
+            conn.execute(sa.update(store.table).values(ended_at=time.time() - 60))
+        deadline = time.monotonic() + 15
+        for line in lines:  # each read bounded by the client's 10 s
+            events.extend(events_of([line]))
+            if events and events[-1]["type"] == "complete":
+                break
+            assert time.monotonic() < deadline, "the stream did not end"
+    lost, end = events[3:]
+    assert [e["seq"] for e in events[:3]] == [1, 2, 3]
+    assert (lost["code"], lost["status"]) == ("history_lost", "completed")
+    assert (end["type"], end["status"], end["seq"], end["rows"]) == ("complete", "completed", 6, 5)

@@ -69,7 +69,11 @@ class Settings(BaseSettings):
     ws_pong_timeout_seconds: float = 60.0
     # On SIGTERM, an API process answers /readyz with 503 and ends its streams with a
     # last `retry:` spread over this many seconds, then stops (README, Deployment).
-    drain_seconds: float = Field(default=5.0, ge=0)
+    drain_seconds: float = Field(default=10.0, ge=0)
+    # A live stream of a video with no event for this long looks at the database again:
+    # a video whose last events never reached Redis (its worker died with them) still
+    # ends (kinora.streaming.hub).
+    recheck_idle_seconds: float = Field(default=10.0, gt=0)
 
     video_timeout_seconds: int = 1200
     # A worker's claim on a video lasts this long and is renewed (every third of it)

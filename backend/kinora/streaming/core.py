@@ -29,7 +29,7 @@ from kinora.streaming.hub import StreamHub
 from kinora.streaming.keys import StreamKey
 from kinora.streaming.metrics import StreamMetrics
 from kinora.streaming.settings import StreamSettings
-from kinora.streaming.source import Grant, JobSource, Watch, lost_notice
+from kinora.streaming.source import Grant, JobSource, Store, Watch, lost_notice
 from kinora.streaming.sse import Patrol, event_response, frames, parse_last_event_id
 from kinora.streaming.watcher import Pacer
 from kinora.streaming.ws import CLOSE_BAD_TOKEN, CLOSE_NOT_FOUND, CLOSE_TRY_LATER, state_of, watch
@@ -117,6 +117,8 @@ class ProgressCore:
             history_page=settings.history_page_size,
             metrics=self.metrics,
             pacer=pacer,
+            recheck_idle=settings.recheck_idle_seconds,
+            on_quiet=self._recheck,
         )
         self._patrol = Patrol(pacer, on_shutdown=self.drain)
         self.draining = False
@@ -153,6 +155,18 @@ class ProgressCore:
         self.draining = True
         self.patrol.shutting_down(spread)
         return self.hub.drain("shutdown", spread=spread)
+
+    async def _recheck(self, key: StreamKey, store: Store) -> None:
+        """A job its streams have heard nothing of for a while: when its store says it
+        ended, its end is found (published, if Redis never got it: its worker died with
+        its last events) and its watchers read its history again, up to that end."""
+        record = await store.load(key)
+        if record is None or not record.ended:
+            return
+        grant = Grant(key, record=record, store=store)
+        if await ended.find_end(self.hub, grant, self.settings.retention) is not None:
+            log.info("%s ended unheard: its streams read its end from history", key)
+            self.hub.resync(key)
 
     # -- the shutdown signal --------------------------------------------------------------
 
@@ -247,7 +261,7 @@ class ProgressCore:
         body = frames(
             hub, grant.key, after, settings.sse_retry_ms, settings.sse_timeout_seconds,
             floor=grant.floor, lost=lost_notice(grant.key, grant.store), access=grant.access,
-            finish=grant.finish,
+            finish=grant.finish, store=grant.store,
         )  # fmt: skip
         return self._response(body, grant)
 
@@ -331,6 +345,7 @@ class ProgressCore:
                 progress=record.progress if record else None,
                 access=grant.access,
                 finish=grant.finish,
+                store=grant.store,
             )
 
     async def snapshot(self, connection: Request, source: JobSource, job_id: str) -> dict[str, Any]:

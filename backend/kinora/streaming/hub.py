@@ -23,7 +23,7 @@ import itertools
 import logging
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, cast
 
 import redis
@@ -60,6 +60,11 @@ PROBE_SECONDS = 0.5
 COMMAND_CONNECTIONS = 1
 PROBE_STALE_SECONDS = 2.5
 PROBE_RECHECK_SECONDS = 0.5
+# Quiet topics whose store is asked at once (each a database read in a thread).
+RECHECKS_AT_ONCE = 4
+
+# Told of a topic with no event for a while: (its key, its watchers' store).
+OnQuiet = Callable[[StreamKey, Any], Awaitable[None]]
 
 
 class SubscribeTimeout(RuntimeError):
@@ -87,8 +92,15 @@ class StreamHub:
         history_page: int = HISTORY_PAGE,
         metrics: StreamMetrics | None = None,
         pacer: Pacer | None = None,
+        recheck_idle: float = 10.0,
+        on_quiet: OnQuiet | None = None,
     ) -> None:
         self.redis_url = redis_url
+        # Every `recheck_idle` seconds, each topic without an event since the last look
+        # whose watchers gave a store is handed to `on_quiet` (the core's: did its job
+        # end while its last events were lost?).
+        self.recheck_idle = recheck_idle
+        self.on_quiet = on_quiet
         self.metrics = metrics or StreamMetrics.of()
         # Wakes this hub's watchers in slices (watcher.Pacer); the core's streams take
         # their turn on it too.
@@ -137,6 +149,8 @@ class StreamHub:
             asyncio.create_task(self._count_deliveries(), name="hub-metrics"),
             asyncio.create_task(self._probe(), name="hub-probe"),
         ]
+        if self.on_quiet is not None:
+            self._tasks.append(asyncio.create_task(self._recheck_quiet(), name="hub-recheck"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -162,16 +176,20 @@ class StreamHub:
         *,
         floor: int = 0,
         lost: LostNotice | None = None,
+        store: object | None = None,
     ) -> AsyncIterator[Watcher]:
         """Register a watcher of `key` that has seen every event up to `after`.
         `floor`: the highest seq known used (a database's record); `lost` builds the
-        `history_lost` notice when events it asks for are gone."""
+        `history_lost` notice when events it asks for are gone; `store`: where the job's
+        record is kept (looked at again while the topic is quiet: `on_quiet`)."""
         name = key.channel.encode()
         topic = self._topics.get(name)
         if topic is None:
             topic = self._topics[name] = Topic(self.pacer)
             self._pending[name] += 1
             self._ops.put_nowait(("sub", name))
+        if store is not None:
+            topic.store = store
         watcher = Watcher(self, key, topic, after, transport, floor=floor, lost=lost)
         topic.watchers.add(watcher)  # registered before the subscription can go live
         if self.closing:
@@ -349,6 +367,45 @@ class StreamHub:
             "watchers": sum(len(t.watchers) for t in self._topics.values()),
             "slow_cuts": self.slow_cuts,
         }
+
+    def resync(self, key: StreamKey) -> None:
+        """The watchers of `key` read its history again after what each has (events
+        may have been published that its subscriber never heard)."""
+        topic = self._topics.get(key.channel.encode())
+        if topic is not None:
+            for watcher in topic.append(RESYNC, self.queue_size):
+                watcher.cut_off()
+
+    async def _recheck_quiet(self) -> None:
+        """A job can end without its stream hearing it: its worker recorded the outcome,
+        then died with its last events unpublished (Redis was failing over). A topic
+        that heard nothing for a whole round is handed to `on_quiet`, a few at once,
+        every round while it stays quiet."""
+        assert self.on_quiet is not None
+        slots = asyncio.Semaphore(RECHECKS_AT_ONCE)
+        asking: dict[bytes, asyncio.Task[None]] = {}  # one question per topic at a time
+
+        async def ask(name: bytes, key: StreamKey, store: object) -> None:
+            try:
+                async with slots:
+                    await self.on_quiet(key, store)  # type: ignore[misc]
+            except Exception as exc:  # Redis or the store away: the next round
+                log.info("a quiet stream of %s not checked (%r)", key, exc)
+            finally:
+                asking.pop(name, None)
+
+        try:
+            while True:
+                await asyncio.sleep(self.recheck_idle)
+                for name, topic in list(self._topics.items()):
+                    quiet = topic.heard == topic.end
+                    topic.heard = topic.end
+                    if quiet and topic.store is not None and topic.watchers and name not in asking:
+                        key = next(iter(topic.watchers)).key
+                        asking[name] = asyncio.create_task(ask(name, key, topic.store))
+        finally:
+            for task in list(asking.values()):
+                task.cancel()
 
     # -- the two hub tasks ------------------------------------------------------------
 

@@ -108,7 +108,7 @@ class Mux:
     async def open(self, grant: Grant, name: str, after: int, *, lost: bool = True) -> Lane:
         context = self.hub.watch(
             grant.key, after, floor=grant.floor,
-            lost=lost_notice(grant.key, grant.store) if lost else None,
+            lost=lost_notice(grant.key, grant.store) if lost else None, store=grant.store,
         )  # fmt: skip
         watcher = await context.__aenter__()
         lane = self.lanes[name] = Lane(grant, name, context, watcher)

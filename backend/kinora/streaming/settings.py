@@ -49,7 +49,10 @@ class StreamSettings:
     presence_ttl_seconds: float = 15.0
     history_page_size: int = 200
     # On SIGTERM, streams end over this many seconds before the server stops (0: at once).
-    drain_seconds: float = 5.0
+    drain_seconds: float = 10.0
+    # A live stream of a job with no event for this long looks at the store again: a
+    # job whose last events never reached Redis (its worker died with them) still ends.
+    recheck_idle_seconds: float = 10.0
     retention: Retention = Retention()
 
     @classmethod

@@ -283,17 +283,19 @@ async def frames(
     lost: LostNotice | None = None,
     access: Access | None = None,
     finish: Finish | None = None,
+    store: object | None = None,
 ) -> AsyncIterator[bytes]:
     """`retry:`, then every event after `after` until `complete` or the timeout. When
     the process shuts down, a last `retry:` tells the client when to come back; when
     the stream's `access` expires or is revoked, a last notice says so (and no new
     `retry:`: a reconnect would meet a 401). `finish` makes the `complete` event as it
-    is sent (Kinora signs its `video_url` then, not when it was published)."""
+    is sent (Kinora signs its `video_url` then, not when it was published). `store`: the
+    job's Store, asked again while the stream hears nothing (StreamHub.watch)."""
     yield b"retry: %d\n\n" % retry_ms
     loop = asyncio.get_running_loop()
     deadline = loop.time() + lifetime
     try:
-        watch = hub.watch(key, after, floor=floor, lost=lost)
+        watch = hub.watch(key, after, floor=floor, lost=lost, store=store)
         async with watch as watcher:
             with attached(access, watcher):
                 # One write per batch: everything that arrived since this client's last.

@@ -99,10 +99,15 @@ class Topic:
     watch it, and memory is bounded per video, not per watcher.
     """
 
-    __slots__ = ("base", "log", "pacer", "ready", "waiting", "watchers")
+    __slots__ = ("base", "heard", "log", "pacer", "ready", "store", "waiting", "watchers")
 
     def __init__(self, pacer: Pacer | None = None) -> None:
         self.pacer = pacer or Pacer()
+        # Where its job's record is kept (a watcher's, when it has one), and `end` when
+        # the hub last looked: unchanged a whole round later, the topic is quiet and the
+        # hub asks the store whether its job ended (StreamHub._recheck_quiet).
+        self.store: object | None = None
+        self.heard = -1
         self.watchers: set[Watcher] = set()
         self.ready = asyncio.Event()
         self.log: list[Item] = []

@@ -66,6 +66,7 @@ async def watch(
     progress: int | None = None,
     access: Access | None = None,
     finish: Finish | None = None,
+    store: object | None = None,
 ) -> None:
     """Serve one accepted WebSocket: `connected` (with `hello`), `initial_state` (the
     given status and progress, else as the events tell them), then every event. It
@@ -73,7 +74,7 @@ async def watch(
     `complete` event as it is sent (as for SSE)."""
     await websocket.send_text(message("connected", {**hello, "timestamp": timestamp()}))
     try:
-        async with hub.watch(key, transport="websocket") as watcher:
+        async with hub.watch(key, transport="websocket", store=store) as watcher:
             with attached(access, watcher):
                 await _serve_watcher(
                     websocket, hub, key, watcher, settings, status, progress, finish
