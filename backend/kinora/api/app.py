@@ -36,7 +36,7 @@ from kinora.api.quota import StreamQuota
 from kinora.api.recent import RecentVideos
 from kinora.api.urls import FreshEnds
 from kinora.api.watching import Videos
-from kinora.core import logs
+from kinora.core import logs, tracing
 from kinora.core.config import Settings, get_settings
 from kinora.streaming.core import ProgressCore, core_of
 from kinora.streaming.router import script_response
@@ -174,6 +174,7 @@ def create_app(*, gc_tuned: bool = False) -> FastAPI:
     host's) must not do to its process."""
     settings = get_settings()
     logs.configure(settings.log_format, settings.log_level)
+    tracing.start("kinora-api")  # before the database engine is made
     # /docs and /redoc load their scripts from this server, not a CDN: they work offline.
     app = FastAPIOffline(
         title="Kinora",
@@ -233,6 +234,7 @@ def create_app(*, gc_tuned: bool = False) -> FastAPI:
         page.headers["Content-Security-Policy"] = "img-src 'self' data: blob:"
         return page
 
+    tracing.instrument_app(app)
     return app
 
 

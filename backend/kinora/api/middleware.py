@@ -19,7 +19,8 @@ _GOOD_ID = re.compile(r"[A-Za-z0-9._\-]{8,64}")
 
 
 class TraceMiddleware:
-    """Gives each request a trace id (the caller's `X-Trace-Id` or `X-Request-Id` if
+    """Gives each request a trace id (its OpenTelemetry trace's when traces are
+    exported, kinora.core.tracing; else the caller's `X-Trace-Id` or `X-Request-Id` if
     well-formed, else a new one), binds it to every log line of the request, and
     returns it in the `X-Trace-Id` response header."""
 
@@ -54,6 +55,8 @@ class TraceMiddleware:
 
     @staticmethod
     def trace_id(scope: Scope) -> str:
+        if logs.span_trace_id is not None and (traced := logs.span_trace_id()):
+            return traced
         for name, value in scope["headers"]:
             if name in (b"x-trace-id", b"x-request-id"):
                 candidate: str = value.decode("latin-1")

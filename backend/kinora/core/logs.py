@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import IO, Literal
@@ -37,6 +37,10 @@ REDACTED = "[redacted]"
 
 def redact(text: str) -> str:
     return _SECRETS.sub(REDACTED, text)
+
+
+# The current span's trace id, when this process exports traces (kinora.core.tracing).
+span_trace_id: Callable[[], str | None] | None = None
 
 
 def new_trace_id() -> str:

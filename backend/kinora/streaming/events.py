@@ -22,6 +22,7 @@ import orjson
 import redis
 import redis.asyncio
 
+from kinora.core import logs
 from kinora.streaming.keys import StreamKey
 from kinora.streaming.metrics import StreamMetrics
 from kinora.streaming.settings import Retention
@@ -133,7 +134,10 @@ def timestamp() -> str:
 def encode_body(
     key: StreamKey, event_type: EventType, message: str, fields: dict[str, Any]
 ) -> bytes:
-    """The event JSON minus `{"id":…,"seq":…,` which the script prepends."""
+    """The event JSON minus `{"id":…,"seq":…,` which the script prepends. It carries
+    the trace id of the request or job publishing it, when there is one."""
+    if "trace_id" not in fields and (trace_id := logs.current_trace_id()):
+        fields = {**fields, "trace_id": trace_id}
     body = {
         key.id_field: key.id,
         "type": event_type,

@@ -13,7 +13,6 @@ from typing import Any, Literal, Protocol, Self
 
 import redis
 
-from kinora.core import logs
 from kinora.streaming import keys
 from kinora.streaming.connect import sync_redis
 from kinora.streaming.events import (
@@ -244,7 +243,6 @@ class SSELogger:
         return self.publish(
             "error",
             message,
-            trace_id=logs.current_trace_id(),
             error_code=error_code,
             retry_count=self.retry_count,
             max_retries=self.max_retries,

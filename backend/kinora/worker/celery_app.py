@@ -7,11 +7,15 @@ from typing import Any
 
 from celery import signals
 
-from kinora.core import logs
+from kinora.core import logs, tracing
 from kinora.core.lifetime import die_with_parent
 from kinora.jobs import dispatch
 from kinora.worker import handback, holds, tasks, webhooks  # noqa: F401 (registers the tasks)
 from kinora.worker.sweeper import Sweeper
+
+# Traces, when an OTLP endpoint is set: before anything makes a database engine (a
+# pool process inherits the instrumentation; the span exporter's thread restarts in it).
+tracing.start("kinora-worker")
 
 # The one app of this process (kinora.jobs.dispatch), with the worker's tasks, which
 # stores their results.
@@ -46,6 +50,11 @@ def _die_with_the_worker(**_kwargs: Any) -> None:
     """A pool process ends with its worker's main process, however that ends: an orphan
     would keep renewing its video's lease and take work no one can stop."""
     die_with_parent(signal.SIGKILL)
+
+
+@signals.worker_process_shutdown.connect  # type: ignore[untyped-decorator]
+def _flush_traces(**_kwargs: Any) -> None:
+    tracing.flush()
 
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
