@@ -7,10 +7,7 @@ outcome the database has. Real processes: Debian's redis-server and redis-sentin
 
 from __future__ import annotations
 
-import re
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -19,7 +16,7 @@ import pytest
 from kinora.cli.embedded import free_port
 from tests.faults.chaos import seq_problems
 from tests.utils.clients import Follower, fresh_machine_env
-from tests.utils.processes import wait_for
+from tests.utils.processes import Up, wait_for
 from tests.utils.sentinel import SentinelSet
 
 pytestmark = pytest.mark.slow
@@ -27,9 +24,6 @@ pytestmark = pytest.mark.slow
 
 def test_a_video_goes_on_through_a_failover_charged_once(tmp_path: Path) -> None:
     sentinel = SentinelSet(tmp_path / "redis").start()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = tmp_path / "up.log"
     # The mock model keeps its jobs in Redis: a call of it during the failover fails,
     # and the task is retried (RETRY_COUNTDOWN_SECONDS); a retry whose message the
     # broker could not take then is queued again by the sweeper (STALE_PENDING_SECONDS).
@@ -38,14 +32,10 @@ def test_a_video_goes_on_through_a_failover_charged_once(tmp_path: Path) -> None
         SWEEP_INTERVAL_SECONDS="1", SSE_RETRY_MS="300", SSE_PING_SECONDS="1",
         RETRY_COUNTDOWN_SECONDS="1", STALE_PENDING_SECONDS="5",
     )  # fmt: skip
-    with log.open("wb") as out:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "kinora", "up", "--port", str(port)], cwd=tmp_path, env=env,
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+    up = Up(tmp_path, free_port(), env)
+    base = up.base
     try:
-        wait_for("kinora up's token", lambda: "Token: " in log.read_text(), timeout=60)
-        token = re.findall(r"^Token: (\S+)$", log.read_text(), re.M)[-1]
+        token = up.token()
         headers = {"Authorization": f"Bearer {token}"}
         created = httpx.post(
             f"{base}/api/v1/videos/generate", headers=headers, timeout=10,
@@ -64,7 +54,7 @@ def test_a_video_goes_on_through_a_failover_charged_once(tmp_path: Path) -> None
         took = sentinel.fail_over()
         print(f"the Sentinels named a new primary {took:.1f} s after the SIGKILL")
         follower.join(120)
-        assert not follower.is_alive(), log.read_text()[-3000:]
+        assert not follower.is_alive(), up.text()[-3000:]
         assert follower.error is None, follower.error
         assert not seq_problems(follower.events), [e["seq"] for e in follower.events]
         assert follower.events[-1]["status"] == "completed"
@@ -75,9 +65,5 @@ def test_a_video_goes_on_through_a_failover_charged_once(tmp_path: Path) -> None
             charges = db.execute("SELECT kind, count(*) FROM credit_entries GROUP BY kind")
             assert dict(charges.fetchall()) == {"charge": 1, "grant": 1}
     finally:
-        up.send_signal(2)
-        try:
-            up.wait(20)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        up.stop(check=False)
         sentinel.stop()

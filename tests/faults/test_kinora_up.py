@@ -7,7 +7,6 @@ on the same var dir is refused, and no child outlives `kinora up`."""
 
 from __future__ import annotations
 
-import re
 import signal
 import sqlite3
 import subprocess
@@ -20,11 +19,10 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-import redis
 
 from kinora.cli.embedded import free_port
 from tests.utils.clients import Follower, fresh_machine_env
-from tests.utils.processes import wait_for
+from tests.utils.processes import Up, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -34,56 +32,6 @@ PROMPT = "A hot air balloon rising over a valley at dawn"
 def up_env() -> dict[str, str]:
     # Long enough to stop mid-job, short leases so a killed worker's video moves on.
     return fresh_machine_env(MOCK_STEP_SECONDS="0.6", LEASE_SECONDS="3", SWEEP_INTERVAL_SECONDS="1")
-
-
-class Up:
-    def __init__(self, cwd: Path, port: int) -> None:
-        self.cwd = cwd
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = cwd / f"up-{time.monotonic_ns()}.log"
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "kinora", "up", "--port", str(port)],
-                cwd=cwd,
-                env=up_env(),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def token(self) -> str:
-        def printed() -> bool:
-            assert self.process.poll() is None, self.text()
-            return "Token: " in self.text()
-
-        wait_for("kinora up's Token line", printed, timeout=60)
-        tokens: list[str] = re.findall(r"^Token: (\S+)$", self.text(), re.M)
-        return tokens[-1]
-
-    def redis(self) -> redis.Redis:
-        url = re.findall(r"Redis: embedded at (\S+)", self.text())[-1]
-        return redis.Redis.from_url(url, socket_timeout=5)
-
-    def child(self, word: str) -> psutil.Process:
-        """The direct child whose command line has `word` (api, worker, redis-server)."""
-        for child in psutil.Process(self.process.pid).children():
-            if word in " ".join(child.cmdline()):
-                return child
-        raise AssertionError(f"no child {word!r} of kinora up")
-
-    def stop(self, sig: int = signal.SIGINT) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                assert self.process.wait(15) == 0, self.text()
-            finally:
-                if self.process.poll() is None:
-                    for child in psutil.Process(self.process.pid).children(recursive=True):
-                        child.kill()
-                    self.process.kill()
 
 
 def sql(cwd: Path, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -148,7 +96,7 @@ def assert_gapless_to_completed(follower: Follower) -> None:
 
 def test_a_restart_on_the_same_var_loses_nothing_and_pays_nothing_twice(tmp_path: Path) -> None:
     port = free_port()
-    first = Up(tmp_path, port)
+    first = Up(tmp_path, port, up_env())
     try:
         token = first.token()
         running = submit(first.base, token, PROMPT)
@@ -165,7 +113,7 @@ def test_a_restart_on_the_same_var_loses_nothing_and_pays_nothing_twice(tmp_path
         ("pending",),
     ]
 
-    again = Up(tmp_path, port)  # the same port: the watcher reconnects by itself
+    again = Up(tmp_path, port, up_env())  # the same port: the watcher reconnects by itself
     try:
         assert again.token() == token
         started = time.monotonic()
@@ -208,7 +156,7 @@ def test_a_restart_on_the_same_var_loses_nothing_and_pays_nothing_twice(tmp_path
 
 
 def test_every_part_killed_is_started_again_and_the_video_goes_on(tmp_path: Path) -> None:
-    up = Up(tmp_path, free_port())
+    up = Up(tmp_path, free_port(), up_env())
     try:
         token = up.token()
         # The API, SIGKILLed: started again, and says so.

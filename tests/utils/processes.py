@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
+import redis
 
 from kinora.cli.embedded import free_port
 from tests.utils.accounts import Account
@@ -93,3 +97,58 @@ def worker_ready(env: dict[str, str]) -> bool:
         return bool(app.control.ping(timeout=0.5))
     finally:
         app.close()
+
+
+class Up:
+    """`kinora up` in `cwd` (its state under `cwd/var`) on `port`, with `env`."""
+
+    def __init__(self, cwd: Path, port: int, env: dict[str, str]) -> None:
+        self.cwd = cwd
+        self.base = f"http://127.0.0.1:{port}"
+        self.log = cwd / f"up-{time.monotonic_ns()}.log"
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "kinora", "up", "--port", str(port)],
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def token(self) -> str:
+        def printed() -> bool:
+            assert self.process.poll() is None, self.text()
+            return "Token: " in self.text()
+
+        wait_for("kinora up's Token line", printed, timeout=60)
+        tokens: list[str] = re.findall(r"^Token: (\S+)$", self.text(), re.M)
+        return tokens[-1]
+
+    def redis(self) -> redis.Redis:
+        url = re.findall(r"Redis: embedded at (\S+)", self.text())[-1]
+        return redis.Redis.from_url(url, socket_timeout=5)
+
+    def child(self, word: str) -> psutil.Process:
+        """The direct child whose command line has `word` (api, worker, redis-server)."""
+        for child in psutil.Process(self.process.pid).children():
+            if word in " ".join(child.cmdline()):
+                return child
+        raise AssertionError(f"no child {word!r} of kinora up")
+
+    def stop(self, sig: int = signal.SIGINT, *, check: bool = True) -> None:
+        """Stop it with `sig`; `check`: it must exit cleanly (0) within 15 s. Whatever
+        is left is killed."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                code = self.process.wait(15)
+                assert code == 0 or not check, self.text()
+            finally:
+                if self.process.poll() is None:
+                    for child in psutil.Process(self.process.pid).children(recursive=True):
+                        child.kill()
+                    self.process.kill()

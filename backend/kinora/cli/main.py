@@ -106,7 +106,16 @@ def redis_url(settings: Any) -> str:
 
     try:
         url: str = settings.required_redis_url
-        topology(url)
+        if topology(url).cluster and not settings.broker_url:
+            raise ValueError(
+                "REDIS_URL is a Redis Cluster, which carries the events but cannot be "
+                "Celery's broker: set BROKER_URL to a Redis server (or a Sentinel URL)"
+            )
+        if settings.broker_url and topology(settings.broker_url).cluster:
+            raise ValueError(
+                "BROKER_URL is a Redis Cluster, which Celery cannot use: set it to a "
+                "Redis server (redis://) or a Sentinel URL (redis+sentinel://)"
+            )
     except (RuntimeError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     return url

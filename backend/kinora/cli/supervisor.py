@@ -311,7 +311,10 @@ def _run_locked(var: Path, env: dict[str, str], *, host: str, port: int, workers
             child.start()
         base = f"http://{host}:{port}"
         wait_healthy(f"{base}/healthz", children)
-        wait_worker(env["REDIS_URL"] if embedded else settings.required_redis_url, children)
+        if embedded:
+            wait_worker(env["REDIS_URL"], children)
+        else:
+            wait_worker(settings.broker_url or settings.required_redis_url, children)
         # Last, after the children's start-up lines, so that they stand out.
         print(
             f"\nKinora is running (Ctrl-C stops it). API docs: {base}/docs\n"

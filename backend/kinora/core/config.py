@@ -48,6 +48,8 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     redis_url: str | None = None
+    # Celery's broker, when it is not REDIS_URL's Redis (a Redis Cluster cannot be one).
+    broker_url: str | None = None
 
     use_mock_sora: bool = True
     openai_api_key: str | None = None

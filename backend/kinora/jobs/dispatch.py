@@ -62,7 +62,7 @@ def make_celery(
     to ping a worker, on the broker they started). `publisher`: the app only queues
     work, on one Redis connection (the API's third, with the hub's two)."""
     settings = get_settings()
-    url = broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
+    url = broker_url or settings.broker_url or settings.redis_url or "redis://127.0.0.1:6379/0"
     keep = _results if results is None else results
     # One Redis, whatever its form (a Sentinel URL: kombu's Sentinel transport).
     broker, transport = connect.celery_broker(url)

@@ -8,7 +8,12 @@ The topology is what `REDIS_URL` says (README, Deployment):
 - `redis+sentinel://[user:password@]host:26379,host2:26379/<service>[/db]` (or
   `rediss+sentinel://` for TLS to the servers): the primary Sentinel names for
   `<service>`, found again after a failover. `?sentinel_password=` when the Sentinels
-  have a password of their own.
+  have a password of their own;
+- `redis+cluster://[user:password@]host:port[,host:port…]` (or `rediss+cluster://`): a
+  Redis Cluster, its nodes found from any of those named. Each job's keys share a hash
+  slot (kinora.streaming.keys) and its events go out on sharded pub/sub (SPUBLISH on
+  the shard that owns the slot; the hub SSUBSCRIBEs per shard: kinora.streaming.shards).
+  Celery's broker is then another Redis (`BROKER_URL`): kombu has no cluster transport.
 
 The policy: every call fails within seconds on a Redis that is gone or paused, and
 retries once at once on a fresh connection (the first call after Redis restarted, or
@@ -25,6 +30,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis
 import redis.asyncio as aioredis
 import redis.asyncio.sentinel as aiosentinel
+import redis.cluster
 import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -34,6 +40,10 @@ READ_TIMEOUT = 2.0
 SENTINEL_PORT = 26379
 SERVER_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+CLUSTER_PORT = 6379
+# Connections the API's cluster client may open to each node (commands run at once).
+CLUSTER_CONNECTIONS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +59,27 @@ class Topology:
     password: str | None = None
     tls: bool = False
     sentinel_password: str | None = None
+    nodes: tuple[tuple[str, int], ...] = ()  # a cluster's: where to find the others
 
     @property
     def sentinel(self) -> bool:
         return bool(self.sentinels)
+
+    @property
+    def cluster(self) -> bool:
+        return bool(self.nodes)
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        from redis.cluster import ClusterNode
+
+        return {
+            "startup_nodes": [
+                ClusterNode(host, port)  # type: ignore[no-untyped-call]
+                for host, port in self.nodes
+            ],
+            "username": self.username,
+            "password": self.password,
+        } | ({"ssl": True} if self.tls else {})
 
     def server_kwargs(self) -> dict[str, Any]:
         """What a connection to the primary needs besides its address."""
@@ -66,22 +93,27 @@ def topology(url: str) -> Topology:
     parts = urlsplit(url)
     if parts.scheme in SERVER_SCHEMES:
         return Topology(url)
-    if parts.scheme not in SENTINEL_SCHEMES:
+    if parts.scheme not in SENTINEL_SCHEMES + CLUSTER_SCHEMES:
         raise ValueError(
             f"REDIS_URL {parts.scheme or url!r}: not a Redis URL Kinora knows. Use redis://, "
-            "rediss:// (TLS), unix://, or redis+sentinel://host:26379,host2:26379/<service>"
+            "rediss:// (TLS), unix://, redis+sentinel://host:26379,host2:26379/<service>, "
+            "or redis+cluster://host:6379,host2:6379"
         )
-    hosts = parts.netloc.rpartition("@")[2]
-    sentinels = []
-    for host in filter(None, hosts.split(",")):
-        if host.startswith("["):  # an IPv6 address: [::1]:26379
-            name, _, rest = host[1:].partition("]")
-            port = rest[1:]
-        else:
-            name, _, port = host.partition(":")
-        if port and not port.isdigit():
-            raise ValueError(f"REDIS_URL {url!r}: a Sentinel's port is a number, not {port!r}")
-        sentinels.append((name, int(port) if port else SENTINEL_PORT))
+    if parts.scheme in CLUSTER_SCHEMES:
+        nodes = _hosts(url, parts.netloc, CLUSTER_PORT, "a cluster node")
+        if not nodes or parts.path.strip("/") or parts.query:
+            raise ValueError(
+                f"REDIS_URL {url!r}: a cluster URL names some of its nodes and nothing "
+                "else (a cluster has one database): redis+cluster://host:6379,host2:6379"
+            )
+        return Topology(
+            url,
+            nodes=tuple(nodes),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            tls=parts.scheme.startswith("rediss"),
+        )
+    sentinels = _hosts(url, parts.netloc, SENTINEL_PORT, "a Sentinel")
     path = [p for p in parts.path.split("/") if p]
     if not sentinels or not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
         raise ValueError(
@@ -99,6 +131,20 @@ def topology(url: str) -> Topology:
         tls=parts.scheme.startswith("rediss"),
         sentinel_password=query.get("sentinel_password", [None])[0],
     )
+
+
+def _hosts(url: str, netloc: str, default_port: int, what: str) -> list[tuple[str, int]]:
+    found = []
+    for host in filter(None, netloc.rpartition("@")[2].split(",")):
+        if host.startswith("["):  # an IPv6 address: [::1]:26379
+            name, _, rest = host[1:].partition("]")
+            port = rest[1:]
+        else:
+            name, _, port = host.partition(":")
+        if port and not port.isdigit():
+            raise ValueError(f"REDIS_URL {url!r}: {what}'s port is a number, not {port!r}")
+        found.append((name, int(port) if port else default_port))
+    return found
 
 
 def quick_retry() -> Retry:
@@ -120,6 +166,13 @@ def sync_redis(url: str) -> redis.Redis:
         "retry": quick_retry(),
         "health_check_interval": 30,
     }
+    if where.cluster:
+        cluster: redis.Redis = redis.cluster.RedisCluster(  # type: ignore[assignment]
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=READ_TIMEOUT,
+            **where.cluster_kwargs(),
+        )
+        return cluster
     if where.sentinel:
         manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
             list(where.sentinels), sentinel_kwargs=_sentinel_kwargs(where), **policy
@@ -163,6 +216,14 @@ def commands(url: str, connections: int) -> aioredis.Redis:
         "retry": quick_retry(),
     }
     where = topology(url)
+    if where.cluster:
+        cluster: aioredis.Redis = aioredis.RedisCluster(  # type: ignore[assignment]
+            socket_timeout=ASYNC_TIMEOUT,
+            socket_connect_timeout=ASYNC_TIMEOUT,
+            max_connections=max(connections, CLUSTER_CONNECTIONS),
+            **where.cluster_kwargs(),
+        )
+        return cluster
     if where.sentinel:
         client: aioredis.Redis = _manager(where, **policy).master_for(
             where.service,
@@ -184,7 +245,7 @@ async def close(client: aioredis.Redis) -> None:
     (the client's own pool does not hold them, and an event loop closed with them open
     does not close cleanly)."""
     await client.aclose()
-    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
     for sentinel in getattr(manager, "sentinels", ()):
         await sentinel.aclose()
 
@@ -208,6 +269,11 @@ def celery_broker(url: str) -> tuple[str, dict[str, Any]]:
     """Celery's broker URL and transport options for the same Redis: kombu's Sentinel
     transport (`sentinel://…;sentinel://…` with the service as `master_name`)."""
     where = topology(url)
+    if where.cluster:
+        raise ValueError(
+            f"{url!r} is a Redis Cluster, which Celery cannot use as its broker: set "
+            "BROKER_URL to a Redis server (or a Sentinel URL) for the queue"
+        )
     if not where.sentinel:
         return url, {}
     auth = ""

@@ -68,7 +68,9 @@ SEQ_JUMP_AFTER_LOSS = 100
 
 # KEYS: seq, history, end, sent. ARGV: body (the event's JSON without its opening
 # brace), channel, history cap, retention seconds, floor (the highest seq the publisher
-# knows was used), "1" if this is the `complete` event, the event's unique id. Returns
+# knows was used), "1" if this is the `complete` event, the event's unique id, "1" to
+# publish on the channel's shard (SPUBLISH: a Redis Cluster) rather than to every
+# subscriber of the server (PUBLISH). Returns
 # the new seq; the seq it already has when the same event is sent again (a call that
 # timed out may still have run: the outbox's resend must not publish it twice: the ids
 # of the newest events, as many as the history keeps, are remembered); 0 when
@@ -112,7 +114,11 @@ if seq % 16 == 1 or ARGV[6] == '1' or redis.call('TTL', KEYS[2]) < 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[4], ARGV[4])
 end
-redis.call('PUBLISH', ARGV[2], data)
+if ARGV[8] == '1' then
+  redis.call('SPUBLISH', ARGV[2], data)
+else
+  redis.call('PUBLISH', ARGV[2], data)
+end
 return seq
 """
 )
@@ -155,7 +161,10 @@ def script_args(
     terminal: bool,
     retention: Retention,
     uid: str | None = None,
+    *,
+    sharded: bool = False,
 ) -> tuple[list[str], list[Any]]:
+    """The publishing script's keys and arguments. `sharded`: on a Redis Cluster."""
     keys = [key.seq, key.history, key.end, key.sent]
     args: list[Any] = [
         body,
@@ -165,12 +174,13 @@ def script_args(
         floor,
         "1" if terminal else "0",
         uid or os.urandom(8).hex(),
+        "1" if sharded else "0",
     ]
     return keys, args
 
 
 async def publish_async(
-    client: redis.asyncio.Redis,
+    client: redis.asyncio.Redis | redis.asyncio.RedisCluster,
     key: StreamKey,
     event_type: EventType,
     message: str,
@@ -183,7 +193,8 @@ async def publish_async(
     """Publish one event from async code (the API). Returns its seq, or None if the
     job's `complete` was published already (then nothing is)."""
     body = encode_body(key, event_type, message, fields)
-    keys, args = script_args(key, body, floor, event_type == "complete", retention)
+    sharded = isinstance(client, redis.asyncio.RedisCluster)
+    keys, args = script_args(key, body, floor, event_type == "complete", retention, sharded=sharded)
     script = client.register_script(PUBLISH_LUA)
     seq = int(await script(keys=keys, args=args))
     if not seq:

@@ -36,6 +36,7 @@ from kinora.streaming.frames import RESYNC, Item
 from kinora.streaming.keys import StreamKey
 from kinora.streaming.metrics import StreamMetrics
 from kinora.streaming.presence import Presence
+from kinora.streaming.shards import Shards
 from kinora.streaming.watcher import (
     HISTORY_PAGE,
     Drain,
@@ -126,8 +127,20 @@ class StreamHub:
         # on a connection of its own: two connections per process in all. The request
         # paths refuse at once while the probe says Redis does not answer.
         self.redis: aioredis.Redis = connect.commands(redis_url, COMMAND_CONNECTIONS)
-        self._subscriber: aioredis.Redis = connect.subscriber(redis_url)
-        self._pubsub: PubSub = self._subscriber.pubsub()
+        where = connect.topology(redis_url)
+        # On a Redis Cluster, a subscriber per shard (SSUBSCRIBE: kinora.streaming.shards).
+        self._shards: Shards | None = None
+        if where.cluster:
+            self._shards = Shards(
+                cast(aioredis.RedisCluster, self.redis),
+                self._dispatch,
+                username=where.username,
+                password=where.password,
+                **({"ssl": True} if where.tls else {}),
+            )
+        else:
+            self._subscriber: aioredis.Redis = connect.subscriber(redis_url)
+            self._pubsub: PubSub = self._subscriber.pubsub()
         self.presence = Presence(self.redis, presence_ttl)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -138,17 +151,22 @@ class StreamHub:
         the subscriber connects when it can (`_listen`)."""
         try:
             async with asyncio.timeout(connect.ASYNC_TIMEOUT):
-                await self._pubsub.connect()  # type: ignore[no-untyped-call]
+                if self._shards is not None:
+                    await self._shards.start()
+                    await self.redis.ping()
+                else:
+                    await self._pubsub.connect()  # type: ignore[no-untyped-call]
             self._last_pong = asyncio.get_running_loop().time()
         except (TimeoutError, redis.RedisError, OSError) as exc:
             log.warning("Redis does not answer yet (%s): streams wait for it (503)", exc)
         await self.presence.start()
         self._tasks = [
-            asyncio.create_task(self._listen(), name="hub-listen"),
             asyncio.create_task(self._control(), name="hub-control"),
             asyncio.create_task(self._count_deliveries(), name="hub-metrics"),
             asyncio.create_task(self._probe(), name="hub-probe"),
         ]
+        if self._shards is None:
+            self._tasks.append(asyncio.create_task(self._listen(), name="hub-listen"))
         if self.on_quiet is not None:
             self._tasks.append(asyncio.create_task(self._recheck_quiet(), name="hub-recheck"))
 
@@ -161,8 +179,11 @@ class StreamHub:
         self._tasks = []
         self.flush_deliveries()
         await self.presence.stop()
-        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-        await connect.close(self._subscriber)
+        if self._shards is not None:
+            await self._shards.stop()
+        else:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await connect.close(self._subscriber)
         await connect.close(self.redis)
 
     # -- watching -------------------------------------------------------------------
@@ -419,11 +440,12 @@ class StreamHub:
                 ops.append(self._ops.get_nowait())
             for op, run in itertools.groupby(ops, key=lambda o: o[0]):
                 names = [name for _, name in run]
+                subscriber: Shards | PubSub = self._shards or self._pubsub
                 try:
                     if op == "sub":
-                        await self._pubsub.subscribe(*names)
+                        await subscriber.subscribe(*names)
                     else:
-                        await self._pubsub.unsubscribe(*names)
+                        await subscriber.unsubscribe(*names)
                 except Exception:
                     log.exception("redis %s of %d channels failed; retrying", op, len(names))
                     await asyncio.sleep(0.5)

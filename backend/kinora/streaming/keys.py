@@ -2,8 +2,13 @@
 
 A stream belongs to one job: any Celery task's (`job`, its id a string or an integer)
 or one of Kinora's videos (`video`). The kind names the Redis keys and the channel
-(`video:7`, `video:7:events`, …) and the id field of every event (`video_id`, or
+(`video:7`, `{video:7}:events`, …) and the id field of every event (`video_id`, or
 `job_id` for any other job), so the same machinery serves both.
+
+A job's keys carry its channel as their hash tag (`{video:7}:seq`): on a Redis Cluster
+they and the channel hash to one slot, so the publishing script runs on one shard and
+publishes there (SPUBLISH). Braces in a job's id would change what is hashed, so an id
+may not have them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ class StreamKey:
     kind: str
     id: str | int
 
+    def __post_init__(self) -> None:
+        if isinstance(self.id, str) and ("{" in self.id or "}" in self.id):
+            raise ValueError(
+                f"a job's id may not contain braces ({self.id!r}): Redis Cluster reads them "
+                "as a hash tag. Use letters, digits, '-', '_', ':' or '.'"
+            )
+
     def __str__(self) -> str:
         return f"{self.kind}:{self.id}"
 
@@ -26,17 +38,17 @@ class StreamKey:
     @property
     def history(self) -> str:
         """A sorted set of the job's events, scored by seq."""
-        return f"{self}:events"
+        return f"{{{self}}}:events"
 
     @property
     def seq(self) -> str:
         """The job's event counter."""
-        return f"{self}:seq"
+        return f"{{{self}}}:seq"
 
     @property
     def end(self) -> str:
         """Set (to its seq) when the job's `complete` is published: nothing follows it."""
-        return f"{self}:end"
+        return f"{{{self}}}:end"
 
     @property
     def sent(self) -> str:
@@ -44,7 +56,7 @@ class StreamKey:
         event. A sorted set trimmed to the history's cap (README, Faults: every structure of
         a job is bounded like its history). The name is new: before, `:sent` was a hash
         that grew with every event; old ones expire with their retention."""
-        return f"{self}:uids"
+        return f"{{{self}}}:uids"
 
     @property
     def presence(self) -> str:

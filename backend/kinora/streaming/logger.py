@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, Literal, Protocol, Self
 
 import redis
+import redis.cluster
 
 from kinora.streaming import keys
 from kinora.streaming.connect import sync_redis
@@ -62,7 +63,9 @@ def close_sync_clients() -> None:
     with _sync_lock:
         for client in _sync_clients.values():
             client.close()
-            client.connection_pool.disconnect()
+            pool = getattr(client, "connection_pool", None)  # a cluster's: per node
+            if pool is not None:
+                pool.disconnect()
         _sync_clients.clear()
 
 
@@ -313,7 +316,10 @@ class SSELogger:
     def _send(self, event_type: EventType, body: bytes, terminal: bool, uid: str) -> int | None:
         """The one round trip; raises redis.RedisError."""
         client = self._client or sync_client(self._redis_url)
-        names, args = script_args(self.key, body, self.last_seq, terminal, self.retention, uid)
+        sharded = isinstance(client, redis.cluster.RedisCluster)
+        names, args = script_args(
+            self.key, body, self.last_seq, terminal, self.retention, uid, sharded=sharded
+        )
         try:  # EVALSHA straight away: redis-py's Script wrapper costs a tenth of a call
             seq = int(client.evalsha(PUBLISH_SHA, len(names), *names, *args))
         except redis.exceptions.NoScriptError:  # a Redis that has not seen it (restarted)

@@ -106,4 +106,6 @@ MARKER = "kinora:sweeper:marker"
 def redis_lost_its_data() -> bool:
     """True once after Redis lost its data (and at the very first sweep of a new
     Redis, when there is nothing to lose)."""
-    return bool(sync_client(get_settings().required_redis_url).set(MARKER, 1, nx=True))
+    settings = get_settings()
+    broker = settings.broker_url or settings.required_redis_url  # where the queue is
+    return bool(sync_client(broker).set(MARKER, 1, nx=True))
