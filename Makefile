@@ -133,6 +133,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.many
 	$(BIN)/python -m bench.drain
 	$(BIN)/python -m bench.shards
+	$(BIN)/python -m bench.rolling
 	$(BIN)/python -m bench.replay
 	$(BIN)/python -m bench.recovery
 

@@ -3,7 +3,7 @@
 ends is when it would come back to another process: spread over DRAIN_SECONDS, or (the
 baseline, DRAIN_SECONDS=0) all at once, in the same run.
 
-    python -m bench.drain [--streams 1000] [--drain 5]
+    python -m bench.drain [--streams 1000] [--drain 10]
 
 Prints one JSON object: per run, the streams that ended cleanly with a last `retry:`
 (must be all), when they ended after the signal (first, median, p90, last), the most
@@ -105,7 +105,7 @@ async def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--drain", type=float, default=5.0)
+    parser.add_argument("--drain", type=float, default=10.0)
     args = parser.parse_args()
     with world() as w:
         burst = run(w, args.streams, 0.0)

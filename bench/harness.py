@@ -126,12 +126,18 @@ class Server:
 
 
 def start_server(
-    name: str, w: World, *, workers: int = 1, settings: dict[str, str] | None = None
+    name: str,
+    w: World,
+    *,
+    workers: int = 1,
+    settings: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Server:
     """`kinora` (our API, `workers` processes on one port), `naive` (a pub/sub
     connection per client, as in the original notes) or `broadcaster` (sse-starlette +
-    the broadcaster package). `settings`: environment variables of this server's own."""
-    port = free_port()
+    the broadcaster package). `settings`: environment variables of this server's own;
+    `port`: a given one (a process restarted where it was), else a free one."""
+    port = port or free_port()
     if name == "kinora":
         args = [
             sys.executable,
@@ -197,6 +203,7 @@ class RawSSE(asyncio.Protocol):
         self.answered: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.WriteTransport | None = None
+        self.status = b""  # the response's status line
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.WriteTransport, transport)
@@ -208,12 +215,17 @@ class RawSSE(asyncio.Protocol):
             end = self.head.find(b"\r\n\r\n")
             if end < 0:
                 return
-            ok = b" 200 " in self.head.split(b"\r\n", 1)[0]
+            self.status = self.head.split(b"\r\n", 1)[0]
+            ok = b" 200 " in self.status
             self.answered.set_result(ok)
             if not ok:
                 self._close()
                 return
             data, self.head = self.head[end + 4 :], b""
+        self.body(data)
+
+    def body(self, data: bytes) -> None:
+        """The body as it arrives: cut into whole lines (`lines`)."""
         data = self.tail + data
         cut = data.rfind(b"\n") + 1
         data, self.tail = data[:cut], data[cut:]

@@ -159,14 +159,3 @@ def test_drain() -> None:
         assert run["ended_cleanly"] == 60  # a complete chunked body, never a reset
         assert 0 <= run["first_s"] <= run["median_s"] <= run["last_s"]
     assert result["peak_vs_baseline"] > 0
-
-
-def test_shards() -> None:
-    result = bench("shards", "--events", "2000", "--videos", "30")
-    for how in ("server", "cluster", "cluster_classic"):
-        run = result[how]
-        assert run["events"] == 2000
-        assert run["delivery"] == 1.0  # every subscriber got every event
-        assert run["redis_cpu_us_per_delivery"] >= run["busiest_node_cpu_us_per_delivery"]
-    assert len(result["cluster"]["nodes_cpu_s"]) == 3
-    assert set(result["vs_server"]) == {"cluster", "cluster_classic"}

@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from kinora.core import tracing
 from tests.utils.accounts import Account
 from tests.utils.clients import events_of, read_stream, submit
+from tests.utils.cluster import plain_server
 from tests.utils.processes import Stack, kinora, start_api, stop, wait_for, worker_ready
 
 
@@ -108,9 +109,19 @@ def collector() -> Iterator[Collector]:
 
 
 @pytest.fixture
-def traced(environment: dict[str, str], var_dir: Path, collector: Collector) -> Iterator[Stack]:
+def broker(tmp_path: Path) -> Iterator[str]:
+    """A queue of the test's own: no other test's worker takes its video."""
+    with plain_server(tmp_path) as (url, _):
+        yield url
+
+
+@pytest.fixture
+def traced(
+    environment: dict[str, str], var_dir: Path, collector: Collector, broker: str
+) -> Iterator[Stack]:
     env = {
         **environment,
+        "BROKER_URL": broker,
         "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
         "OTEL_BSP_SCHEDULE_DELAY": "200",  # export within a fifth of a second
     }
@@ -119,7 +130,7 @@ def traced(environment: dict[str, str], var_dir: Path, collector: Collector) -> 
     worker = kinora("worker", "--concurrency", "1", env=env, log=logs / "traced-worker.log")
     api, base = start_api(env, logs / "traced-api.log")
     try:
-        wait_for("the worker", lambda: worker_ready(environment), timeout=30, interval=0.2)
+        wait_for("the worker", lambda: worker_ready(env), timeout=30, interval=0.2)
         yield Stack(base, api, worker, logs)
     finally:
         stop(api)

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,12 +20,11 @@ from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger
 from tests.utils.accounts import Account
 from tests.utils.clients import pending_video
+from tests.utils.nginx import front, status
 from tests.utils.processes import kinora, stop, wait_for
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 CLIENTS = 200
 
 
@@ -86,46 +82,31 @@ def test_a_rolling_restart_loses_and_repeats_no_event_for_any_client(
         "MAX_STREAMS_PER_USER": "0", "SSE_PING_SECONDS": "1",
     }  # fmt: skip
     ports = [free_port(), free_port()]
-    front = free_port()
     apis = {port: kinora("api", "--port", str(port), env=env, log=tmp_path / f"api-{port}.log")
             for port in ports}  # fmt: skip
-    conf = (ROOT / "deploy" / "nginx" / "kinora.conf").read_text()
-    conf = conf.replace("127.0.0.1:8001", f"127.0.0.1:{ports[0]}")
-    conf = conf.replace("127.0.0.1:8002", f"127.0.0.1:{ports[1]}")
-    conf = conf.replace("listen 127.0.0.1:8080", f"listen 127.0.0.1:{front}")
-    (tmp_path / "nginx.conf").write_text(conf)
-    globals_ = f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"
-    if os.geteuid() == 0:
-        globals_ += " user root;"
-    nginx = subprocess.Popen(
-        [NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", globals_],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     publishing = threading.Event()
     try:
         for port in ports:
             wait_for(f"API {port}", lambda p=port: _ready(p), timeout=30)
-        base = f"http://127.0.0.1:{front}"
-        wait_for("nginx", lambda: _status(f"{base}/healthz") == 200, timeout=10)
-        video = pending_video(account)
-        publisher = threading.Thread(target=_publish, args=(video, publishing), daemon=True)
-        publisher.start()
-        clients = Clients(f"{base}/api/v1/videos/{video}/stream", account.headers)
-        clients.start()
-        wait_for("every client streaming", lambda: all(clients.seqs), timeout=30)
-        for port in ports:  # one at a time, as a rolling update does
+        with front(tmp_path, ports) as base:
+            video = pending_video(account)
+            publisher = threading.Thread(target=_publish, args=(video, publishing), daemon=True)
+            publisher.start()
+            clients = Clients(f"{base}/api/v1/videos/{video}/stream", account.headers)
+            clients.start()
+            wait_for("every client streaming", lambda: all(clients.seqs), timeout=30)
+            for port in ports:  # one at a time, as a rolling update does
+                time.sleep(1.0)
+                apis[port].terminate()
+                assert apis[port].wait(15) in (0, -15)
+                log = tmp_path / "again.log"
+                apis[port] = kinora("api", "--port", str(port), env=env, log=log)
+                wait_for(f"API {port} again", lambda p=port: _ready(p), timeout=30)
             time.sleep(1.0)
-            apis[port].terminate()
-            assert apis[port].wait(15) in (0, -15)
-            apis[port] = kinora("api", "--port", str(port), env=env, log=tmp_path / "again.log")
-            wait_for(f"API {port} again", lambda p=port: _ready(p), timeout=30)
-        time.sleep(1.0)
-        publishing.set()  # the video ends
-        clients.join(60)
+            publishing.set()  # the video ends
+            clients.join(60)
     finally:
         publishing.set()
-        nginx.terminate()
-        nginx.wait(10)
         for api in apis.values():
             stop(api)
     assert not clients.problems, clients.problems[:5]
@@ -149,11 +130,4 @@ def _publish(video: int, stop_: threading.Event) -> None:
 
 
 def _ready(port: int) -> bool:
-    return _status(f"http://127.0.0.1:{port}/readyz") == 200
-
-
-def _status(url: str) -> int:
-    try:
-        return httpx.get(url, timeout=2).status_code
-    except httpx.TransportError:
-        return 0
+    return status(f"http://127.0.0.1:{port}/readyz") == 200

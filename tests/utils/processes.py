@@ -90,9 +90,10 @@ class Stack:
 
 
 def worker_ready(env: dict[str, str]) -> bool:
+    """A worker answers a ping on `env`'s broker."""
     from kinora.jobs.dispatch import make_celery
 
-    app = make_celery()
+    app = make_celery(env.get("BROKER_URL") or env.get("REDIS_URL"))
     try:
         return bool(app.control.ping(timeout=0.5))
     finally:

