@@ -36,6 +36,7 @@ class Span:
     span_id: str
     parent_id: str
     attributes: dict[str, Any]
+    start: int  # ns since the epoch
 
 
 class Collector(ThreadingHTTPServer):
@@ -64,6 +65,7 @@ class Collector(ThreadingHTTPServer):
                             trace_id=span.trace_id.hex(),
                             span_id=span.span_id.hex(),
                             parent_id=span.parent_span_id.hex(),
+                            start=span.start_time_unix_nano,
                             attributes={
                                 a.key: a.value.string_value or a.value.int_value
                                 for a in span.attributes
@@ -182,6 +184,10 @@ def test_one_trace_from_the_submit_to_the_complete(
     (task,) = [s for s in spans if s.kind == 5]  # CONSUMER: the task run
     assert task.service == "kinora-worker"
     assert by_id[task.parent_id] in published  # queued by the request, run in the worker
+    # The generation's three stages are spans under the task run, in order.
+    stages = sorted((s for s in spans if s.name.startswith("video.")), key=lambda s: s.start)
+    assert [s.name for s in stages] == ["video.preparing", "video.generating", "video.finalizing"]
+    assert all(by_id[s.parent_id] == task for s in stages)
     # The task's Redis commands (its events published) and SQL statements are its
     # children; the request's own (the claim, the charge) are the request's.
     worker_calls = [s for s in spans if s.service == "kinora-worker" and s.kind == 3]

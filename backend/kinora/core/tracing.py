@@ -18,9 +18,10 @@ polling, the sweeper) starts no trace: only spans under a request or a task are 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from kinora.core import logs
@@ -90,6 +91,19 @@ def instrument_app(app: Any) -> None:
     # A stream's body goes straight to the server (kinora.streaming.sse.direct_writes);
     # its head alone passes through here: no span per write or read.
     FastAPIInstrumentor.instrument_app(app, exclude_spans=["receive", "send"])
+
+
+@contextlib.contextmanager
+def span(name: str, **attributes: str | int) -> Iterator[None]:
+    """A span of this process's own work (a stage of a generation), under the current
+    one; nothing when traces are off."""
+    if _started is None:
+        yield
+        return
+    from opentelemetry import trace
+
+    with trace.get_tracer("kinora").start_as_current_span(name, attributes=attributes):
+        yield
 
 
 def flush(timeout_ms: int = 5000) -> None:

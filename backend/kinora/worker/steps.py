@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kinora.core import tracing
 from kinora.core.config import get_settings
 from kinora.core.db import session_scope
 from kinora.core.models import utcnow
@@ -39,14 +40,20 @@ class Generation:
         self.finalizing = False
 
     def run(self) -> None:
+        """The three stages, each a span of the video's trace (kinora.core.tracing)."""
+        video = self.job.video_id
         if self.job.model_job_id:
             # A retry or a redelivery: the model already has the job; resume it.
             self.events.stage(Step.SUBMITTED.stage, f"Resuming model job {self.job.model_job_id}")
-            model_job = self.poll(self.engine.retrieve(self.job.model_job_id))
+            with tracing.span("video.generating", video_id=video):
+                model_job = self.poll(self.engine.retrieve(self.job.model_job_id))
         else:
-            ref = self.prepare()
-            model_job = self.poll(self.submit(ref))
-        self.finalize(model_job)
+            with tracing.span("video.preparing", video_id=video):
+                ref = self.prepare()
+            with tracing.span("video.generating", video_id=video):
+                model_job = self.poll(self.submit(ref))
+        with tracing.span("video.finalizing", video_id=video):
+            self.finalize(model_job)
 
     # -- helpers -------------------------------------------------------------------
 
