@@ -26,7 +26,7 @@ from kinora.streaming import ProgressCore, SSELogger, StreamSettings, keys, prog
 from kinora.streaming.connect import topology
 from tests.utils.clients import Follower, events_of, fresh_machine_env
 from tests.utils.cluster import ClusterSet, plain_server
-from tests.utils.processes import Up
+from tests.utils.processes import Up, wait_for
 from tests.utils.servers import serve
 
 pytestmark = pytest.mark.slow
@@ -112,14 +112,22 @@ def test_events_travel_on_the_shard_that_owns_each_job(cluster: ClusterSet, host
         reader.start()
     for reader in readers.values():
         assert reader.open.wait(10)
+
     # Each shard's primary carries the subscriptions of its own jobs only, on sharded
-    # channels; no classic subscription anywhere.
-    for job, port in owners.items():
+    # channels (the hub subscribes once a stream's head is out: waited for); no classic
+    # subscription anywhere.
+    def subscribed(job: str, port: int, command: str) -> int:
         with redis.Redis(port=port, socket_timeout=2) as node:
-            shard = dict(node.execute_command("PUBSUB SHARDNUMSUB", keys.job(job).channel))
-            assert list(shard.values()) == [1], (job, shard)
-            classic = dict(node.execute_command("PUBSUB NUMSUB", keys.job(job).channel))
-            assert list(classic.values()) == [0], (job, classic)
+            found = dict(node.execute_command(command, keys.job(job).channel))
+        return int(next(iter(found.values())))
+
+    for job, port in owners.items():
+        wait_for(
+            f"{job}'s sharded subscription",
+            lambda j=job, p=port: subscribed(j, p, "PUBSUB SHARDNUMSUB") == 1,
+            timeout=10,
+        )
+        assert subscribed(job, port, "PUBSUB NUMSUB") == 0, job
     loggers = {job: SSELogger(job, kind="job", redis_url=cluster.url) for job in jobs}
     for step in range(1, 21):
         for job in jobs:
