@@ -4,7 +4,8 @@ to this one, each with the Last-Event-ID it had.
     python -m bench.storm [--clients 10000] [--videos 10] [--history 20] [--live 5]
 
 Every video has `history` events; every client reconnects with Last-Event-ID at
-half of them (with the video's scoped token, as `stream_url` gives it) and must get
+half of them (with the video's scoped token, as `stream_url` gives it; or, the
+`kinora-api-token` run, with the user's API token) and must get
 the rest, then `live` new events and `complete`. A connection refused or reset is
 tried again after 0.5 s, as EventSource does. The clocks: until every client is
 streaming again (has its missed events), and the streams opened per second. The
@@ -143,20 +144,25 @@ def run_storm(
     ids = w.videos(videos)
     publish(w, ids, history, 0)
     resume_at = history // 2
-    server = start_server(name, w)
+    # `kinora-api-token`: Kinora, each client with the user's API token instead of the
+    # video's scoped one.
+    kind = "kinora" if name.startswith("kinora") else name
+    log_file = w.tmp / f"{kind}.log"
+    seen = len(log_file.read_text(errors="replace").splitlines()) if log_file.exists() else 0
+    server = start_server(kind, w)
     try:
         requests = []
         for i in range(clients):
             video = ids[i % videos]
             if name == "kinora":
                 path = f"/api/v1/videos/{video}/stream?token={sign_scoped(video, w.user_id)}"
-            else:
+            else:  # the user's API token (Kinora), or the peers' own path
                 path = server.url_path(video, w.token)
             requests.append(
                 f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nLast-Event-ID: {resume_at}\r\n"
                 "Accept: text/event-stream\r\n\r\n".encode()
             )
-        catch_up = history - resume_at if name == "kinora" else 0
+        catch_up = history - resume_at if kind == "kinora" else 0
         expected = catch_up + live + 1
         go = SPAWN.Event()
         flags = [SPAWN.Event() for _ in range(loaders)]
@@ -185,7 +191,7 @@ def run_storm(
     finally:
         server.stop()
     # Refusals the server logged (503s while Redis seemed not to answer, errors).
-    log_lines = (w.tmp / f"{name}.log").read_text(errors="replace").splitlines()
+    log_lines = log_file.read_text(errors="replace").splitlines()[seen:]
     warnings = [line for line in log_lines if " WARNING " in line or " ERROR " in line]
     started = min(p["started"] for p in parts)
     lasts = [p["last_streaming"] for p in parts]
@@ -211,7 +217,9 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=20, help="events before the storm")
     parser.add_argument("--live", type=int, default=5, help="events after it")
     parser.add_argument("--loaders", type=int, default=2)
-    parser.add_argument("--servers", nargs="+", default=["kinora", "broadcaster", "naive"])
+    parser.add_argument(
+        "--servers", nargs="+", default=["kinora", "kinora-api-token", "broadcaster", "naive"]
+    )
     args = parser.parse_args()
     runs = []
     with world() as w:

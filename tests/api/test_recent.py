@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from kinora.api.recent import RecentVideos, Viewable
+from kinora.api.recent import RecentTokens, RecentVideos, Viewable
 from kinora.core.models import Video
+from kinora.core.tokens import hash_token
 
 
 class CountingLoader:
@@ -85,3 +86,25 @@ def test_a_waiter_that_goes_away_does_not_cancel_the_others_read() -> None:
 
     asyncio.run(main())
     assert loader.calls == [3]
+
+
+def test_a_thousand_streams_opened_with_one_api_token_read_its_owner_once() -> None:
+    digests: list[str] = []
+
+    def owner_of(digest: str) -> int | None:
+        digests.append(digest)
+        time.sleep(0.05)  # a database round trip
+        return 7 if digest == hash_token("kin_valid-token-0001") else None
+
+    tokens = RecentTokens(ttl=5.0, loader=owner_of)
+
+    async def main() -> list[int | None]:
+        return await asyncio.gather(
+            *(tokens.owner("kin_valid-token-0001") for _ in range(1000)),
+            tokens.owner("kin_not-a-token-0002"),
+        )
+
+    owners = asyncio.run(main())
+    assert owners == [7] * 1000 + [None]
+    assert len(digests) == 2  # one read each, and by hash: the token is not kept
+    assert "kin_valid-token-0001" not in digests

@@ -28,7 +28,7 @@ from kinora.streaming import keys
 from kinora.streaming.logger import SSELogger
 from tests.utils.accounts import Account, make_account
 from tests.utils.clients import close_code, events_of, pending_video, read_stream
-from tests.utils.processes import start_api, stop
+from tests.utils.processes import start_api, stop, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -182,3 +182,28 @@ def test_kinora_users_rotate_token_prints_the_new_token_last(
     )  # fmt: skip
     assert missing.returncode == 1
     assert "no user nobody@test.kinora" in missing.stderr
+
+
+def stream_status(url: str, headers: dict[str, str]) -> int:
+    """The status a stream opens with (the stream itself is let go at once)."""
+    with httpx.Client(timeout=10) as client, client.stream("GET", url, headers=headers) as r:
+        return r.status_code
+
+
+def test_a_rotated_api_token_opens_no_stream_a_second_later(api: str) -> None:
+    """A stream opened with the API token finds its owner without a database read of
+    its own (one read a second, shared: api.recent); a rotated token is refused within
+    that second or so all the same."""
+    account = make_account()
+    video = pending_video(account)
+    url = f"{api}/api/v1/videos/{video}/stream"
+    assert stream_status(url, account.headers) == 200
+    rotated = httpx.post(f"{api}/api/v1/token/rotate", headers=account.headers, timeout=10)
+    at = time.monotonic()
+    assert rotated.status_code == 200, rotated.text
+    wait_for("the old token refused", lambda: stream_status(url, account.headers) == 401, 5)
+    assert time.monotonic() - at < 2.5
+    new = {"Authorization": f"Bearer {rotated.json()['token']}"}
+    assert stream_status(url, new) == 200
+    other = make_account()  # a valid token of someone else: not their video
+    assert stream_status(url, other.headers) == 404

@@ -33,7 +33,7 @@ from kinora.api.middleware import (
     TraceMiddleware,
 )
 from kinora.api.quota import StreamQuota
-from kinora.api.recent import RecentVideos
+from kinora.api.recent import RecentTokens, RecentVideos
 from kinora.api.urls import FreshEnds
 from kinora.api.watching import Videos
 from kinora.core import logs, tracing
@@ -55,6 +55,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.videos = Videos(app.state)
         app.state.quota = StreamQuota(settings.max_streams_per_user)
         app.state.recent_videos = RecentVideos()
+        app.state.recent_tokens = RecentTokens()
         app.state.fresh_ends = FreshEnds()
         app.state.grants = Grants()
         patrol = asyncio.create_task(app.state.grants.patrol(), name="token-revocations")
