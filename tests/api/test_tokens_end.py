@@ -207,3 +207,24 @@ def test_a_rotated_api_token_opens_no_stream_a_second_later(api: str) -> None:
     assert stream_status(url, new) == 200
     other = make_account()  # a valid token of someone else: not their video
     assert stream_status(url, other.headers) == 404
+
+
+def test_a_client_with_the_end_gets_a_204_whatever_the_database_said_a_moment_ago(
+    api: str,
+) -> None:
+    """The video's row is read once a second for all the streams that open on it (the
+    API token's and the scoped link's alike), so a client reconnecting just after the
+    end may meet a row that does not say it yet (here: it never will, as when the
+    worker's last database write is still to come); Redis's end says it: a 204, and
+    EventSource stops."""
+    account = make_account()
+    video = pending_video(account)
+    with SSELogger(keys.video(video)) as log:
+        log.log("working")
+        end = log.complete()
+    assert end is not None
+    url = f"{api}/api/v1/videos/{video}/stream"
+    headers = {**account.headers, "Last-Event-ID": str(end)}
+    assert stream_status(url, headers) == 204
+    shared = f"{url}?token={sign_scoped(video, account.id)}"
+    assert stream_status(shared, {"Last-Event-ID": str(end)}) == 204

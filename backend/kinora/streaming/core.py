@@ -251,7 +251,10 @@ class ProgressCore:
                     lost = lost_notice(grant.key, grant.store)
                     body = ended.frames(hub, grant, after, end, settings.sse_retry_ms, lost)
                     return self._response(body, grant)
-            elif grant.store is None:  # Redis alone knows where the job ends
+            elif after > 0:
+                # Redis knows where the job ends when the store does not (no store, or
+                # its record read a moment before the end: a reconnect storm's shared
+                # read): a client that has the end is told so.
                 end = await hub.end_seq(grant.key)
                 if end is not None and after >= end:
                     return Response(status_code=status.HTTP_204_NO_CONTENT)
