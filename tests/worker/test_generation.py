@@ -2,7 +2,7 @@
 (README, How it works). Each rule alone, in-process and on both databases, is in
 tests/worker/test_steps.py (a stalled video's timeout only there: here it would take
 VIDEO_TIMEOUT_SECONDS). The test stack runs with MAX_RETRIES=3,
-RETRY_COUNTDOWN_SECONDS=1, VIDEO_TIMEOUT_SECONDS=12, LEASE_SECONDS=3."""
+RETRY_COUNTDOWN_SECONDS=1, VIDEO_TIMEOUT_SECONDS=60, LEASE_SECONDS=3."""
 
 from __future__ import annotations
 
