@@ -249,8 +249,17 @@ def test_a_finished_model_job_is_delivered_though_its_deadline_passed_while_it_w
 
     found = sweeper.sweep_once()
     assert video_id not in found.timed_out
-    assert video_id in found.requeue
-    assert run_once(video_id, retry=0) == {"status": "completed", "video_id": video_id}
+    if video_id in found.requeue:
+        assert run_once(video_id, retry=0) == {"status": "completed", "video_id": video_id}
+    else:
+        # The PostgreSQL pass shares its database with a running stack, whose worker
+        # sweeps every second: its sweep took the video over first and queued it to
+        # that worker. The promise is the same: delivered, not timed out.
+        wait_for(
+            "the stack's worker to deliver it",
+            lambda: video_row(video_id).status in (VideoStatus.COMPLETED, VideoStatus.FAILED),
+            30,
+        )
 
     assert video_row(video_id).status == VideoStatus.COMPLETED
     assert credits_and_refunds(account) == (900, 0)
