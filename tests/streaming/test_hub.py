@@ -141,6 +141,29 @@ def test_a_reconnect_storm_shares_history_reads_and_misses_nothing(
     run(environment, body)
 
 
+def test_a_storm_resuming_one_video_asks_redis_for_its_end_once_not_once_each(
+    environment: dict[str, str], video_id: int, redis_client: redis.Redis
+) -> None:
+    """A reconnect storm's clients resuming an unfinished video each ask whether it has
+    ended (ProgressCore.sse): one GET on the one command connection per client queued
+    10,000 clients past the pool's wait, and the storm's clients got 503s (bench.storm:
+    14,953 refused). Shared like history reads, and each still gets the true answer."""
+    key = keys.video(video_id)
+
+    def gets() -> int:
+        stats: dict[str, Any] = redis_client.info("commandstats")  # type: ignore[assignment]
+        return int(stats.get("cmdstat_get", {}).get("calls", 0))
+
+    async def body(hub: StreamHub) -> None:
+        before = gets()
+        assert await asyncio.gather(*(hub.end_seq(key) for _ in range(1000))) == [None] * 1000
+        assert gets() - before <= 20, gets() - before
+        redis_client.set(key.end, 7)
+        assert await asyncio.gather(*(hub.end_seq(key) for _ in range(100))) == [7] * 100
+
+    run(environment, body)
+
+
 def test_last_watcher_leaving_unsubscribes(
     environment: dict[str, str], video_id: int, redis_client: redis.Redis
 ) -> None:

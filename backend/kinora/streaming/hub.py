@@ -24,7 +24,7 @@ import logging
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 DELIVERY_FLUSH_SECONDS = 1.0
 # The hub pings Redis this often; without an answer for PROBE_STALE_SECONDS, new
 # streams are refused with a 503 (open ones end with a `retry:` on their own).
+T = TypeVar("T")
+
 PROBE_SECONDS = 0.5
 # The command pool's connections (history, presence, rate limit, publish): one. With
 # history reads shared by the watchers that ask the same, a second one did not open
@@ -292,38 +294,45 @@ class StreamHub:
         from the same event: one read, not one each, queued on the command connection). A
         read is joined only until it is sent, so it is always sent after the watcher
         registered: nothing published before that is missed."""
-        flight = (key.history, after)
+        return await self._joined((key.history, after), lambda: self._read_state(key, after))
+
+    async def _read_state(self, key: StreamKey, after: int) -> tuple[list[Item], int | None]:
+        self.history_reads += 1
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._page(pipe, key, after)
+            pipe.get(key.seq)
+            raw, counter = await pipe.execute()
+        items = [Item.from_raw(r) for r in cast(list[bytes], raw)]
+        return items, None if counter is None else int(counter)
+
+    async def end_seq(self, key: StreamKey) -> int | None:
+        """The seq of the video's `complete` event, if Redis still knows it. Shared as
+        history reads are: a storm's clients resuming a video ask it once, not once each."""
+        value = await self._joined((key.end, 0), lambda: self.redis.get(key.end))
+        return None if value is None else int(value)
+
+    async def _joined(self, flight: tuple[str, int], read: Callable[[], Awaitable[T]]) -> T:
+        """`read()`, or the same read that another caller started and that has not been
+        sent yet: joined only until it is sent, so it is always sent after the caller
+        asked. At most COMMAND_CONNECTIONS reads are in flight."""
         future = self._reads.get(flight)
         if future is None:
-            future = asyncio.ensure_future(self._read_state(flight, key, after))
+            future = asyncio.ensure_future(self._send(flight, read))
             self._reads[flight] = future
             future.add_done_callback(lambda f: self._landed(flight, f))
         # shielded: a watcher that goes away does not cancel the others' read
-        return await asyncio.shield(future)
+        return cast(T, await asyncio.shield(future))
 
-    async def _read_state(
-        self, flight: tuple[str, int], key: StreamKey, after: int
-    ) -> tuple[list[Item], int | None]:
+    async def _send(self, flight: tuple[str, int], read: Callable[[], Awaitable[T]]) -> T:
         async with self._read_slots:
-            del self._reads[flight]  # sent now: later watchers start a read of their own
-            self.history_reads += 1
-            async with self.redis.pipeline(transaction=False) as pipe:
-                self._page(pipe, key, after)
-                pipe.get(key.seq)
-                raw, counter = await pipe.execute()
-        items = [Item.from_raw(r) for r in cast(list[bytes], raw)]
-        return items, None if counter is None else int(counter)
+            del self._reads[flight]  # sent now: later callers start a read of their own
+            return await read()
 
     def _landed(self, flight: tuple[str, int], future: asyncio.Future[Any]) -> None:
         if self._reads.get(flight) is future:  # cancelled before it was sent
             del self._reads[flight]
         if not future.cancelled() and future.exception() is None:
             self._last_pong = asyncio.get_running_loop().time()  # Redis answers
-
-    async def end_seq(self, key: StreamKey) -> int | None:
-        """The seq of the video's `complete` event, if Redis still knows it."""
-        value = await self.redis.get(key.end)
-        return None if value is None else int(value)
 
     async def recent(self, key: StreamKey, count: int) -> list[Item]:
         """The last `count` events of a video's history, oldest first."""
