@@ -43,6 +43,46 @@ def test_every_response_has_a_trace_id_and_errors_quote_it(stack: Stack, account
         assert stream.headers["X-Trace-Id"] == "lb-stream-0001"
 
 
+def test_the_stream_route_answers_as_the_api_does_whoever_serves_it(
+    stack: Stack, account: Account
+) -> None:
+    """A video's stream is served in front of FastAPI's routing (api/front.py); its
+    answers are the API's all the same: JSON errors with a trace id, HEAD, and the
+    spellings of an id only FastAPI reads (refused or read as FastAPI does)."""
+    from tests.utils.clients import pending_video
+
+    video = pending_video(account)
+    other = make_account()
+    with (
+        stack.client() as anonymous,
+        stack.client(other) as stranger,
+        stack.client(account) as client,
+    ):
+        nobody = anonymous.get(f"/api/v1/videos/{video}/stream")
+        theirs = stranger.get(f"/api/v1/videos/{video}/stream")
+        bad_resume = client.get(
+            f"/api/v1/videos/{video}/stream", headers={"Last-Event-ID": "not-a-number"}
+        )
+        head = client.head(f"/api/v1/videos/{video}/stream")
+        zero = client.get("/api/v1/videos/0/stream")
+        padded = client.get(f"/api/v1/videos/0{video}/stream", params={"last_event_id": "x"})
+        documented = client.get("/openapi.json").json()["paths"]
+    assert nobody.status_code == 401
+    assert nobody.headers["WWW-Authenticate"] == "Bearer"
+    assert nobody.json()["trace_id"] == nobody.headers["X-Trace-Id"]
+    assert theirs.status_code == 404
+    assert "trace_id" in theirs.json()
+    assert bad_resume.status_code == 400
+    assert "Last-Event-ID" in bad_resume.json()["detail"]
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"].startswith("text/event-stream")
+    assert zero.status_code == 422
+    assert zero.json()["trace_id"]
+    assert padded.status_code == 400  # FastAPI's route: the same video, the same check
+    assert "/api/v1/videos/{video_id}/stream" in documented
+
+
 def test_a_body_over_the_limit_is_413_before_anything_is_charged(
     stack: Stack, account: Account
 ) -> None:

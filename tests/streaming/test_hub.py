@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from kinora.streaming import keys
-from kinora.streaming.hub import StreamHub
+from kinora.streaming.hub import StreamHub, SubscribeTimeout
 from kinora.streaming.logger import SSELogger
 from kinora.streaming.sse import frames
 from kinora.streaming.watcher import Watcher
@@ -151,7 +151,7 @@ def test_a_storm_resuming_one_video_asks_redis_for_its_end_once_not_once_each(
     key = keys.video(video_id)
 
     def gets() -> int:
-        stats: dict[str, Any] = redis_client.info("commandstats")  # type: ignore[assignment]
+        stats: dict[str, Any] = redis_client.info("commandstats")
         return int(stats.get("cmdstat_get", {}).get("calls", 0))
 
     async def body(hub: StreamHub) -> None:
@@ -160,6 +160,41 @@ def test_a_storm_resuming_one_video_asks_redis_for_its_end_once_not_once_each(
         assert gets() - before <= 20, gets() - before
         redis_client.set(key.end, 7)
         assert await asyncio.gather(*(hub.end_seq(key) for _ in range(100))) == [7] * 100
+
+    run(environment, body)
+
+
+def test_watchers_whose_subscription_does_not_come_are_refused_in_bounded_time(
+    environment: dict[str, str], video_id: int, redis_client: redis.Redis
+) -> None:
+    """Redis takes the SUBSCRIBE and never confirms it (every client paused): the
+    watchers waiting for it are refused (SubscribeTimeout, a 503 to their clients)
+    within the hub's subscribe timeout, all of them, however many wait (one timer for
+    them all); once Redis answers again, a new watcher streams."""
+    key = keys.video(video_id)
+
+    async def body(hub: StreamHub) -> None:
+        hub.subscribe_timeout = 0.5
+
+        async def join() -> None:
+            async with hub.watch(key):
+                pass
+
+        loop = asyncio.get_running_loop()
+        redis_client.client_pause(2000)
+        try:
+            started = loop.time()
+            outcomes = await asyncio.gather(*(join() for _ in range(200)), return_exceptions=True)
+            waited = loop.time() - started
+        finally:
+            redis_client.client_unpause()
+        assert all(isinstance(o, SubscribeTimeout) for o in outcomes), outcomes[:3]
+        assert 0.4 < waited < 1.5, waited
+        hub.subscribe_timeout = 5
+        with SSELogger(key) as log:
+            log.log("after the pause")
+        async with hub.watch(key) as watcher:
+            assert await collect(watcher, 1) == [1]
 
     run(environment, body)
 

@@ -25,6 +25,7 @@ from starlette.types import ASGIApp
 
 from kinora import __version__
 from kinora.api import ops, stream, tokens, videos, ws
+from kinora.api.front import StreamFront
 from kinora.api.grants import Grants
 from kinora.api.middleware import (
     TRACE_HEADER,
@@ -190,7 +191,9 @@ def create_app(*, gc_tuned: bool = False) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
     app.add_exception_handler(Exception, internal_error)
-    # The last added runs first: the trace id exists before anything can answer.
+    # The last added runs first: the trace id exists before anything can answer. The
+    # first added runs last: a video's stream answered without FastAPI's routing.
+    app.add_middleware(StreamFront)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     if settings.cors_origins:
         app.add_middleware(

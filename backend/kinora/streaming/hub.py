@@ -221,14 +221,9 @@ class StreamHub:
         clients = self.metrics.clients.labels(transport)
         clients.inc()
         try:
-            if not topic.ready.is_set():  # (most watchers join a channel already live)
-                try:
-                    async with asyncio.timeout(self.subscribe_timeout):
-                        await topic.ready.wait()
-                except TimeoutError:
-                    raise SubscribeTimeout(
-                        f"no subscription to {name.decode()} from Redis"
-                    ) from None
+            # (most watchers join a channel already live)
+            if not topic.ready.is_set() and not await topic.until_ready(self.subscribe_timeout):
+                raise SubscribeTimeout(f"no subscription to {name.decode()} from Redis")
             yield watcher
         finally:
             clients.dec()
@@ -501,4 +496,4 @@ class StreamHub:
                 for watcher in topic.append(RESYNC, self.queue_size):
                     watcher.cut_off()
             else:
-                topic.ready.set()
+                topic.mark_ready()

@@ -99,7 +99,18 @@ class Topic:
     watch it, and memory is bounded per video, not per watcher.
     """
 
-    __slots__ = ("base", "heard", "log", "pacer", "ready", "store", "waiting", "watchers")
+    __slots__ = (
+        "_ready_timer",
+        "_ready_waiters",
+        "base",
+        "heard",
+        "log",
+        "pacer",
+        "ready",
+        "store",
+        "waiting",
+        "watchers",
+    )
 
     def __init__(self, pacer: Pacer | None = None) -> None:
         self.pacer = pacer or Pacer()
@@ -109,10 +120,38 @@ class Topic:
         self.store: object | None = None
         self.heard = -1
         self.watchers: set[Watcher] = set()
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # subscribed: set by the hub (mark_ready)
+        self._ready_waiters: list[asyncio.Future[bool]] = []
+        self._ready_timer: asyncio.TimerHandle | None = None
         self.log: list[Item] = []
         self.base = 0  # the position of log[0] among every event this topic received
         self.waiting: list[Wakeable] = []  # watchers asleep until the next event
+
+    def until_ready(self, timeout: float) -> asyncio.Future[bool]:
+        """True once the subscription is confirmed; False if it is not within `timeout`
+        of the first watcher that is still waiting having asked. One timer for all of
+        them, not one each: a reconnect storm brings thousands of watchers in the
+        moment before the subscription's confirmation is read, and a timer each (made
+        and cancelled) was a sixth of the API's CPU in it (bench.storm, py-spy)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        self._ready_waiters.append(future)
+        if self._ready_timer is None:
+            self._ready_timer = loop.call_later(timeout, self._settle_waiters, False)
+        return future
+
+    def mark_ready(self) -> None:
+        self.ready.set()
+        self._settle_waiters(True)
+
+    def _settle_waiters(self, ready: bool) -> None:
+        if self._ready_timer is not None:
+            self._ready_timer.cancel()
+            self._ready_timer = None
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for future in waiters:
+            if not future.done():  # not cancelled with its watcher
+                future.set_result(ready)
 
     @property
     def end(self) -> int:
