@@ -128,6 +128,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.fanout
 	$(BIN)/python -m bench.storm
+	$(BIN)/python -m bench.burst
 	$(BIN)/python -m bench.cores
 	$(BIN)/python -m bench.baseline
 	$(BIN)/python -m bench.many

@@ -72,6 +72,24 @@ def test_storm() -> None:
         assert kinora["streams_per_s"] > 0
 
 
+def test_burst() -> None:
+    """A small burst: every stream opens (none reset), every event reaches Kinora's
+    streams, the kernel's counters are read, and the floor's ratios are printed."""
+    result = bench(
+        "burst", "--clients", "200", "--seconds", "0.5", "--videos", "2", "--rate", "20",
+        "--events", "2", "--servers", "kinora", "kinora-api-token", "floor",
+    )  # fmt: skip
+    assert [r["server"] for r in result["runs"]] == ["kinora", "kinora-api-token", "floor"]
+    for kinora in result["runs"][:2]:
+        assert kinora["opened"] == 200
+        assert kinora["refused"] == kinora["reset_before_head"] == kinora["not_200"] == 0
+        assert kinora["completed_ratio"] == 1.0
+        assert kinora["delivered_ratio"] == 1.0
+        assert kinora["server_warnings"] == 0
+        assert "ListenOverflows" in kinora["kernel"]
+        assert set(kinora["vs_floor"]) == {"reset_before_head", "all_open_seconds", "p99_ms"}
+
+
 def test_cores() -> None:
     result = bench(
         "cores", "--watchers", "40", "--videos", "2", "--events", "5", "--rate", "50",

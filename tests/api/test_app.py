@@ -3,6 +3,7 @@ CORS, and logs that never hold a token."""
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,18 @@ def test_the_stream_route_answers_as_the_api_does_whoever_serves_it(
     assert zero.json()["trace_id"]
     assert padded.status_code == 400  # FastAPI's route: the same video, the same check
     assert "/api/v1/videos/{video_id}/stream" in documented
+
+
+def test_the_api_asks_the_kernel_for_the_largest_listen_backlog(stack: Stack) -> None:
+    """A burst of new streams waits in the kernel's queue while the API is busy:
+    uvicorn's 2,048 sent SYN cookies and lost connections in a burst of 10,000
+    (bench.burst); `kinora api` asks for 65,535, which the kernel caps at somaxconn."""
+    port = stack.base_url.rsplit(":", 1)[1]
+    listening = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=10
+    ).stdout.split()
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    assert int(listening[2]) == min(65535, somaxconn), listening  # Send-Q: the backlog
 
 
 def test_a_body_over_the_limit_is_413_before_anything_is_charged(

@@ -40,11 +40,25 @@ def up(host: str, port: int, workers: int) -> None:
     sys.exit(run_all(host=host, port=port, workers=workers))
 
 
+# A burst of new streams (a reconnect storm) waits in the kernel's queues while the
+# API is busy; a connection that waits there too long is reset (bench.burst). uvicorn
+# asks for 2,048; the kernel caps it at net.core.somaxconn (4,096 by default since
+# Linux 5.4), so asking for more takes whatever the machine allows.
+LISTEN_BACKLOG = 65535
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True)
 @click.option("--workers", default=1, show_default=True, help="API processes sharing the port.")
-def api(host: str, port: int, workers: int) -> None:
+@click.option(
+    "--backlog",
+    default=LISTEN_BACKLOG,
+    show_default=True,
+    help="Connections the kernel holds until the API accepts them (capped by the "
+    "kernel's net.core.somaxconn).",
+)
+def api(host: str, port: int, workers: int, backlog: int) -> None:
     """Run the API under uvicorn (needs REDIS_URL)."""
     import uvicorn
 
@@ -63,6 +77,7 @@ def api(host: str, port: int, workers: int) -> None:
         log_config=None,
         # Streams end promptly on shutdown: their generators exit on cancellation.
         timeout_graceful_shutdown=3,
+        backlog=backlog,
     )
 
 
