@@ -146,8 +146,11 @@ def test_generate_over_the_rate_limit_is_429_with_retry_after_for_that_user_only
 
 
 def test_no_cross_origin_access_unless_configured(
-    stack: Stack, environment: dict[str, str], var_dir: Path
+    stack: Stack, environment: dict[str, str], var_dir: Path, account: Account
 ) -> None:
+    from tests.utils.clients import pending_video
+
+    video = pending_video(account)
     preflight = {
         "Origin": "https://app.example",
         "Access-Control-Request-Method": "POST",
@@ -164,8 +167,20 @@ def test_no_cross_origin_access_unless_configured(
             f"{base}/api/v1/videos/generate",
             headers={**preflight, "Origin": "https://evil.example"},
         )
+        # A page's EventSource on another origin: the stream route too (api/front.py
+        # leaves a cross-origin request to the app's CORS middleware).
+        with httpx.stream(
+            "GET",
+            f"{base}/api/v1/videos/{video}/stream",
+            headers={"Origin": "https://app.example", **account.headers},
+            timeout=10,
+        ) as cross:
+            cross_headers = cross.headers
     finally:
         stop(api)
+    assert cross_headers["content-type"].startswith("text/event-stream")
+    assert cross_headers["access-control-allow-origin"] == "https://app.example"
+    assert "x-trace-id" in cross_headers["access-control-expose-headers"].lower()
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "authorization" in allowed.headers["access-control-allow-headers"].lower()

@@ -191,9 +191,7 @@ def create_app(*, gc_tuned: bool = False) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(redis.RedisError, redis_unavailable)
     app.add_exception_handler(Exception, internal_error)
-    # The last added runs first: the trace id exists before anything can answer. The
-    # first added runs last: a video's stream answered without FastAPI's routing.
-    app.add_middleware(StreamFront)
+    # The last added runs first: the trace id exists before anything can answer.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes)
     if settings.cors_origins:
         app.add_middleware(
@@ -243,6 +241,14 @@ def create_app(*, gc_tuned: bool = False) -> FastAPI:
 
 
 def serve() -> ASGIApp:
-    """The app as `kinora api` serves it: streams write their bodies straight to the
-    server (kinora.streaming.sse.direct_writes)."""
-    return direct_writes(create_app(gc_tuned=True))
+    """The app as `kinora api` serves it: a video's stream answered in front of it
+    (api/front.py), and streams write their bodies straight to the server
+    (kinora.streaming.sse.direct_writes)."""
+    app = create_app(gc_tuned=True)
+    if tracing.active():  # every request a span: through the app's instrumentation
+        return direct_writes(app)
+    settings = get_settings()
+    front = StreamFront(
+        app, body_limit=settings.max_request_bytes, cors=bool(settings.cors_origins)
+    )
+    return direct_writes(front)

@@ -1,14 +1,16 @@
-"""A video's SSE stream served as a bare ASGI app, in front of FastAPI's routing.
+"""A video's SSE stream served as a bare ASGI app, in front of FastAPI.
 
 A reconnect storm opens thousands of streams a second, and each one that goes through
-FastAPI walks its routes, solves the route's dependencies (the path and query
-parameters' validation, the bearer scheme), and sets up its exception handling and
-exit stacks: objects that each open stream allocates and the garbage collector walks.
-This answers the one route that storms hit, `GET|HEAD /api/v1/videos/{id}/stream`,
-with the same call the FastAPI route makes (ProgressCore.sse), inside the app's own
-middleware (the trace id, CORS, the body cap) and with the app's own error handlers:
-the same answers, the route still in /docs. Anything else, and an id FastAPI would
-refuse or read differently (`007`, out of range), goes on to FastAPI.
+FastAPI passes its middleware (each a coroutine that stays suspended as long as the
+stream is open), walks its routes, solves the route's dependencies (the path and query
+parameters' validation, the bearer scheme) and sets up its exception handling and exit
+stacks: objects that each open stream allocates, holds, and that the garbage collector
+walks. This answers the one route that storms hit, `GET|HEAD /api/v1/videos/{id}/stream`,
+with the call the FastAPI route makes (ProgressCore.sse), the trace id the API's
+middleware would give it, and the app's own error handlers: the same answers, the route
+still in /docs. Everything else goes on to the app: other routes, an id FastAPI would
+refuse or read differently (`007`, out of range), a body over the cap (the app's 413),
+a cross-origin request when CORS is on (the app's CORS headers).
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import re
 from typing import Any
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from kinora.api.deps import MAX_ID
+from kinora.api.middleware import TRACE_STATE, TraceMiddleware
+from kinora.core import logs
 from kinora.streaming.core import ProgressCore
 
 # The path FastAPI matches as the stream route (api.stream), for the ids it accepts
@@ -29,34 +33,49 @@ METHODS = ("GET", "HEAD")
 
 
 class StreamFront:
-    """Serves the video stream route itself; passes every other request to `app`. Add
-    it as the innermost middleware: it runs inside the others, outside FastAPI's
-    exception handling, whose handlers it asks for the errors it meets."""
+    """`kinora api`'s app: the video stream route served here, every other request
+    passed to `app`, the FastAPI app."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: Any, *, body_limit: int, cors: bool) -> None:
         self.app = app
+        self.body_limit = body_limit
+        self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in METHODS:
             match = STREAM_PATH.fullmatch(route_path(scope))
-            if match is not None and int(match[1]) <= MAX_ID:
+            if match is not None and int(match[1]) <= MAX_ID and self.plain(scope):
                 await self.stream(match[1], scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
+    def plain(self, scope: Scope) -> bool:
+        """Nothing the app's middleware would answer or add to: no body over the cap,
+        no `Origin` while CORS is on."""
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.body_limit:
+                return False
+            if name == b"origin" and self.cors:
+                return False
+        return True
+
     async def stream(self, video_id: str, scope: Scope, receive: Receive, send: Send) -> None:
+        trace_id = TraceMiddleware.trace_id(scope)
+        scope["app"] = self.app  # as Starlette sets it: what request.app reads
+        scope.setdefault("state", {})[TRACE_STATE] = trace_id
         request = Request(scope, receive, send)
-        state = scope["app"].state
+        state = self.app.state
         core: ProgressCore = state.progress
-        last_event_id = request.query_params.get("last_event_id")
-        try:
-            response = await core.sse(request, state.videos, video_id, last_event_id)
-        except Exception as exc:
-            handler = handler_of(scope["app"], exc)
-            if handler is None:
-                raise  # to the app's handler of unexpected errors, as from a route
-            response = await handler(request, exc)
-        await response(scope, receive, send)
+        with logs.bind(trace_id=trace_id):
+            try:
+                last_event_id = request.query_params.get("last_event_id")
+                response = await core.sse(request, state.videos, video_id, last_event_id)
+            except Exception as exc:
+                handler = handler_of(self.app, exc)
+                if handler is None:
+                    raise
+                response = await handler(request, exc)
+            await response(scope, receive, send)
 
 
 def route_path(scope: Scope) -> str:
@@ -70,13 +89,10 @@ def route_path(scope: Scope) -> str:
 
 
 def handler_of(app: Any, exc: Exception) -> Any:
-    """The app's handler of `exc` as its exception middleware would pick it (the most
-    specific class registered), but not the catch-all one of `Exception`, which the
-    app's outermost middleware runs."""
+    """The app's handler of `exc` as Starlette would pick it: the most specific class
+    registered (`Exception`'s is the handler of unexpected errors)."""
     handlers: dict[Any, Any] = app.exception_handlers
     for cls in type(exc).__mro__:
-        if cls is Exception:
-            return None
         if cls in handlers:
             return handlers[cls]
     return None

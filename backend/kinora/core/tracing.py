@@ -82,6 +82,11 @@ def start(service: str) -> bool:
     return True
 
 
+def active() -> bool:
+    """Whether this process exports traces."""
+    return _started is not None
+
+
 def instrument_app(app: Any) -> None:
     """The API's requests as server spans (their trace id becomes the request's)."""
     if _started is None:
