@@ -4,6 +4,7 @@ concurrent joins, slow clients, reconnects."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
@@ -195,6 +196,43 @@ def test_watchers_whose_subscription_does_not_come_are_refused_in_bounded_time(
             log.log("after the pause")
         async with hub.watch(key) as watcher:
             assert await collect(watcher, 1) == [1]
+
+    run(environment, body)
+
+
+def test_each_stream_ends_at_its_own_deadline_however_many_share_a_timer(
+    environment: dict[str, str], video_id: int
+) -> None:
+    """Two hundred watchers of a quiet video, each with its own lifetime between 0.2 and
+    0.6 s (StreamHub.deadlines: one timer per tenth of a second, not one each): each
+    ends at its deadline, not before and at most a tenth of a second (and the loop's
+    slack) after; those that leave early are not woken later."""
+    key = keys.video(video_id)
+
+    async def body(hub: StreamHub) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def lasts(lifetime: float) -> float:
+            async with hub.watch(key) as watcher:
+                deadline = loop.time() + lifetime
+                async for _ in watcher.batches(deadline):
+                    pass
+                return loop.time() - deadline
+
+        async def leaves_early() -> None:
+            async with hub.watch(key) as watcher:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        async for _ in watcher.batches(loop.time() + 0.3):
+                            pass
+
+        lifetimes = [0.2 + 0.4 * n / 200 for n in range(200)]
+        late, _ = await asyncio.gather(
+            asyncio.gather(*(lasts(t) for t in lifetimes)),
+            asyncio.gather(*(leaves_early() for _ in range(50))),
+        )
+        assert min(late) >= -0.002, min(late)  # (a timer may run a millisecond early)
+        assert max(late) < 0.35, max(late)
 
     run(environment, body)
 

@@ -47,6 +47,9 @@ class Access:
     def detach(self, watcher: Watcher) -> None:
         self._watchers.discard(watcher)
 
+    def expire(self) -> None:
+        self.end("expired")
+
     def end(self, why: Ended) -> None:
         if self.ended is None:
             self.ended = why

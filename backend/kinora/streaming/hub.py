@@ -39,6 +39,7 @@ from kinora.streaming.presence import Presence
 from kinora.streaming.shards import Shards
 from kinora.streaming.watcher import (
     HISTORY_PAGE,
+    Deadlines,
     Drain,
     LostNotice,
     Pacer,
@@ -144,6 +145,7 @@ class StreamHub:
             self._subscriber: aioredis.Redis = connect.subscriber(redis_url)
             self._pubsub: PubSub = self._subscriber.pubsub()
         self.presence = Presence(self.redis, presence_ttl)
+        self.deadlines = Deadlines()  # the streams' lifetimes and tokens' expiries
 
     # -- lifecycle ------------------------------------------------------------------
 

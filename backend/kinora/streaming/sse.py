@@ -326,17 +326,17 @@ def attached(access: Access | None, watcher: Watcher) -> Iterator[None]:
         yield
         return
     access.attach(watcher)
-    timer = None
+    deadlines = watcher.hub.deadlines
+    slot = None
     if access.expires is not None:
-        timer = asyncio.get_running_loop().call_later(
-            max(0.0, access.expires - time.time()), access.end, "expired"
-        )
+        when = asyncio.get_running_loop().time() + max(0.0, access.expires - time.time())
+        slot = deadlines.add(access, when, access.expire)
     try:
         yield
     finally:
         access.detach(watcher)
-        if timer is not None:
-            timer.cancel()
+        if slot is not None:
+            deadlines.remove(access, slot)
 
 
 def event_response(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Literal, Protocol
@@ -30,6 +31,7 @@ class Source(Protocol):
     slow_cuts: int
     metrics: StreamMetrics
     delivered: dict[str, int]
+    deadlines: Deadlines
 
     async def history(self, key: StreamKey, after: int, limit: int | None = None) -> list[Item]: ...
 
@@ -89,6 +91,45 @@ class Pacer:
                 future.set_result(None)
         if queue:
             self.handle = asyncio.get_running_loop().call_soon(self._turn)
+
+
+class Deadlines:
+    """Callbacks due at a loop time, with one timer per tenth of a second that has any
+    due, not one per caller: every open stream has two deadlines (its lifetime and its
+    token's expiry), and a timer each, made at every open, was two of the objects
+    that an idle connection holds (1.1 KB of its 22, by tracemalloc) and the garbage
+    collector walks. One per hub."""
+
+    GRAIN = 0.1  # seconds: a callback runs at most this late
+
+    __slots__ = ("_due", "_timers")
+
+    def __init__(self) -> None:
+        self._due: dict[int, dict[object, Callable[[], object]]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+
+    def add(self, owner: object, when: float, callback: Callable[[], object]) -> int:
+        """Run `callback` at `when` (loop time) unless `owner` is removed before; returns
+        the slot to remove it from."""
+        slot = math.ceil(when / self.GRAIN)
+        due = self._due.get(slot)
+        if due is None:
+            due = self._due[slot] = {}
+            loop = asyncio.get_running_loop()
+            self._timers[slot] = loop.call_at(slot * self.GRAIN, self._fire, slot)
+        due[owner] = callback
+        return slot
+
+    def remove(self, owner: object, slot: int) -> None:
+        due = self._due.get(slot)
+        if due is not None and due.pop(owner, None) is not None and not due:
+            del self._due[slot]
+            self._timers.pop(slot).cancel()
+
+    def _fire(self, slot: int) -> None:
+        self._timers.pop(slot, None)
+        for callback in self._due.pop(slot, {}).values():
+            callback()
 
 
 class Topic:
@@ -294,7 +335,8 @@ class Watcher:
         at `deadline` (loop time).
         """
         loop = asyncio.get_running_loop()
-        timer = None if deadline is None else loop.call_at(deadline, self._expire)
+        deadlines = self.hub.deadlines
+        slot = None if deadline is None else deadlines.add(self, deadline, self._expire)
         try:
             async for page in self.replay():
                 yield page
@@ -312,8 +354,8 @@ class Watcher:
                 elif batch:
                     yield batch
         finally:
-            if timer is not None:
-                timer.cancel()
+            if slot is not None:
+                deadlines.remove(self, slot)
 
     def take_now(self) -> list[Item] | None:
         """`take` without waiting, when nothing is missing (almost always): the live
