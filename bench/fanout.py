@@ -6,9 +6,10 @@ spread over many videos and all on one (a hot video); events at a fixed aggregat
 
 Each watcher count runs twice: over watchers/100 videos with `--events` each, then all
 on ONE video with the same events in all (as long a run, at the same rate). The hot
-video at the largest count runs against the peers too (sse-starlette + broadcaster,
-the naive design, and the floor: Kinora's design with nothing else), in the same
-run, each figure also as a ratio to Kinora's.
+video at the largest count runs against the peers too (Kinora's app under granian
+and under hypercorn, sse-starlette + broadcaster, the naive design, and the floor:
+Kinora's design with nothing else), in the same run, each figure also as a ratio to
+Kinora's.
 
 Prints one JSON object: per run, delivered/expected (must be 1.0 for Kinora), latency
 percentiles, server RSS per connection, the server's CPU per delivery while events
@@ -31,7 +32,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0, help="events per second, in all")
     parser.add_argument("--events", type=int, default=20, help="events per video, spread")
     parser.add_argument("--loaders", type=int, default=2)
-    parser.add_argument("--peers", nargs="*", default=["broadcaster", "naive", "floor"])
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=["kinora-granian", "kinora-hypercorn", "broadcaster", "naive", "floor"],
+    )
     parser.add_argument(
         "--peer-timeout", type=float, default=60.0,
         help="seconds a peer's clients wait for a `complete` that may never come",

@@ -104,8 +104,13 @@ class Server:
     def url_path(self, video_id: int, token: str) -> str:
         return self.path.format(video=video_id, token=token)
 
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and its workers' (granian serves from a child)."""
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
     def rss(self) -> int:
-        return int(psutil.Process(self.process.pid).memory_info().rss)
+        return sum(int(p.memory_info().rss) for p in self.processes())
 
     def cpu_seconds(self) -> float:
         """CPU time (user and system) of the server and its worker processes so far."""
@@ -113,7 +118,7 @@ class Server:
         return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
 
     def redis_connections(self, redis_port: int) -> int:
-        conns = psutil.Process(self.process.pid).net_connections(kind="tcp")
+        conns = [c for p in self.processes() for c in p.net_connections(kind="tcp")]
         return sum(1 for c in conns if c.raddr and c.raddr.port == redis_port)
 
     def stop(self) -> None:
@@ -123,6 +128,23 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
+
+
+# Kinora's app (kinora.api.app:serve, as `kinora api` serves it) under the other ASGI
+# servers: granian (Rust I/O) and hypercorn, with the same loop and listen backlog.
+SERVED_BY = {
+    "kinora-granian": [
+        sys.executable, "-m", "granian", "--interface", "asgi", "--factory",
+        "--host", "127.0.0.1", "--port", "{port}", "--loop", "uvloop", "--backlog", "4096",
+        # granian answers at most `backpressure` requests at once per worker (by default
+        # the backlog): a stream is a request that lasts, so the rest would wait
+        "--backpressure", "100000", "--workers", "1", "kinora.api.app:serve",
+    ],
+    "kinora-hypercorn": [
+        sys.executable, "-m", "hypercorn", "--bind", "127.0.0.1:{port}", "-k", "uvloop",
+        "--backlog", "4096", "kinora.api.app:serve()",
+    ],
+}  # fmt: skip
 
 
 def start_server(
@@ -149,6 +171,9 @@ def start_server(
             "--workers",
             str(workers),
         ]
+        path = "/api/v1/videos/{video}/stream?token={token}"
+    elif name in SERVED_BY:  # Kinora's app under another ASGI server, as it serves it
+        args = [a.format(port=port) for a in SERVED_BY[name]]
         path = "/api/v1/videos/{video}/stream?token={token}"
     else:
         args = [

@@ -9,8 +9,9 @@ half of them (with the video's scoped token, as `stream_url` gives it; or, the
 the rest, then `live` new events and `complete`. A connection refused or reset is
 tried again after 0.5 s, as EventSource does. The clocks: until every client is
 streaming again (has its missed events), and the streams opened per second. The
-broadcaster and naive servers run in the same run as peers: they have no history,
-so for them "streaming again" is the response's head, and what they lose is counted.
+broadcaster, naive and floor servers run in the same run as peers: they have no
+history, so for them "streaming again" is the response's head, and what they lose is
+counted; `kinora-granian` and `kinora-hypercorn` are Kinora's app under those servers.
 
 Prints one JSON object: per server, the seconds until every client streamed again,
 streams per second, connections refused on the way, and delivered/expected.
@@ -26,7 +27,7 @@ import time
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any, cast
 
-from bench.harness import SPAWN, RawSSE, World, start_server, world
+from bench.harness import SERVED_BY, SPAWN, RawSSE, World, start_server, world
 from kinora.streaming import keys
 
 RETRY_SECONDS = 0.5
@@ -146,7 +147,7 @@ def run_storm(
     resume_at = history // 2
     # `kinora-api-token`: Kinora, each client with the user's API token instead of the
     # video's scoped one.
-    kind = "kinora" if name.startswith("kinora") else name
+    kind = "kinora" if name == "kinora-api-token" else name
     log_file = w.tmp / f"{kind}.log"
     seen = len(log_file.read_text(errors="replace").splitlines()) if log_file.exists() else 0
     server = start_server(kind, w)
@@ -154,7 +155,7 @@ def run_storm(
         requests = []
         for i in range(clients):
             video = ids[i % videos]
-            if name == "kinora":
+            if name == "kinora" or name in SERVED_BY:
                 path = f"/api/v1/videos/{video}/stream?token={sign_scoped(video, w.user_id)}"
             else:  # the user's API token (Kinora), or the peers' own path
                 path = server.url_path(video, w.token)
@@ -162,7 +163,7 @@ def run_storm(
                 f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nLast-Event-ID: {resume_at}\r\n"
                 "Accept: text/event-stream\r\n\r\n".encode()
             )
-        catch_up = history - resume_at if kind == "kinora" else 0
+        catch_up = history - resume_at if kind == "kinora" or kind in SERVED_BY else 0
         expected = catch_up + live + 1
         go = SPAWN.Event()
         flags = [SPAWN.Event() for _ in range(loaders)]
@@ -218,7 +219,17 @@ def main() -> None:
     parser.add_argument("--live", type=int, default=5, help="events after it")
     parser.add_argument("--loaders", type=int, default=2)
     parser.add_argument(
-        "--servers", nargs="+", default=["kinora", "kinora-api-token", "broadcaster", "naive"]
+        "--servers",
+        nargs="+",
+        default=[
+            "kinora",
+            "kinora-api-token",
+            "kinora-granian",
+            "kinora-hypercorn",
+            "broadcaster",
+            "naive",
+            "floor",
+        ],
     )
     args = parser.parse_args()
     runs = []

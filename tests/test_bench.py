@@ -90,6 +90,19 @@ def test_burst() -> None:
         assert set(kinora["vs_floor"]) == {"reset_before_head", "all_open_seconds", "p99_ms"}
 
 
+def test_kinora_under_granian_and_hypercorn() -> None:
+    """Kinora's app as `kinora api` serves it, under the other ASGI servers the
+    benchmarks measure beside uvicorn: every client back with its missed events."""
+    result = bench(
+        "storm", "--clients", "40", "--videos", "2", "--history", "6", "--live", "2",
+        "--servers", "kinora-granian", "kinora-hypercorn",
+    )  # fmt: skip
+    for run in result["runs"]:
+        assert run["streaming"] == 40, run
+        assert run["delivered_ratio"] == 1.0
+        assert run["server_warnings"] == 0
+
+
 def test_cores() -> None:
     result = bench(
         "cores", "--watchers", "40", "--videos", "2", "--events", "5", "--rate", "50",
