@@ -40,9 +40,11 @@ from bench.harness import (
     SPAWN,
     RawSSE,
     World,
+    close_all,
     percentiles_ms,
     publisher_process,
     start_server,
+    within,
     world,
 )
 
@@ -153,22 +155,10 @@ def burst_process(
         go.wait(60)
         start = loop.time()
         step = seconds / max(1, len(requests))
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(
-                    *(open_one(r, start + i * step) for i, r in enumerate(requests))
-                )
-        except TimeoutError:
-            pass
+        await within(timeout, [open_one(r, start + i * step) for i, r in enumerate(requests)])
         burst_seconds = loop.time() - start
         opened_flag.set()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(c.closed for c in clients))
-        except TimeoutError:
-            pass
-        for client in clients:
-            client._close()
+        await close_all(clients, timeout)
         return {
             **counts,
             "all_open_seconds": round(max(heads, default=start) - start, 2),

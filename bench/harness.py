@@ -17,11 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import httpx
 import numpy as np
@@ -29,6 +29,8 @@ import psutil
 
 from kinora.cli.embedded import EmbeddedRedis, free_port
 from kinora.streaming import keys
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 SPAWN = multiprocessing.get_context("spawn")
@@ -274,6 +276,23 @@ class RawSSE(asyncio.Protocol):
             self.closed.set_result(None)
 
 
+async def within(seconds: float, awaitables: Iterable[Awaitable[T]]) -> list[T] | None:
+    """Every awaitable's result, or None when they are not all done within `seconds`
+    (the rest are cancelled): a load generator never waits without a bound."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await asyncio.gather(*awaitables)
+    except TimeoutError:
+        return None
+
+
+async def close_all(clients: Sequence[RawSSE], seconds: float) -> None:
+    """Let every client's stream end within `seconds`, then close what is still open."""
+    await within(seconds, [client.closed for client in clients])
+    for client in clients:
+        client._close()
+
+
 class SSEClient(RawSSE):
     """A load generator's client: the events' `sent_at` are found with a regular
     expression over the whole read, which costs a few microseconds an event, so the
@@ -326,19 +345,9 @@ def load_process(
                 else:
                     result.failed += 1
 
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(connect(p) for p in paths))
-        except TimeoutError:
-            pass
+        await within(timeout, [connect(p) for p in paths])
         connected_flag.set()
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*(c.closed for c in clients))
-        except TimeoutError:
-            pass
-        for client in clients:
-            client._close()
+        await close_all(clients, timeout)
         return result
 
     result = uvloop.run(main())

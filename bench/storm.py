@@ -27,7 +27,16 @@ import time
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any, cast
 
-from bench.harness import SERVED_BY, SPAWN, RawSSE, World, start_server, world
+from bench.harness import (
+    SERVED_BY,
+    SPAWN,
+    RawSSE,
+    World,
+    close_all,
+    start_server,
+    within,
+    world,
+)
 from kinora.streaming import keys
 
 RETRY_SECONDS = 0.5
@@ -94,21 +103,11 @@ def storm_process(
 
         go.wait(60)
         started = time.monotonic()
-        try:
-            async with asyncio.timeout(timeout):
-                times = await asyncio.gather(*(reconnect(r) for r in requests))
-        except TimeoutError:
-            times = []
+        times = await within(timeout, [reconnect(r) for r in requests]) or []
         streaming_flag.set()
-        try:
-            # The live events and `complete` follow within a second or two; a client
-            # still open DRAIN_SECONDS later never gets them (a peer lost them).
-            async with asyncio.timeout(DRAIN_SECONDS):
-                await asyncio.gather(*(c.closed for c in clients))
-        except TimeoutError:
-            pass
-        for client in clients:
-            client._close()
+        # The live events and `complete` follow within a second or two; a client still
+        # open DRAIN_SECONDS later never gets them (a peer lost them).
+        await close_all(clients, DRAIN_SECONDS)
         return {
             "started": started,
             "last_streaming": max((t for t in times if t is not None), default=None),

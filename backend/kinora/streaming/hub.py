@@ -48,13 +48,12 @@ from kinora.streaming.watcher import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 DELIVERY_FLUSH_SECONDS = 1.0
 # The hub pings Redis this often; without an answer for PROBE_STALE_SECONDS, new
 # streams are refused with a 503 (open ones end with a `retry:` on their own).
-T = TypeVar("T")
-
 PROBE_SECONDS = 0.5
 # The command pool's connections (history, presence, rate limit, publish): one. With
 # history reads shared by the watchers that ask the same, a second one did not open
