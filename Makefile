@@ -74,11 +74,17 @@ REDIS_SENTINEL := /usr/bin/redis-sentinel
 $(REDIS_SENTINEL):
 	$(call apt_quiet,redis-server redis-sentinel)
 
-# The rolling restart runs behind Debian's nginx (deploy/nginx/kinora.conf).
+# The rolling restart runs behind Debian's nginx (deploy/nginx/kinora.conf); the page of
+# twenty streams over HTTPS and HTTP/2 (kinora-https.conf) has openssl make its
+# certificate.
 NGINX := /usr/sbin/nginx
+OPENSSL := /usr/bin/openssl
 
 $(NGINX):
 	$(call apt_quiet,nginx)
+
+$(OPENSSL):
+	$(call apt_quiet,openssl)
 
 # docker-compose.yml is checked by compose itself wherever the docker client is
 # installed (no engine needed): with its compose plugin, or else with Debian's
@@ -107,14 +113,14 @@ test-fast: $(VENV)/.installed-test
 # Redis, database, stack and ports. The half that breaks processes on purpose runs
 # beside the rest; its log is printed when both are done.
 E2E_FAULTS := tests/faults tests/test_bench.py tests/test_scale.py
-e2e: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL) $(NGINX)
+e2e: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL) $(NGINX) $(OPENSSL)
 	@$(BIN)/pytest -m slow $(E2E_FAULTS) --durations=10 > $(VENV)/e2e-faults.log 2>&1 & faults=$$!; \
 	$(BIN)/pytest -m slow $(E2E_FAULTS:%=--ignore=%) --durations=10; rest=$$?; \
 	wait $$faults; faulted=$$?; echo "== the faults half:"; cat $(VENV)/e2e-faults.log; \
 	[ $$rest = 0 ] && [ $$faulted = 0 ]
 
 # Everything: lint, types, both tiers on SQLite, the database's rules on PostgreSQL.
-test: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL) $(NGINX)
+test: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL) $(NGINX) $(OPENSSL)
 	$(call timed,lint,$(MAKE) --no-print-directory lint)
 	$(call timed,typecheck,$(MAKE) --no-print-directory typecheck)
 	$(call timed,compose check,$(MAKE) --no-print-directory compose-config)
