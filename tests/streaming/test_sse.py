@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kinora.streaming.sse import EventStream, LastChunk, Patrol, direct_writes
+from kinora.streaming.sse import SHALLOW, EventStream, LastChunk, Patrol, direct_writes
 from kinora.streaming.watcher import Pacer
 
 
@@ -85,3 +85,71 @@ def test_the_body_goes_past_the_middleware_only_with_direct_writes(direct: bool)
         assert seen == ["http.response.start"]
     else:
         assert seen == ["http.response.start", "http.response.body", "http.response.body"]
+
+
+def cut_stream(shallow: bool, *, by_server: bool = False) -> dict[str, Any]:
+    """A stream whose body waits for ever, cut after its first event: by `end` (a
+    stalled client, a revoked token), or by the server cancelling the request. What
+    the request's task saw, and how many tasks the stream ran."""
+    seen: dict[str, Any] = {"cleaned_up": False}
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield b"id: 1\ndata: {}\n\n"
+            await asyncio.Event().wait()
+            yield b"never"
+        finally:
+            seen["cleaned_up"] = True
+
+    async def main() -> None:
+        patrol = Patrol(Pacer(), on_shutdown=lambda: None)
+        stream = EventStream(body(), ping_seconds=60, stall_seconds=60, patrol=patrol)
+        scope = {"type": "http", "method": "GET", SHALLOW: shallow}
+        first = asyncio.Event()
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                first.set()
+
+        async def receive() -> Message:
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        async def request() -> None:
+            try:
+                await stream(scope, receive, send)
+                seen["returned"] = True
+            finally:
+                seen["cancelling"] = asyncio.current_task().cancelling()  # type: ignore[union-attr]
+
+        task = asyncio.create_task(request())
+        await asyncio.wait_for(first.wait(), 5)
+        seen["tasks"] = len(asyncio.all_tasks()) - 1  # besides this one
+        if by_server:
+            task.cancel()
+        else:
+            stream.end("stalled")
+        await asyncio.wait({task}, timeout=5)
+        seen["cancelled"] = task.cancelled()
+
+    asyncio.run(main())
+    return seen
+
+
+@pytest.mark.parametrize("shallow", [True, False])
+def test_a_stream_cut_by_end_returns_and_its_request_goes_on(shallow: bool) -> None:
+    seen = cut_stream(shallow)
+    assert seen["returned"]
+    assert not seen["cancelled"]
+    assert seen["cancelling"] == 0  # the cut's cancellation does not linger in the task
+    assert seen["cleaned_up"]
+    # The request's, the listener and the patrol's; a body's own only behind an app.
+    assert seen["tasks"] == (3 if shallow else 4)
+
+
+@pytest.mark.parametrize("shallow", [True, False])
+def test_a_request_the_server_cancels_is_cancelled_with_its_stream(shallow: bool) -> None:
+    seen = cut_stream(shallow, by_server=True)
+    assert "returned" not in seen
+    assert seen["cancelled"]
+    assert seen["cleaned_up"]

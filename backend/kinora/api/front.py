@@ -25,6 +25,7 @@ from kinora.api.deps import MAX_ID
 from kinora.api.middleware import TRACE_STATE, TraceMiddleware
 from kinora.core import logs
 from kinora.streaming.core import ProgressCore
+from kinora.streaming.sse import SHALLOW
 
 # The path FastAPI matches as the stream route (api.stream), for the ids it accepts
 # as written: no sign, no leading zero.
@@ -63,6 +64,7 @@ class StreamFront:
         trace_id = TraceMiddleware.trace_id(scope)
         scope["app"] = self.app  # as Starlette sets it: what request.app reads
         scope.setdefault("state", {})[TRACE_STATE] = trace_id
+        scope[SHALLOW] = True  # the stream's body is written by this task (EventStream)
         request = Request(scope, receive, send)
         state = self.app.state
         core: ProgressCore = state.progress

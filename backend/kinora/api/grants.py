@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
@@ -31,18 +29,17 @@ class Grants:
         self.patrol_seconds = patrol_seconds
         self._open: defaultdict[int, dict[Access, int]] = defaultdict(dict)
 
-    @contextmanager
-    def held(self, user_id: int, issued_ms: int, access: Access) -> Iterator[None]:
-        """While a stream runs: ended if `user_id` rotates their token after `issued_ms`."""
+    def add(self, user_id: int, issued_ms: int, access: Access) -> None:
+        """A stream runs: ended if `user_id` rotates their token after `issued_ms`."""
         self._open[user_id][access] = issued_ms
-        try:
-            yield
-        finally:
-            streams = self._open.get(user_id)
-            if streams is not None:
-                streams.pop(access, None)
-                if not streams:
-                    del self._open[user_id]
+
+    def remove(self, user_id: int, access: Access) -> None:
+        """The stream `add`ed with `access` ended."""
+        streams = self._open.get(user_id)
+        if streams is not None:
+            streams.pop(access, None)
+            if not streams:
+                del self._open[user_id]
 
     async def patrol(self) -> None:
         while True:

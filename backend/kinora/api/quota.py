@@ -9,8 +9,6 @@ one, and its holder is None here."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from fastapi import HTTPException, status
 
@@ -34,15 +32,14 @@ class StreamQuota:
                 headers={"Retry-After": "5"},
             )
 
-    @contextmanager
-    def held(self, holder: int | None) -> Iterator[None]:
-        if holder is None:
-            yield
-            return
-        self.open[holder] += 1
-        try:
-            yield
-        finally:
+    def take(self, holder: int | None) -> None:
+        """One more stream of `holder`'s open (None: a stream that counts for no one)."""
+        if holder is not None:
+            self.open[holder] += 1
+
+    def give(self, holder: int | None) -> None:
+        """One of `holder`'s streams ended."""
+        if holder is not None:
             self.open[holder] -= 1
             if self.open[holder] <= 0:
                 del self.open[holder]

@@ -8,8 +8,7 @@ api.ws; they are the core's, as every library host's are (docs/library.md).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,15 +60,32 @@ class Pass:
     def access(self) -> Access:
         return Access(self.expires)
 
-    @contextmanager
-    def lease(self, state: Any, access: Access) -> Iterator[None]:
+    def lease(self, state: Any, access: Access) -> Lease:
         """While the stream runs: one of its holder's streams, and revoked with the
         token it was opened with."""
-        with (
-            state.quota.held(self.holder),
-            state.grants.held(self.video.user_id, self.issued_ms, access),
-        ):
-            yield
+        return Lease(state, self.holder, self.video.user_id, self.issued_ms, access)
+
+
+class Lease:
+    """Held while a stream runs: one of `holder`'s streams (api.quota; None: a shared
+    link's, counted for no one), ended if `user_id` rotates their token after
+    `issued_ms` (api.grants). A class, not a generator: every open stream holds one."""
+
+    __slots__ = ("access", "grants", "holder", "issued_ms", "quota", "user_id")
+
+    def __init__(
+        self, state: Any, holder: int | None, user_id: int, issued_ms: int, access: Access
+    ) -> None:
+        self.quota, self.grants = state.quota, state.grants
+        self.holder, self.user_id, self.issued_ms, self.access = holder, user_id, issued_ms, access
+
+    def __enter__(self) -> None:
+        self.quota.take(self.holder)
+        self.grants.add(self.user_id, self.issued_ms, self.access)
+
+    def __exit__(self, *exc: object) -> None:
+        self.grants.remove(self.user_id, self.access)
+        self.quota.give(self.holder)
 
 
 async def authorize(
@@ -211,7 +227,7 @@ class Videos:
             [self._grant_of(connection, video) for video in videos],
             follow=follow,
             access=access,
-            lease=held(self.state, user_id, now_ms(), access),
+            lease=Lease(self.state, user_id, user_id, now_ms(), access),
             headers={TRACE_HEADER: logs.current_trace_id() or ""},
         )
 
@@ -222,14 +238,6 @@ class Videos:
             store=STORE,
             finish=self.state.fresh_ends.finisher(connection, video),
         )
-
-
-@contextmanager
-def held(state: Any, user_id: int, issued_ms: int, access: Access) -> Iterator[None]:
-    """While a stream opened with `user_id`'s API token runs: one of their streams, and
-    revoked with the token."""
-    with state.quota.held(user_id), state.grants.held(user_id, issued_ms, access):
-        yield
 
 
 def _user_of(token: str) -> int:

@@ -23,7 +23,7 @@ import itertools
 import logging
 import random
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar, cast
 
 import redis
@@ -191,8 +191,7 @@ class StreamHub:
 
     # -- watching -------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def watch(
+    def watch(
         self,
         key: StreamKey,
         after: int = 0,
@@ -201,34 +200,13 @@ class StreamHub:
         floor: int = 0,
         lost: LostNotice | None = None,
         store: object | None = None,
-    ) -> AsyncIterator[Watcher]:
-        """Register a watcher of `key` that has seen every event up to `after`.
-        `floor`: the highest seq known used (a database's record); `lost` builds the
-        `history_lost` notice when events it asks for are gone; `store`: where the job's
-        record is kept (looked at again while the topic is quiet: `on_quiet`)."""
-        name = key.channel.encode()
-        topic = self._topics.get(name)
-        if topic is None:
-            topic = self._topics[name] = Topic(self.pacer)
-            self._pending[name] += 1
-            self._ops.put_nowait(("sub", name))
-        if store is not None:
-            topic.store = store
-        watcher = Watcher(self, key, topic, after, transport, floor=floor, lost=lost)
-        topic.watchers.add(watcher)  # registered before the subscription can go live
-        if self.closing:
-            watcher.end("shutdown")  # its history, then a `retry:` towards another process
-        self.presence.joined(key)
-        clients = self.metrics.clients.labels(transport)
-        clients.inc()
-        try:
-            # (most watchers join a channel already live)
-            if not topic.ready.is_set() and not await topic.until_ready(self.subscribe_timeout):
-                raise SubscribeTimeout(f"no subscription to {name.decode()} from Redis")
-            yield watcher
-        finally:
-            clients.dec()
-            self.detach(watcher)
+    ) -> Watching:
+        """`async with` it: a watcher of `key` that has seen every event up to `after`,
+        registered while the block runs. `floor`: the highest seq known used (a
+        database's record); `lost` builds the `history_lost` notice when events it asks
+        for are gone; `store`: where the job's record is kept (looked at again while
+        the topic is quiet: `on_quiet`)."""
+        return Watching(self, key, after, transport, floor, lost, store)
 
     def detach(self, watcher: Watcher) -> None:
         """Forget a watcher; the last one of a video unsubscribes. Never awaits, so it
@@ -498,3 +476,62 @@ class StreamHub:
                     watcher.cut_off()
             else:
                 topic.mark_ready()
+
+
+class Watching:
+    """StreamHub.watch's context. (A class, not a generator: every open stream holds
+    one, and a generator's frame is several times its size.)"""
+
+    __slots__ = ("after", "clients", "floor", "hub", "key", "lost", "store", "transport", "watcher")
+
+    def __init__(
+        self,
+        hub: StreamHub,
+        key: StreamKey,
+        after: int,
+        transport: str,
+        floor: int,
+        lost: LostNotice | None,
+        store: object | None,
+    ) -> None:
+        self.hub, self.key, self.after, self.transport = hub, key, after, transport
+        self.floor, self.lost, self.store = floor, lost, store
+        self.watcher: Watcher | None = None
+        self.clients: Any = None
+
+    async def __aenter__(self) -> Watcher:
+        hub, key = self.hub, self.key
+        name = key.channel.encode()
+        topic = hub._topics.get(name)
+        if topic is None:
+            topic = hub._topics[name] = Topic(hub.pacer)
+            hub._pending[name] += 1
+            hub._ops.put_nowait(("sub", name))
+        if self.store is not None:
+            topic.store = self.store
+        watcher = self.watcher = Watcher(
+            hub, key, topic, self.after, self.transport, floor=self.floor, lost=self.lost
+        )
+        topic.watchers.add(watcher)  # registered before the subscription can go live
+        if hub.closing:
+            watcher.end("shutdown")  # its history, then a `retry:` towards another process
+        hub.presence.joined(key)
+        self.clients = hub.metrics.clients.labels(self.transport)
+        self.clients.inc()
+        try:
+            # (most watchers join a channel already live)
+            if not topic.ready.is_set() and not await topic.until_ready(hub.subscribe_timeout):
+                raise SubscribeTimeout(f"no subscription to {name.decode()} from Redis")
+        except BaseException:
+            self._leave()
+            raise
+        return watcher
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self.watcher is not None:
+            self.clients.dec()
+            self.hub.detach(self.watcher)
+            self.watcher = None

@@ -6,11 +6,12 @@ sse-starlette's EventSourceResponse runs four tasks in an anyio task group for e
 response (the body, the heartbeat, the shutdown listener, the disconnect listener):
 under a reconnect storm, spawning them was a fifth of the API's CPU (bench.storm),
 and they are memory held by every idle connection (bench.fanout). Here a response
-has two plain tasks: one writes the body (a shallow one: see EventStream.__call__),
-one waits for the client to disconnect; ONE patrol task per event loop, waking every
-PATROL_SECONDS, sends `: ping` on a stream idle for `ping_seconds`, ends a stream
-whose write has been stuck for `stall_seconds` (the client stopped reading: it
-reconnects with Last-Event-ID and loses nothing), and when the server starts
+writes its body in the request's task in front of the app (a shallow task of its own
+otherwise: see EventStream.__call__) and has one task that waits for the client to
+disconnect; ONE patrol task per event loop, waking every PATROL_SECONDS, sends
+`: ping` on a stream idle for `ping_seconds`, ends a stream whose write has been
+stuck for `stall_seconds` (the client stopped reading: it reconnects with
+Last-Event-ID and loses nothing), and when the server starts
 shutting down (sse-starlette's AppStatus, which hooks uvicorn's exit) tells its
 core, whose hub tells every stream to end with a last `retry:`, and ends whatever is
 still open SHUTDOWN_GRACE_SECONDS later (the patrol is the core's:
@@ -27,7 +28,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import redis
@@ -62,6 +63,9 @@ class LastChunk(bytes):
 
 # The server's own `send`, put in every HTTP request's scope by `direct_writes`.
 SERVER_SEND = "kinora.server_send"
+# Set in a request's scope by an app that serves the stream with few coroutines above
+# it (api/front.py): the body is written by the request's own task, not one of its own.
+SHALLOW = "kinora.shallow"
 
 
 def direct_writes(app: ASGIApp) -> ASGIApp:
@@ -81,6 +85,15 @@ def direct_writes(app: ASGIApp) -> ASGIApp:
     return server_send_in_scope
 
 
+# Every stream's headers, as StreamingResponse would encode them (and its callers' after).
+HEADERS = (
+    (b"cache-control", b"no-cache"),
+    (b"connection", b"keep-alive"),
+    (b"x-accel-buffering", b"no"),
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+)
+
+
 class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
@@ -96,8 +109,19 @@ class EventStream(StreamingResponse):
         lease: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
         # status_code named: FastAPI reads its default off this signature for /docs.
-        base = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buffering": "no"}
-        super().__init__(content, status_code, headers={**base, **(headers or {})})
+        # StreamingResponse's own __init__, but for the headers: every stream's are the
+        # same (shared here, not encoded anew per response) but for the caller's few.
+        self.body_iterator = content
+        self.status_code = status_code
+        self.background = None
+        extra = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
+        ]
+        if extra:
+            named = {name for name, _ in extra}
+            self.raw_headers = [h for h in HEADERS if h[0] not in named] + extra
+        else:
+            self.raw_headers = list(HEADERS)
         self.ping_seconds = ping_seconds
         self.stall_seconds = stall_seconds
         self.patrol = patrol
@@ -105,7 +129,8 @@ class EventStream(StreamingResponse):
         self.sending_since = 0.0  # when the write in progress began; 0: none
         self.last_write = 0.0
         self.ended: str | None = None  # why `end` cut it, or FINISHED
-        self.task: asyncio.Task[Any] | None = None
+        self.task: asyncio.Task[Any] | None = None  # the task that writes the body
+        self.writing = False  # while `_run` runs: `end` cancels it only then
         self.send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -119,23 +144,31 @@ class EventStream(StreamingResponse):
         loop = asyncio.get_running_loop()
         patrol = self.patrol
         with self.lease or contextlib.nullcontext():
-            # The body is written by a task of its own. Resuming the request's task runs
-            # through the coroutine of every middleware and router layer (two dozen in a
-            # FastAPI app), and a stream resumes once a write: from the body's task, it
-            # is three deep (a sixth of the CPU per write, by bench.harness's accounting).
-            # The request's task waits for it; cancelling the request cancels it.
-            self.task = loop.create_task(self._run(start, send), name="sse-body")
             listener = loop.create_task(self._listen(receive), name="sse-disconnect")
             patrol.add(self)
             try:
-                await self.task
+                if scope.get(SHALLOW):
+                    # Served in front of the app (api/front.py): the request's task
+                    # resumes through a handful of coroutines, and writes the body.
+                    self.task = asyncio.current_task()
+                    await self._run(start, send)
+                else:
+                    # Resuming the request's task runs through the coroutine of every
+                    # middleware and router layer (two dozen in a FastAPI app), and a
+                    # stream resumes once a write: the body's task of its own is three
+                    # deep (a sixth of the CPU per write, by bench.harness's accounting).
+                    # The request's task waits for it; cancelling the request cancels it.
+                    self.task = loop.create_task(self._run(start, send), name="sse-body")
+                    await self.task
             finally:
                 patrol.discard(self)
                 listener.cancel()
-                if not self.task.done():  # the request was cancelled: so is the body
-                    await asyncio.wait({self.task})
+                body = self.task
+                if body is not None and body is not asyncio.current_task() and not body.done():
+                    await asyncio.wait({body})  # the request was cancelled: so is the body
 
     async def _run(self, start: Message, send: Send) -> None:
+        self.writing = True
         try:
             # The head through the app's middleware, the body straight to the server.
             self.sending_since = time.monotonic()
@@ -159,13 +192,18 @@ class EventStream(StreamingResponse):
         except asyncio.CancelledError:
             if self.ended in (None, FINISHED):
                 raise  # not ours: the server is cancelling the request
-            # Cut by `end`: the response returns unfinished.
+            # Cut by `end`: the response returns unfinished, and the task goes on (in
+            # front of the app, it is the request's own).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         finally:
             # The body's cleanup (the hub's watcher let go), if it was stopped at a yield.
             try:
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
             except Exception:
                 log.exception("a stream's cleanup failed")
+            self.writing = False
 
     async def _write(self, message: Message) -> None:
         assert self.send is not None
@@ -185,7 +223,7 @@ class EventStream(StreamingResponse):
     def end(self, why: str) -> None:
         """Stop the response (its body's cleanup runs); it returns unfinished, and the
         server closes the connection."""
-        if self.ended is None and self.task is not None and not self.task.done():
+        if self.ended is None and self.writing and self.task is not None:
             self.ended = why
             self.task.cancel()
 
@@ -319,24 +357,31 @@ async def frames(
         yield b"retry: %d\n\n" % retry_ms
 
 
-@contextlib.contextmanager
-def attached(access: Access | None, watcher: Watcher) -> Iterator[None]:
-    """The watcher ends with `access`: when it is revoked, or when it expires."""
-    if access is None:
-        yield
-        return
-    access.attach(watcher)
-    deadlines = watcher.hub.deadlines
-    slot = None
-    if access.expires is not None:
-        when = asyncio.get_running_loop().time() + max(0.0, access.expires - time.time())
-        slot = deadlines.add(access, when, access.expire)
-    try:
-        yield
-    finally:
-        access.detach(watcher)
-        if slot is not None:
-            deadlines.remove(access, slot)
+class attached:
+    """The watcher ends with `access`: when it is revoked, or when it expires. (A
+    class, not a generator: every open stream holds one.)"""
+
+    __slots__ = ("access", "slot", "watcher")
+
+    def __init__(self, access: Access | None, watcher: Watcher) -> None:
+        self.access, self.watcher = access, watcher
+        self.slot: int | None = None
+
+    def __enter__(self) -> None:
+        access = self.access
+        if access is None:
+            return
+        access.attach(self.watcher)
+        if access.expires is not None:
+            when = asyncio.get_running_loop().time() + max(0.0, access.expires - time.time())
+            self.slot = self.watcher.hub.deadlines.add(access, when, access.expire)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.access is None:
+            return
+        self.access.detach(self.watcher)
+        if self.slot is not None:
+            self.watcher.hub.deadlines.remove(self.access, self.slot)
 
 
 def event_response(
