@@ -40,6 +40,14 @@ from bench.harness import (
 from kinora.streaming import keys
 
 RETRY_SECONDS = 0.5
+# The aim: streams opened per second by one process in a storm of 10,000.
+GOAL_STREAMS_PER_S = 4000
+# The last round's figures, at the defaults, on the machine that measured them (two
+# runs of main at f55b5b7, this round's start): streams/s, and the floor's in that run.
+BEFORE: dict[str, dict[str, Any]] = {
+    "kinora": {"streams_per_s": [2488, 2291], "floor": [4320, 4187]},
+    "kinora-api-token": {"streams_per_s": [2658], "floor": [4320]},
+}
 DRAIN_SECONDS = 15.0
 HOST = "127.0.0.1"
 
@@ -240,12 +248,26 @@ def main() -> None:
             )  # fmt: skip
             runs.append(run)
     kinora = next((r for r in runs if r["server"] == "kinora"), None)
+    floor = next((r for r in runs if r["server"] == "floor"), None)
     for run in runs:
         if kinora and kinora["all_streaming_seconds"] and run["all_streaming_seconds"]:
             run["seconds_vs_kinora"] = round(
                 run["all_streaming_seconds"] / kinora["all_streaming_seconds"], 2
             )
-    print(json.dumps({"benchmark": "storm", "runs": runs}, indent=2))
+        if floor and floor["streams_per_s"] and run["streams_per_s"] and run is not floor:
+            run["streams_vs_floor"] = round(run["streams_per_s"] / floor["streams_per_s"], 2)
+        if run["server"] in BEFORE and args.clients == 10000:
+            run["before"] = BEFORE[run["server"]]
+    goal = {
+        "streams_per_s": {r["server"]: r["streams_per_s"] for r in runs},
+        "aim": GOAL_STREAMS_PER_S,
+        "reached": {
+            r["server"]: bool(r["streams_per_s"] and r["streams_per_s"] >= GOAL_STREAMS_PER_S)
+            for r in runs
+            if r["server"].startswith("kinora")
+        },
+    }
+    print(json.dumps({"benchmark": "storm", "goal": goal, "runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

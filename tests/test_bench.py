@@ -48,6 +48,9 @@ def test_fanout() -> None:
     for run in result["runs"]:
         assert_sound(run, 200)
         assert run["cpu_us_per_delivery"] > 0
+    goal = result["goal"]  # the idle connection's memory, beside the aim
+    assert goal["idle_kb_per_connection"]["kinora"] > 0
+    assert goal["reached"] == (goal["idle_kb_per_connection"]["kinora"] <= goal["aim_kb"])
     naive = result["hot_video_peers"]["naive"]  # in the same run, as ratios to Kinora's
     assert naive["connected"] == 200
     assert set(naive["vs_kinora"]) == {
@@ -70,6 +73,7 @@ def test_storm() -> None:
         assert kinora["delivered_ratio"] == 1.0
         assert kinora["server_warnings"] == 0
         assert kinora["streams_per_s"] > 0
+        assert result["goal"]["streams_per_s"][kinora["server"]] == kinora["streams_per_s"]
 
 
 def test_burst() -> None:
