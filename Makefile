@@ -135,6 +135,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.fanout
 	$(BIN)/python -m bench.storm
 	$(BIN)/python -m bench.burst
+	$(BIN)/python -m bench.http2
 	$(BIN)/python -m bench.cores
 	$(BIN)/python -m bench.baseline
 	$(BIN)/python -m bench.many

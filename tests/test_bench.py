@@ -107,6 +107,27 @@ def test_kinora_under_granian_and_hypercorn() -> None:
         assert run["server_warnings"] == 0
 
 
+def test_http2() -> None:
+    """Pages of streams over HTTP/2 (nginx in front with kinora-https.conf, and Kinora's
+    app under granian speaking it itself) and over HTTP/1.1: every event on every
+    stream, a page's streams on ONE connection over HTTP/2, one each over HTTP/1.1."""
+    result = bench(
+        "http2", "--pages", "3", "--streams", "4", "--events", "3", "--rate", "40",
+        "--servers", "nginx-h2", "granian-h2", "kinora-h1",
+    )  # fmt: skip
+    ways = {run["way"]: run for run in result["runs"]}
+    assert list(ways) == ["nginx-h2", "granian-h2", "kinora-h1"]
+    for run in ways.values():
+        assert run["opened"] == 12, run
+        assert run["delivered_ratio"] == 1.0
+        assert run["completed_streams"] == 12
+    assert ways["nginx-h2"]["client_connections"] == ways["granian-h2"]["client_connections"] == 3
+    assert ways["kinora-h1"]["client_connections"] == 12
+    assert set(ways["nginx-h2"]["vs_kinora_h1"]) == {
+        "open_seconds", "p50_ms", "p99_ms", "cpu_us_per_delivery", "rss_per_stream_kb",
+    }  # fmt: skip
+
+
 def test_cores() -> None:
     result = bench(
         "cores", "--watchers", "40", "--videos", "2", "--events", "5", "--rate", "50",

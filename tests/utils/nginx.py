@@ -27,10 +27,13 @@ LISTEN = {"kinora.conf": "127.0.0.1:8080", "kinora-https.conf": "127.0.0.1:8443"
 
 
 @contextlib.contextmanager
-def front(root: Path, upstreams: list[int], *, https: bool = False) -> Iterator[str]:
+def front(
+    root: Path, upstreams: list[int], *, https: bool = False, tls: Path | None = None
+) -> Iterator[str]:
     """nginx on a free port, proxying to the two API processes on `upstreams`: its base
-    URL, once it answers. With `https`, over TLS and HTTP/2, with a certificate for
-    127.0.0.1 made here, in `root`/tls (self-signed: a client trusts it by name)."""
+    URL, once it answers. With `https`, over TLS and HTTP/2, with the certificate in
+    `tls` (kinora.crt, kinora.key), or else one for 127.0.0.1 made here, in `root`/tls
+    (self-signed: a client trusts it by name)."""
     port = free_port()
     name = "kinora-https.conf" if https else "kinora.conf"
     conf = (DEPLOY / name).read_text()
@@ -39,7 +42,9 @@ def front(root: Path, upstreams: list[int], *, https: bool = False) -> Iterator[
     conf = conf.replace(f"listen {LISTEN[name]}", f"listen 127.0.0.1:{port}")
     (root / "nginx.conf").write_text(conf)
     shutil.copy(DEPLOY / "kinora-proxy.conf", root / "kinora-proxy.conf")
-    if https:
+    if https and tls is not None:
+        shutil.copytree(tls, root / "tls", dirs_exist_ok=True)
+    elif https:
         certificate(root / "tls")
     settings = f"daemon off; pid {root}/nginx.pid; error_log {root}/error.log;"
     if os.geteuid() == 0:
