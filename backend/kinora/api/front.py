@@ -77,6 +77,8 @@ class StreamFront:
                 if handler is None:
                     raise
                 response = await handler(request, exc)
+            # The request (its parsed query and headers) is not kept while it streams.
+            del request
             await response(scope, receive, send)
 
 
