@@ -14,7 +14,9 @@ history, so for them "streaming again" is the response's head, and what they los
 counted; `kinora-granian` and `kinora-hypercorn` are Kinora's app under those servers.
 
 Prints one JSON object: per server, the seconds until every client streamed again,
-streams per second, connections refused on the way, and delivered/expected.
+streams per second, the server's CPU per stream opened (steadier from run to run than
+the clock, on a machine whose cores the load generators share), connections refused
+on the way, and delivered/expected.
 """
 
 from __future__ import annotations
@@ -187,9 +189,13 @@ def run_storm(
         for p in procs:
             p.start()
         time.sleep(1.0)  # the load generators up
+        cpu_before = server.cpu_seconds()
         go.set()
         for flag in flags:
             flag.wait(timeout + 10)
+        # The server's CPU for the storm (until every client streamed again): what a
+        # stream costs to open, whatever else the machine's cores were doing meanwhile.
+        storm_cpu = server.cpu_seconds() - cpu_before
         time.sleep(1.0)  # the last subscriptions confirmed, for the peers that need it
         publish(w, ids, live, history)
         complete(w, ids)
@@ -212,6 +218,7 @@ def run_storm(
         "streaming": streaming,
         "all_streaming_seconds": None if seconds is None else round(seconds, 2),
         "streams_per_s": None if not seconds else round(clients / seconds),
+        "cpu_us_per_stream": round(storm_cpu / clients * 1e6, 1),
         "refused_or_reset": sum(p["refused"] for p in parts),
         "delivered_ratio": round(sum(p["delivered"] for p in parts) / (clients * expected), 4),
         "server_warnings": len(warnings),
@@ -256,6 +263,7 @@ def main() -> None:
             )
         if floor and floor["streams_per_s"] and run["streams_per_s"] and run is not floor:
             run["streams_vs_floor"] = round(run["streams_per_s"] / floor["streams_per_s"], 2)
+            run["cpu_vs_floor"] = round(run["cpu_us_per_stream"] / floor["cpu_us_per_stream"], 2)
         if run["server"] in BEFORE and args.clients == 10000:
             run["before"] = BEFORE[run["server"]]
     goal = {

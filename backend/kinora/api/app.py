@@ -248,7 +248,4 @@ def serve() -> ASGIApp:
     if tracing.active():  # every request a span: through the app's instrumentation
         return direct_writes(app)
     settings = get_settings()
-    front = StreamFront(
-        app, body_limit=settings.max_request_bytes, cors=bool(settings.cors_origins)
-    )
-    return direct_writes(front)
+    return StreamFront(app, body_limit=settings.max_request_bytes, cors=bool(settings.cors_origins))

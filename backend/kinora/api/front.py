@@ -25,7 +25,7 @@ from kinora.api.deps import MAX_ID
 from kinora.api.middleware import TRACE_STATE, TraceMiddleware
 from kinora.core import logs
 from kinora.streaming.core import ProgressCore
-from kinora.streaming.sse import SHALLOW
+from kinora.streaming.sse import SERVER_SEND, SHALLOW
 
 # The path FastAPI matches as the stream route (api.stream), for the ids it accepts
 # as written: no sign, no leading zero.
@@ -35,7 +35,8 @@ METHODS = ("GET", "HEAD")
 
 class StreamFront:
     """`kinora api`'s app: the video stream route served here, every other request
-    passed to `app`, the FastAPI app."""
+    passed to `app`, the FastAPI app, with the server's `send` kept in its scope
+    (kinora.streaming.sse.direct_writes)."""
 
     def __init__(self, app: Any, *, body_limit: int, cors: bool) -> None:
         self.app = app
@@ -43,11 +44,15 @@ class StreamFront:
         self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in METHODS:
-            match = STREAM_PATH.fullmatch(route_path(scope))
-            if match is not None and int(match[1]) <= MAX_ID and self.plain(scope):
-                await self.stream(match[1], scope, receive, send)
-                return
+        if scope["type"] == "http":
+            if scope["method"] in METHODS:
+                match = STREAM_PATH.fullmatch(route_path(scope))
+                if match is not None and int(match[1]) <= MAX_ID and self.plain(scope):
+                    await self.stream(match[1], scope, receive, send)
+                    return
+            # The server's own `send`, for the app's streams (as direct_writes keeps it:
+            # one coroutine less above every request than wrapping this in it).
+            scope[SERVER_SEND] = send
         await self.app(scope, receive, send)
 
     def plain(self, scope: Scope) -> bool:
