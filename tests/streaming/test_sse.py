@@ -153,3 +153,31 @@ def test_a_request_the_server_cancels_is_cancelled_with_its_stream(shallow: bool
     assert "returned" not in seen
     assert seen["cancelled"]
     assert seen["cleaned_up"]
+
+
+def test_a_stream_cut_before_its_body_began_writes_nothing() -> None:
+    """`end` between the response's start and its body's first step (a shutdown, a
+    revoked token at that moment): the body never writes, and its request returns."""
+    sent: list[Message] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"id: 1\ndata: {}\n\n"
+
+    async def main() -> None:
+        patrol = Patrol(Pacer(), on_shutdown=lambda: None)
+        stream = EventStream(body(), ping_seconds=60, stall_seconds=60, patrol=patrol)
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        async def receive() -> Message:
+            await asyncio.Event().wait()
+            return {"type": "http.disconnect"}
+
+        request = asyncio.create_task(stream({"type": "http", "method": "GET"}, receive, send))
+        await asyncio.sleep(0)  # the request has made the body's task, not yet run it
+        stream.end("shutdown")
+        await asyncio.wait_for(request, 5)
+
+    asyncio.run(main())
+    assert sent == []

@@ -170,6 +170,8 @@ class EventStream(StreamingResponse):
     async def _run(self, start: Message, send: Send) -> None:
         self.writing = True
         try:
+            if self.ended is not None:
+                return  # cut before it began
             # The head through the app's middleware, the body straight to the server.
             self.sending_since = time.monotonic()
             await send({**start, "headers": self.raw_headers})
@@ -223,9 +225,12 @@ class EventStream(StreamingResponse):
     def end(self, why: str) -> None:
         """Stop the response (its body's cleanup runs); it returns unfinished, and the
         server closes the connection."""
-        if self.ended is None and self.writing and self.task is not None:
-            self.ended = why
+        if self.ended is not None:
+            return
+        self.ended = why
+        if self.writing and self.task is not None:
             self.task.cancel()
+        # Not writing yet (its task has not started): it returns as soon as it starts.
 
     async def _ping(self) -> None:
         # A client gone mid-write (uvicorn's ClientDisconnected is an OSError): its
