@@ -17,11 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import httpx
 import numpy as np
@@ -350,7 +350,11 @@ def load_process(
         await close_all(clients, timeout)
         return result
 
-    result = uvloop.run(main())
+    report(uvloop.run(main()), results, finished_flag)
+
+
+def report(result: LoadResult, results: Any, finished_flag: MpEvent) -> None:
+    """A load process's figures, handed to the measuring process (`measure`)."""
     latencies = np.array(result.latencies, dtype=np.float64)
     results.put(
         (result.connected, result.failed, result.delivered, result.complete, latencies.tobytes())
@@ -429,50 +433,24 @@ def run_load(
         ]
     else:
         paths = [server.url_path(ids[i % videos], w.token) for i in range(watchers)]
-    rss_idle = server.rss()
-    results = SPAWN.Queue()
-    connected = [SPAWN.Event() for _ in range(loaders)]
-    finished = [SPAWN.Event() for _ in range(loaders)]
-    procs = [
-        SPAWN.Process(
+
+    def loader(i: int, connected: MpEvent, finished: MpEvent, results: Any) -> Any:
+        return SPAWN.Process(
             target=load_process,
-            args=(
-                server.port,
-                paths[i::loaders],
-                connected[i],
-                finished[i],
-                results,
-                timeout,
-                max(many, 1),
-            ),
-        )
-        for i in range(loaders)
-    ]
-    for p in procs:
-        p.start()
-    started = time.monotonic()
-    for flag in connected:
-        flag.wait(timeout)
-    connect_seconds = time.monotonic() - started
-    time.sleep(settle)  # every subscription live, for the designs that need it
-    rss_connected = server.rss()
-    redis_conns = server.redis_connections(w.redis.port)
-    go = SPAWN.Event()
-    done = SPAWN.Queue()
-    publisher = SPAWN.Process(
-        target=publisher_process, args=(w.env, ids, per_video, rate, go, done)
-    )
-    publisher.start()
-    cpu_before = server.cpu_seconds()
-    go.set()
-    step_median = done.get(timeout=timeout + per_video * videos / rate)
-    parts = [results.get(timeout=timeout + 30) for _ in procs]
-    streaming_cpu = server.cpu_seconds() - cpu_before
-    for p in [*procs, publisher]:
-        p.join(30)
-    latencies = np.concatenate([np.frombuffer(part[4], dtype=np.float64) for part in parts])
-    connected_total = sum(part[0] for part in parts)
-    delivered = sum(part[2] for part in parts)
+            args=(server.port, paths[i::loaders], connected, finished, results, timeout,
+                  max(many, 1)),
+        )  # fmt: skip
+
+    at_connected = {"redis": 0}
+
+    def count_redis() -> None:
+        at_connected["redis"] = server.redis_connections(w.redis.port)
+
+    run = measure(
+        w, server, ids, loader, loaders=loaders, per_video=per_video, rate=rate,
+        timeout=timeout, settle=settle, at_connected=count_redis,
+    )  # fmt: skip
+    connected_total, delivered, latencies = run.connected, run.delivered, run.latencies
     expected = watchers * per_video * max(many, 1)
     return {
         "server": server.name,
@@ -481,17 +459,96 @@ def run_load(
         "events_per_s": rate,
         "events_per_video": per_video,
         "connected": connected_total,
-        "connect_failures": sum(part[1] for part in parts),
-        "connect_seconds": round(connect_seconds, 2),
+        "connect_failures": run.failed,
+        "connect_seconds": round(run.connect_seconds, 2),
         "delivered_ratio": round(delivered / expected, 4) if expected else None,
-        "completed_streams": sum(part[3] for part in parts),
+        "completed_streams": run.complete,
         **percentiles_ms(latencies),
         "rss_per_connection_kb": round(
-            (rss_connected - rss_idle) / max(1, connected_total) / 1024, 1
+            (run.rss_connected - run.rss_idle) / max(1, connected_total) / 1024, 1
         ),
-        "server_rss_mb": round(rss_connected / 2**20, 1),
-        "server_redis_connections": redis_conns,
+        "server_rss_mb": round(run.rss_connected / 2**20, 1),
+        "server_redis_connections": at_connected["redis"],
         # The server's CPU while the events were published and delivered, per delivery.
-        "cpu_us_per_delivery": round(streaming_cpu / max(delivered, 1) * 1e6, 1),
-        "publish_step_median_us": round(step_median * 1e6, 1),
+        "cpu_us_per_delivery": round(run.cpu / max(delivered, 1) * 1e6, 1),
+        "publish_step_median_us": round(run.step_median * 1e6, 1),
     }
+
+
+class Measurable(Protocol):
+    def rss(self) -> int: ...
+
+    def cpu_seconds(self) -> float: ...
+
+
+@dataclass
+class Measured:
+    connect_seconds: float  # until every load process had its streams open
+    rss_idle: int  # the server's before the streams, and with them open
+    rss_connected: int
+    cpu: float  # the server's CPU while the events were published and delivered
+    step_median: float  # the publisher's median SSELogger.step()
+    connected: int
+    failed: int
+    delivered: int
+    complete: int
+    latencies: np.ndarray
+
+
+def measure(
+    w: World,
+    server: Measurable,
+    ids: list[int],
+    loader: Callable[[int, MpEvent, MpEvent, Any], Any],
+    *,
+    loaders: int,
+    per_video: int,
+    rate: float,
+    timeout: float,
+    settle: float = 2.0,
+    at_connected: Callable[[], None] | None = None,
+) -> Measured:
+    """One measured run: `loaders` load processes (`loader(i, connected, finished,
+    results)` makes each; it reports with `report`) open their streams, then a
+    publisher sends `per_video` events to each of `ids` at `rate` events/s in all.
+    `at_connected` runs once every stream is open (what to count then)."""
+    rss_idle = server.rss()
+    results = SPAWN.Queue()
+    connected = [SPAWN.Event() for _ in range(loaders)]
+    finished = [SPAWN.Event() for _ in range(loaders)]
+    procs = [loader(i, connected[i], finished[i], results) for i in range(loaders)]
+    for p in procs:
+        p.start()
+    started = time.monotonic()
+    for flag in connected:
+        flag.wait(timeout)
+    connect_seconds = time.monotonic() - started
+    time.sleep(settle)  # every subscription live, for the designs that need it
+    rss_connected = server.rss()
+    if at_connected is not None:
+        at_connected()
+    go = SPAWN.Event()
+    done = SPAWN.Queue()
+    publisher = SPAWN.Process(
+        target=publisher_process, args=(w.env, ids, per_video, rate, go, done)
+    )
+    publisher.start()
+    cpu_before = server.cpu_seconds()
+    go.set()
+    step_median = done.get(timeout=timeout + per_video * len(ids) / rate)
+    parts = [results.get(timeout=timeout + 30) for _ in procs]
+    cpu = server.cpu_seconds() - cpu_before
+    for p in [*procs, publisher]:
+        p.join(30)
+    return Measured(
+        connect_seconds=connect_seconds,
+        rss_idle=rss_idle,
+        rss_connected=rss_connected,
+        cpu=cpu,
+        step_median=step_median,
+        connected=sum(part[0] for part in parts),
+        failed=sum(part[1] for part in parts),
+        delivered=sum(part[2] for part in parts),
+        complete=sum(part[3] for part in parts),
+        latencies=np.concatenate([np.frombuffer(part[4], dtype=np.float64) for part in parts]),
+    )

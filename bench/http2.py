@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
-import numpy as np
 import psutil
 
 from bench.harness import (
@@ -56,8 +55,9 @@ from bench.harness import (
     World,
     close_all,
     load_process,
+    measure,
     percentiles_ms,
-    publisher_process,
+    report,
     start_server,
     within,
     world,
@@ -287,12 +287,7 @@ def h2_process(
         await close_all(clients, timeout)  # type: ignore[arg-type]
         return result
 
-    result = uvloop.run(main())
-    latencies = np.array(result.latencies, dtype=np.float64)
-    results.put(
-        (result.connected, result.failed, result.delivered, result.complete, latencies.tobytes())
-    )
-    finished_flag.set()
+    report(uvloop.run(main()), results, finished_flag)
 
 
 # -- one measured run ---------------------------------------------------------------------------
@@ -304,79 +299,51 @@ def run(
 ) -> dict[str, Any]:  # fmt: skip
     ids = w.videos(streams)
     page_paths = [[PATH.format(video=v, token=w.token) for v in ids] for _ in range(pages)]
-    rss_idle = way.rss()
-    results = SPAWN.Queue()
-    connected = [SPAWN.Event() for _ in range(loaders)]
-    finished = [SPAWN.Event() for _ in range(loaders)]
-    if way.h2:
-        procs = [
-            SPAWN.Process(
+    flat = [path for paths in page_paths for path in paths]
+
+    def loader(i: int, connected: MpEvent, finished: MpEvent, results: Any) -> Any:
+        if way.h2:  # a connection per page
+            pages_of = page_paths[i::loaders]
+            return SPAWN.Process(
                 target=h2_process,
-                args=(
-                    way.port,
-                    page_paths[i::loaders],
-                    cafile,
-                    connected[i],
-                    finished[i],
-                    results,
-                    timeout,
-                ),
+                args=(way.port, pages_of, cafile, connected, finished, results, timeout),
             )
-            for i in range(loaders)
-        ]
-    else:
-        flat = [path for paths in page_paths for path in paths]
-        procs = [
-            SPAWN.Process(
-                target=load_process,
-                args=(way.port, flat[i::loaders], connected[i], finished[i], results, timeout),
-            )
-            for i in range(loaders)
-        ]
-    for p in procs:
-        p.start()
-    started = time.monotonic()
-    for flag in connected:
-        flag.wait(timeout)
-    connect_seconds = time.monotonic() - started
-    time.sleep(2.0)  # every subscription live
-    rss_connected = way.rss()
-    client_connections = sum(
-        1
-        for p in way.processes()
-        for c in p.net_connections(kind="tcp")
-        if c.laddr and c.laddr.port == way.port and c.raddr
-    )
-    go = SPAWN.Event()
-    done = SPAWN.Queue()
-    publisher = SPAWN.Process(
-        target=publisher_process, args=(w.env, ids, per_video, rate, go, done)
-    )
-    publisher.start()
-    cpu_before = way.cpu_seconds()
-    go.set()
-    done.get(timeout=timeout + per_video * streams / rate)
-    parts = [results.get(timeout=timeout + 30) for _ in procs]
-    cpu = way.cpu_seconds() - cpu_before
-    for p in [*procs, publisher]:
-        p.join(30)
-    latencies = np.concatenate([np.frombuffer(part[4], dtype=np.float64) for part in parts])
-    opened = sum(part[0] for part in parts)
-    delivered = sum(part[2] for part in parts)
+        return SPAWN.Process(  # a connection per stream
+            target=load_process,
+            args=(way.port, flat[i::loaders], connected, finished, results, timeout),
+        )
+
+    held = {"connections": 0}
+
+    def count_connections() -> None:
+        held["connections"] = sum(
+            1
+            for p in way.processes()
+            for c in p.net_connections(kind="tcp")
+            if c.laddr and c.laddr.port == way.port and c.raddr
+        )
+
+    measured = measure(
+        w, way, ids, loader, loaders=loaders, per_video=per_video, rate=rate, timeout=timeout,
+        at_connected=count_connections,
+    )  # fmt: skip
+    opened, delivered = measured.connected, measured.delivered
     expected = pages * streams * per_video
     return {
         "way": way.name,
         "pages": pages,
         "streams": pages * streams,
         "opened": opened,
-        "failed": sum(part[1] for part in parts),
-        "open_seconds": round(connect_seconds, 2),
-        "client_connections": client_connections,
+        "failed": measured.failed,
+        "open_seconds": round(measured.connect_seconds, 2),
+        "client_connections": held["connections"],
         "delivered_ratio": round(delivered / expected, 4) if expected else None,
-        "completed_streams": sum(part[3] for part in parts),
-        **percentiles_ms(latencies),
-        "cpu_us_per_delivery": round(cpu / max(delivered, 1) * 1e6, 1),
-        "rss_per_stream_kb": round((rss_connected - rss_idle) / max(1, opened) / 1024, 1),
+        "completed_streams": measured.complete,
+        **percentiles_ms(measured.latencies),
+        "cpu_us_per_delivery": round(measured.cpu / max(delivered, 1) * 1e6, 1),
+        "rss_per_stream_kb": round(
+            (measured.rss_connected - measured.rss_idle) / max(1, opened) / 1024, 1
+        ),
     }
 
 
