@@ -186,17 +186,22 @@ def start_server(
     log = (w.tmp / f"{name}.log").open("ab")
     env = {**w.env, **(settings or {})}
     process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=log)
+    wait_up(f"http://127.0.0.1:{port}/healthz", process, f"the {name} server; see {log.name}")
+    return Server(name, process, port, path)
+
+
+def wait_up(url: str, process: subprocess.Popen[bytes], what: str, verify: Any = True) -> None:
+    """Until `url` answers 200 (30 s at most, and not after `process` ended)."""
     deadline = time.monotonic() + 30
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                break
+            if httpx.get(url, timeout=1, verify=verify).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the {name} server did not start; see {log.name}")
+            raise RuntimeError(f"{what}: did not start")
         time.sleep(0.1)
-    return Server(name, process, port, path)
 
 
 # -- the load generator (runs in its own process) ------------------------------------------

@@ -43,7 +43,6 @@ from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
 from typing import Any, cast
 
-import httpx
 import psutil
 
 from bench.harness import (
@@ -59,6 +58,7 @@ from bench.harness import (
     percentiles_ms,
     report,
     start_server,
+    wait_up,
     within,
     world,
 )
@@ -110,7 +110,7 @@ def served(name: str, w: World, tls: Path) -> Iterator[Served]:
         process = subprocess.Popen(args, cwd=ROOT, env=w.env, stdout=log, stderr=log)
         try:
             trust = ssl.create_default_context(cafile=tls / "kinora.crt")
-            wait_up(f"https://127.0.0.1:{port}/healthz", process, trust)
+            wait_up(f"https://127.0.0.1:{port}/healthz", process, f"{name}; see {log.name}", trust)
             yield Served(name, port, [psutil.Process(process.pid)], h2=True)
         finally:
             process.terminate()
@@ -141,19 +141,6 @@ def served(name: str, w: World, tls: Path) -> Iterator[Served]:
 def _nginx_of(process: psutil.Process, root: str) -> bool:
     command = process.info["cmdline"] or []
     return bool(command) and "nginx" in command[0] and root in " ".join(command)
-
-
-def wait_up(url: str, process: subprocess.Popen[bytes], trust: ssl.SSLContext) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url, timeout=1, verify=trust).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer")
-        time.sleep(0.1)
 
 
 # -- the HTTP/2 load generator (runs in its own process) -------------------------------------
