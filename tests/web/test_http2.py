@@ -1,7 +1,8 @@
 """One page, twenty streams at once: Kinora behind nginx over HTTPS and HTTP/2
 (deploy/nginx/kinora-https.conf), in Chromium. A browser holds at most six HTTP/1.1
 connections per origin, and an EventSource holds its connection for as long as it
-streams; over HTTP/2 all of a page's streams share one connection."""
+streams; over HTTP/2 all of a page's streams share one connection, and the page's
+WebSocket still works beside them."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ OPEN_ALL = """([urls]) => {
   });
 }"""
 STATE = "() => window.sources.map((s, i) => [s.readyState, window.seen[i].slice()])"
+SOCKET = """([url]) => new Promise((resolve, reject) => {
+  const socket = new WebSocket(url);
+  socket.onmessage = (e) => {
+    const message = JSON.parse(e.data);
+    if (message.event === "initial_state") resolve(message.event);
+  };
+  socket.onclose = (e) => reject(new Error(`closed: ${e.code}`));
+  setTimeout(() => reject(new Error("no initial_state within 10 s")), 10000);
+})"""
 
 
 @pytest.fixture
@@ -72,6 +82,10 @@ def test_one_page_holds_twenty_streams_at_once_over_http2(
         page.evaluate(OPEN_ALL, [urls])
         # Every stream is open at once, then each gets an event published after that.
         _wait(page, lambda state: all(ready == 1 for ready, _ in state), "all twenty open")
+        # The page's WebSocket through the same configuration, beside them (over a
+        # connection of its own: nginx offers WebSockets over HTTP/1.1 only).
+        ws = base.replace("https://", "wss://") + f"/api/v1/projects/{videos[0]}/progress"
+        assert page.evaluate(SOCKET, [f"{ws}?token={account.token}"]) == "initial_state"
         with _loggers(videos) as logs:
             for log in logs:
                 log.step(1, "Validating the prompt")
