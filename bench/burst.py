@@ -39,11 +39,13 @@ from bench.harness import (
     SENT_AT,
     SPAWN,
     RawSSE,
+    ServerLog,
     World,
     close_all,
     percentiles_ms,
     publisher_process,
     start_server,
+    stream_path,
     within,
     world,
 )
@@ -194,21 +196,15 @@ def run_burst(
     events: float,
     profile: Path | None = None,
 ) -> dict[str, Any]:
-    from kinora.core.tokens import sign_scoped
-
     ids = w.videos(videos)
     kind = "kinora" if name.startswith("kinora") else name
-    log_file = w.tmp / f"{kind}.log"
-    seen = len(log_file.read_text(errors="replace").splitlines()) if log_file.exists() else 0
+    server_log = ServerLog(w, kind)
     server = start_server(kind, w)
     try:
         requests = []
         for i in range(clients):
             video = ids[i % videos]
-            if name == "kinora":
-                path = f"/api/v1/videos/{video}/stream?token={sign_scoped(video, w.user_id)}"
-            else:
-                path = server.url_path(video, w.token)
+            path = stream_path(name, server, w, video)
             requests.append(
                 f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n"
                 "Accept: text/event-stream\r\n\r\n".encode()
@@ -250,8 +246,7 @@ def run_burst(
             spy.wait(60)
     finally:
         server.stop()
-    log_lines = log_file.read_text(errors="replace").splitlines()[seen:]
-    warnings = [line for line in log_lines if " WARNING " in line or " ERROR " in line]
+    warnings = server_log.warnings()
     latencies = np.frombuffer(part.pop("latencies"), dtype=np.float64)
     expected_after_head = part["opened"]  # each opened stream: its `complete` at least
     frames = top_frames(profile / f"{name}.txt") if profile is not None else None

@@ -204,6 +204,33 @@ def wait_up(url: str, process: subprocess.Popen[bytes], what: str, verify: Any =
         time.sleep(0.1)
 
 
+def stream_path(name: str, server: Server, w: World, video: int) -> str:
+    """The path a load's client of `name` asks for: Kinora's app (`kinora`, or under
+    another server) with the video's scoped token, as `stream_url` gives it;
+    `kinora-api-token` with the user's API token; a peer its own path."""
+    if name == "kinora" or name in SERVED_BY:
+        from kinora.core.tokens import sign_scoped
+
+        return f"/api/v1/videos/{video}/stream?token={sign_scoped(video, w.user_id)}"
+    return server.url_path(video, w.token)
+
+
+class ServerLog:
+    """A server's log in the world (bench servers of one kind share a file): the
+    warnings and errors it logged since this was made."""
+
+    def __init__(self, w: World, kind: str) -> None:
+        self.file = w.tmp / f"{kind}.log"
+        self.seen = len(self.lines()) if self.file.exists() else 0
+
+    def lines(self) -> list[str]:
+        return self.file.read_text(errors="replace").splitlines()
+
+    def warnings(self) -> list[str]:
+        new = self.lines()[self.seen :] if self.file.exists() else []
+        return [line for line in new if " WARNING " in line or " ERROR " in line]
+
+
 # -- the load generator (runs in its own process) ------------------------------------------
 
 

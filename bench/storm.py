@@ -33,9 +33,11 @@ from bench.harness import (
     SERVED_BY,
     SPAWN,
     RawSSE,
+    ServerLog,
     World,
     close_all,
     start_server,
+    stream_path,
     within,
     world,
 )
@@ -153,25 +155,19 @@ def complete(w: World, videos: list[int]) -> None:
 def run_storm(
     w: World, name: str, *, clients: int, videos: int, history: int, live: int, loaders: int
 ) -> dict[str, Any]:
-    from kinora.core.tokens import sign_scoped
-
     ids = w.videos(videos)
     publish(w, ids, history, 0)
     resume_at = history // 2
     # `kinora-api-token`: Kinora, each client with the user's API token instead of the
     # video's scoped one.
     kind = "kinora" if name == "kinora-api-token" else name
-    log_file = w.tmp / f"{kind}.log"
-    seen = len(log_file.read_text(errors="replace").splitlines()) if log_file.exists() else 0
+    server_log = ServerLog(w, kind)
     server = start_server(kind, w)
     try:
         requests = []
         for i in range(clients):
             video = ids[i % videos]
-            if name == "kinora" or name in SERVED_BY:
-                path = f"/api/v1/videos/{video}/stream?token={sign_scoped(video, w.user_id)}"
-            else:  # the user's API token (Kinora), or the peers' own path
-                path = server.url_path(video, w.token)
+            path = stream_path(name, server, w, video)
             requests.append(
                 f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nLast-Event-ID: {resume_at}\r\n"
                 "Accept: text/event-stream\r\n\r\n".encode()
@@ -209,8 +205,7 @@ def run_storm(
     finally:
         server.stop()
     # Refusals the server logged (503s while Redis seemed not to answer, errors).
-    log_lines = log_file.read_text(errors="replace").splitlines()[seen:]
-    warnings = [line for line in log_lines if " WARNING " in line or " ERROR " in line]
+    warnings = server_log.warnings()
     started = min(p["started"] for p in parts)
     lasts = [p["last_streaming"] for p in parts]
     seconds = None if None in lasts else max(cast(list[float], lasts)) - started
