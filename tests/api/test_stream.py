@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import itertools
+import re
 import socket
 import subprocess
 import time
@@ -253,6 +254,49 @@ def unqueued_video(account: Account) -> Video:
             session, user, prompt="never queued", parameters={}, cost=0, task_id="none"
         )
         return video
+
+
+def first_chunk(base_url: str, path: str, headers: dict[str, str]) -> bytes:
+    """The first chunk of a stream's body, as the server wrote it (one write, one
+    chunk of its chunked encoding), read off a raw socket within 10 s."""
+    host, port = base_url.removeprefix("http://").split(":")
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{lines}\r\n".encode())
+        received = b""
+        while True:
+            head, sep, body = received.partition(b"\r\n\r\n")
+            if sep:
+                assert b" 200 " in head.split(b"\r\n", 1)[0], head
+                size, crlf, rest = body.partition(b"\r\n")
+                if crlf and len(rest) >= int(size, 16):
+                    return rest[: int(size, 16)]
+            data = conn.recv(1 << 16)
+            assert data, received
+            received += data
+
+
+def test_a_resuming_stream_gets_its_retry_and_missed_events_in_one_write(
+    stack: Stack, account: Account
+) -> None:
+    """docs/protocol.md §2: the stream opens with `retry:`. A client that resumes gets it
+    in one write with every event it missed (a reconnect storm's streams each cost one
+    write less); with nothing to catch up on, `retry:` comes alone, at once."""
+    video = unqueued_video(account)
+    path = f"/api/v1/videos/{video.id}/stream?token={account.token}"
+    retry = re.compile(rb"retry: \d+\n\n")
+    assert retry.fullmatch(first_chunk(stack.base_url, path, {}))
+    with SSELogger(keys.video(video.id)) as log:
+        for i in range(5):
+            log.step(i, f"step {i}", progress=i * 10)
+    assert retry.fullmatch(first_chunk(stack.base_url, path, {"Last-Event-ID": "5"}))
+
+    chunk = first_chunk(stack.base_url, path, {"Last-Event-ID": "2"})
+    opening = retry.match(chunk)
+    assert opening is not None, chunk
+    rest = chunk[opening.end() :].decode().splitlines()
+    assert ids_of(rest) == ["3", "4", "5"], chunk
+    assert [e["message"] for e in events_of(rest)] == ["step 2", "step 3", "step 4"]
 
 
 def test_an_idle_stream_has_the_contract_headers_and_a_heartbeat_every_interval(

@@ -3,9 +3,10 @@ public scheme and host behind a proxy), each with a token scoped to its one vide
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from fastapi import Request
@@ -49,14 +50,26 @@ class FreshEnds:
 
     def __init__(self) -> None:
         self._signed: dict[tuple[int, int, str], tuple[float, Item]] = {}
+        self._bases: dict[tuple[Any, ...], str] = {}
 
     def finisher(self, connection: HTTPConnection, video: Video) -> Callable[[Item], Item]:
-        base = http_base(connection)
+        return functools.partial(self.get, self.base(connection), video)
 
-        def finish(item: Item) -> Item:
-            return self.get(base, video, item)
-
-        return finish
+    def base(self, connection: HTTPConnection) -> str:
+        """`http_base(connection)`, made once for every connection that reaches this
+        host the same way (a reconnect storm's streams: one string, not one each)."""
+        scope = connection.scope
+        # What Starlette's base_url reads.
+        key = (
+            scope["scheme"], scope.get("server"), scope.get("app_root_path"),
+            scope.get("root_path"), connection.headers.get("host"),
+        )  # fmt: skip
+        base = self._bases.get(key)
+        if base is None:
+            if len(self._bases) >= 64:  # a client sending ever new Host headers
+                self._bases.clear()
+            base = self._bases[key] = http_base(connection)
+        return base
 
     def get(self, base: str, video: Video, item: Item) -> Item:
         now = time.monotonic()

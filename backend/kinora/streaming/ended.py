@@ -86,11 +86,13 @@ async def replay(
 async def frames(
     hub: StreamHub, grant: Grant, after: int, end: int, retry_ms: int, lost: LostNotice
 ) -> AsyncIterator[bytes]:
-    """The SSE body of an ended job's stream: `replay`, then the response ends."""
-    yield b"retry: %d\n\n" % retry_ms
+    """The SSE body of an ended job's stream: `retry:` and `replay` (its first batch in
+    the same write), then the response ends."""
+    opening = b"retry: %d\n\n" % retry_ms
     try:
         async for batch in replay(hub, grant, after, end, lost):
-            yield b"".join(item.sse for item in batch)
+            yield b"".join([opening, *[item.sse for item in batch]])
+            opening = b""
     except redis.RedisError as exc:
         log.warning("stream of %s ended: Redis unreachable (%s)", grant.key, exc)
         yield b"retry: %d\n\n" % retry_ms

@@ -127,7 +127,7 @@ class EventStream(StreamingResponse):
         self.patrol = patrol
         self.lease = lease  # held while the response runs (a user's count of streams)
         self.sending_since = 0.0  # when the write in progress began; 0: none
-        self.last_write = 0.0
+        self.last_write = 0.0  # 0: the body has not been written to yet
         self.ended: str | None = None  # why `end` cut it, or FINISHED
         self.task: asyncio.Task[Any] | None = None  # the task that writes the body
         self.writing = False  # while `_run` runs: `end` cancels it only then
@@ -278,7 +278,12 @@ class Patrol:
                     if now - began >= stream.stall_seconds:
                         log.info("an SSE client stopped reading: disconnected")
                         stream.end("the client stopped reading")
-                elif now - stream.last_write >= stream.ping_seconds and stream.ended is None:
+                elif (
+                    # (a stream's first write is its body's opening `retry:`: no ping before)
+                    stream.last_write
+                    and now - stream.last_write >= stream.ping_seconds
+                    and stream.ended is None
+                ):
                     stream.last_write = now  # one heartbeat per interval, even if it waits
                     ping = asyncio.get_running_loop().create_task(stream._ping())
                     self.pings.add(ping)
@@ -333,8 +338,12 @@ async def frames(
     the stream's `access` expires or is revoked, a last notice says so (and no new
     `retry:`: a reconnect would meet a 401). `finish` makes the `complete` event as it
     is sent (Kinora signs its `video_url` then, not when it was published). `store`: the
-    job's Store, asked again while the stream hears nothing (StreamHub.watch)."""
-    yield b"retry: %d\n\n" % retry_ms
+    job's Store, asked again while the stream hears nothing (StreamHub.watch).
+
+    The opening `retry:` goes out in one write with the history a resuming client
+    missed (a reconnect storm's streams each write once less), or alone as soon as
+    there is none."""
+    opening = b"retry: %d\n\n" % retry_ms  # written with the first chunk, whatever it is
     loop = asyncio.get_running_loop()
     deadline = loop.time() + lifetime
     try:
@@ -342,19 +351,25 @@ async def frames(
         async with watch as watcher:
             with attached(access, watcher):
                 # One write per batch: everything that arrived since this client's last.
-                async for batch in watcher.batches(deadline):
+                async for batch in watcher.batches(deadline, caught_up=True):
+                    if not batch:  # the history is written: the live events follow
+                        if opening:
+                            yield opening
+                            opening = b""
+                        continue
                     if batch[-1].terminal:  # `complete` is a job's last event
                         if finish is not None:
                             batch = [*batch[:-1], finish(batch[-1])]
-                        yield LastChunk(b"".join([item.sse for item in batch]))
+                        yield LastChunk(b"".join([opening, *[item.sse for item in batch]]))
                         return
-                    yield b"".join([item.sse for item in batch])
+                    yield b"".join([opening, *[item.sse for item in batch]])
+                    opening = b""
             if watcher.drained in ("expired", "revoked"):
-                yield LastChunk(sse_notice(key, watcher.drained))
+                yield LastChunk(opening + sse_notice(key, watcher.drained))
             elif watcher.drained:
                 # Spread over time, the reconnects of a whole process's clients do not
                 # land on the other processes at one instant.
-                yield b"retry: %d\n\n" % random.randint(retry_ms // 2, retry_ms)
+                yield b"%sretry: %d\n\n" % (opening, random.randint(retry_ms // 2, retry_ms))
     except (SubscribeTimeout, redis.RedisError) as exc:
         # Redis went away (or did not confirm the subscription): end the response with a
         # `retry:`; the client reconnects with Last-Event-ID and loses nothing.

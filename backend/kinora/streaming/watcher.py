@@ -327,9 +327,12 @@ class Watcher:
                 return
             history = await self.hub.history(self.key, self.last_seq)
 
-    async def batches(self, deadline: float | None = None) -> AsyncIterator[list[Item]]:
+    async def batches(
+        self, deadline: float | None = None, *, caught_up: bool = False
+    ) -> AsyncIterator[list[Item]]:
         """History after `last_seq`, then live events, in seq order, none twice, in
-        batches: everything that arrived since the client last took some.
+        batches: everything that arrived since the client last took some. `caught_up`:
+        an empty batch between the history and the live events.
 
         Ends when the client fell too far behind (it resumes with Last-Event-ID) or
         at `deadline` (loop time).
@@ -340,6 +343,8 @@ class Watcher:
         try:
             async for page in self.replay():
                 yield page
+            if caught_up:
+                yield []
             topic = self.topic
             while not (self.cut or self.expired):
                 if self.cursor == topic.end:
