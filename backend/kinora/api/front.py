@@ -45,15 +45,28 @@ class StreamFront:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if scope["method"] in METHODS:
-                match = STREAM_PATH.fullmatch(route_path(scope))
-                if match is not None and int(match[1]) <= MAX_ID and self.plain(scope):
-                    await self.stream(match[1], scope, receive, send)
-                    return
+            video_id = self.stream_of(scope)
+            if video_id is not None:
+                trace_id = TraceMiddleware.trace_id(scope)
+                with logs.bind(trace_id=trace_id):
+                    # (the response is awaited here: no frame of `respond`'s stays above
+                    # every open stream)
+                    response = await self.respond(video_id, trace_id, scope, receive)
+                    await response(scope, receive, send)
+                return
             # The server's own `send`, for the app's streams (as direct_writes keeps it:
             # one coroutine less above every request than wrapping this in it).
             scope[SERVER_SEND] = send
         await self.app(scope, receive, send)
+
+    def stream_of(self, scope: Scope) -> str | None:
+        """The video whose stream this request asks for, if it is one this serves."""
+        if scope["method"] not in METHODS:
+            return None
+        match = STREAM_PATH.fullmatch(route_path(scope))
+        if match is None or int(match[1]) > MAX_ID or not self.plain(scope):
+            return None
+        return match[1]
 
     def plain(self, scope: Scope) -> bool:
         """Nothing the app's middleware would answer or add to: no body over the cap,
@@ -65,26 +78,23 @@ class StreamFront:
                 return False
         return True
 
-    async def stream(self, video_id: str, scope: Scope, receive: Receive, send: Send) -> None:
-        trace_id = TraceMiddleware.trace_id(scope)
+    async def respond(self, video_id: str, trace_id: str, scope: Scope, receive: Receive) -> Any:
+        """The stream's response, as the route makes it (or the app's answer to its
+        error)."""
         scope["app"] = self.app  # as Starlette sets it: what request.app reads
         scope.setdefault("state", {})[TRACE_STATE] = trace_id
         scope[SHALLOW] = True  # the stream's body is written by this task (EventStream)
-        request = Request(scope, receive, send)
+        request = Request(scope, receive)
         state = self.app.state
         core: ProgressCore = state.progress
-        with logs.bind(trace_id=trace_id):
-            try:
-                last_event_id = request.query_params.get("last_event_id")
-                response = await core.sse(request, state.videos, video_id, last_event_id)
-            except Exception as exc:
-                handler = handler_of(self.app, exc)
-                if handler is None:
-                    raise
-                response = await handler(request, exc)
-            # The request (its parsed query and headers) is not kept while it streams.
-            del request
-            await response(scope, receive, send)
+        try:
+            last_event_id = request.query_params.get("last_event_id")
+            return await core.sse(request, state.videos, video_id, last_event_id)
+        except Exception as exc:
+            handler = handler_of(self.app, exc)
+            if handler is None:
+                raise
+            return await handler(request, exc)
 
 
 def route_path(scope: Scope) -> str:

@@ -3,7 +3,6 @@ public scheme and host behind a proxy), each with a token scoped to its one vide
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -53,7 +52,7 @@ class FreshEnds:
         self._bases: dict[tuple[Any, ...], str] = {}
 
     def finisher(self, connection: HTTPConnection, video: Video) -> Callable[[Item], Item]:
-        return functools.partial(self.get, self.base(connection), video)
+        return Finisher(self, self.base(connection), video)
 
     def base(self, connection: HTTPConnection) -> str:
         """`http_base(connection)`, made once for every connection that reaches this
@@ -86,3 +85,16 @@ class FreshEnds:
             self._signed = {k: v for k, v in self._signed.items() if now - v[0] < self.TTL_SECONDS}
         self._signed[key] = (now, fresh)
         return fresh
+
+
+class Finisher:
+    """A stream's `complete`, made as it is sent (FreshEnds.get). (A class, not a
+    closure: every open stream holds one.)"""
+
+    __slots__ = ("base", "ends", "video")
+
+    def __init__(self, ends: FreshEnds, base: str, video: Video) -> None:
+        self.ends, self.base, self.video = ends, base, video
+
+    def __call__(self, item: Item) -> Item:
+        return self.ends.get(self.base, self.video, item)

@@ -20,7 +20,6 @@ from kinora.streaming.access import Access
 from kinora.streaming.events import history_lost
 from kinora.streaming.keys import StreamKey
 from kinora.streaming.sse import Finish
-from kinora.streaming.watcher import LostNotice
 
 OUTCOMES = frozenset({"completed", "failed", "cancelled"})
 
@@ -77,18 +76,21 @@ class Grant:
         return self.record.last_seq if self.record else 0
 
 
-def lost_notice(key: StreamKey, store: Store | None) -> LostNotice:
+class lost_notice:
     """Builds the `history_lost` notice (docs/protocol.md §2) with the job's state as its
     store has it, read when it is needed (rarely: Redis lost data, or the history
-    expired)."""
+    expired). (A class, not a closure: every open stream holds one.)"""
 
-    async def build(after: int, resume: int) -> bytes:
-        record = await store.load(key) if store is not None else None
+    __slots__ = ("key", "store")
+
+    def __init__(self, key: StreamKey, store: Store | None) -> None:
+        self.key, self.store = key, store
+
+    async def __call__(self, after: int, resume: int) -> bytes:
+        record = await self.store.load(self.key) if self.store is not None else None
         if record is None:
-            return history_lost(key, after, resume)
-        return history_lost(key, after, resume, status=record.status, progress=record.progress)
-
-    return build
+            return history_lost(self.key, after, resume)
+        return history_lost(self.key, after, resume, status=record.status, progress=record.progress)
 
 
 @dataclass(slots=True)

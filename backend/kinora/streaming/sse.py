@@ -134,10 +134,9 @@ class EventStream(StreamingResponse):
         self.send: Send | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        start = {"type": "http.response.start", "status": self.status_code}
         if scope["type"] == "http" and scope["method"] == "HEAD":
             # A stream on HEAD would never end: the head, and no body.
-            await send({**start, "headers": self.raw_headers})
+            await send(self._head())
             await send(END)
             return
         self.send = scope.get(SERVER_SEND, send)
@@ -151,14 +150,14 @@ class EventStream(StreamingResponse):
                     # Served in front of the app (api/front.py): the request's task
                     # resumes through a handful of coroutines, and writes the body.
                     self.task = asyncio.current_task()
-                    await self._run(start, send)
+                    await self._run(send)
                 else:
                     # Resuming the request's task runs through the coroutine of every
                     # middleware and router layer (two dozen in a FastAPI app), and a
                     # stream resumes once a write: the body's task of its own is three
                     # deep (a sixth of the CPU per write, by bench.harness's accounting).
                     # The request's task waits for it; cancelling the request cancels it.
-                    self.task = loop.create_task(self._run(start, send), name="sse-body")
+                    self.task = loop.create_task(self._run(send), name="sse-body")
                     await self.task
             finally:
                 patrol.discard(self)
@@ -167,14 +166,19 @@ class EventStream(StreamingResponse):
                 if body is not None and body is not asyncio.current_task() and not body.done():
                     await asyncio.wait({body})  # the request was cancelled: so is the body
 
-    async def _run(self, start: Message, send: Send) -> None:
+    def _head(self) -> Message:
+        """The response's head; its headers are let go (not held while it streams)."""
+        headers, self.raw_headers = self.raw_headers, []
+        return {"type": "http.response.start", "status": self.status_code, "headers": headers}
+
+    async def _run(self, send: Send) -> None:
         self.writing = True
         try:
             if self.ended is not None:
                 return  # cut before it began
             # The head through the app's middleware, the body straight to the server.
             self.sending_since = time.monotonic()
-            await send({**start, "headers": self.raw_headers})
+            await send(self._head())
             self.sending_since = 0.0
             last = b""
             async for chunk in self.body_iterator:
