@@ -29,6 +29,7 @@ from sqlalchemy import select
 from kinora.core.db import session_scope
 from kinora.core.models import User, Video, revoked_before_ms
 from kinora.core.tokens import hash_token
+from kinora.streaming.cancellation import Shared
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,32 +65,28 @@ class Recent(Generic[K, V]):
         self.ttl = ttl
         self.loader = loader
         self.reads = 0  # database reads made (the rest were shared)
-        self._entries: dict[K, tuple[float, asyncio.Future[V | None]]] = {}
+        self._entries: dict[K, tuple[float, Shared[V | None]]] = {}
 
     async def get(self, video_id: K) -> V | None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
         entry = self._entries.get(video_id)
-        if entry is None or (entry[1].done() and now - entry[0] > self.ttl):
+        if entry is None or (entry[1].future.done() and now - entry[0] > self.ttl):
             if len(self._entries) > 10_000:
                 self._forget_old(now)
             self.reads += 1
-            future = asyncio.ensure_future(run_in_threadpool(self.loader, video_id))
-            # Read by whoever is waiting; when a failed read's waiters were all
-            # cancelled, nobody is: its error is not "never retrieved".
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            entry = self._entries[video_id] = (now, future)
+            read = asyncio.ensure_future(run_in_threadpool(self.loader, video_id))
+            entry = self._entries[video_id] = (now, Shared(read))
         try:
-            # shielded: a waiter that goes away does not cancel the others' read
-            return await asyncio.shield(entry[1])
+            # A waiter that goes away does not cancel the others' read.
+            return await entry[1].wait()
         except Exception:
             if self._entries.get(video_id) is entry:
                 del self._entries[video_id]  # the next request reads again
             raise
 
     def _forget_old(self, now: float) -> None:
-        for video_id, (at, future) in list(self._entries.items()):
-            if future.done() and now - at > self.ttl:
+        for video_id, (at, shared) in list(self._entries.items()):
+            if shared.future.done() and now - at > self.ttl:
                 del self._entries[video_id]
 
 

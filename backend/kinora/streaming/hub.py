@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 
 from kinora.streaming import connect
-from kinora.streaming.cancellation import raise_if_cancelled
+from kinora.streaming.cancellation import Shared, raise_if_cancelled
 from kinora.streaming.frames import RESYNC, Item
 from kinora.streaming.keys import StreamKey
 from kinora.streaming.metrics import StreamMetrics
@@ -120,7 +120,7 @@ class StreamHub:
         self._ops: asyncio.Queue[tuple[Literal["sub", "unsub"], bytes]] = asyncio.Queue()
         # History reads not yet sent, by (history key, after): see history_state. At
         # most COMMAND_CONNECTIONS are sent at once.
-        self._reads: dict[tuple[str, int], asyncio.Future[Any]] = {}
+        self._reads: dict[tuple[str, int], Shared[Any]] = {}
         self._read_slots = asyncio.Semaphore(COMMAND_CONNECTIONS)
         self.history_reads = 0  # first pages read (each shared by the watchers that joined)
         self._tasks: list[asyncio.Task[None]] = []
@@ -289,13 +289,13 @@ class StreamHub:
         """`read()`, or the same read that another caller started and that has not been
         sent yet: joined only until it is sent, so it is always sent after the caller
         asked. At most COMMAND_CONNECTIONS reads are in flight."""
-        future = self._reads.get(flight)
-        if future is None:
+        shared = self._reads.get(flight)
+        if shared is None:
             future = asyncio.ensure_future(self._send(flight, read))
-            self._reads[flight] = future
+            shared = self._reads[flight] = Shared(future)
             future.add_done_callback(lambda f: self._landed(flight, f))
-        # shielded: a watcher that goes away does not cancel the others' read
-        return cast(T, await asyncio.shield(future))
+        # A watcher that goes away does not cancel the others' read.
+        return cast(T, await shared.wait())
 
     async def _send(self, flight: tuple[str, int], read: Callable[[], Awaitable[T]]) -> T:
         async with self._read_slots:
@@ -303,7 +303,8 @@ class StreamHub:
             return await read()
 
     def _landed(self, flight: tuple[str, int], future: asyncio.Future[Any]) -> None:
-        if self._reads.get(flight) is future:  # cancelled before it was sent
+        shared = self._reads.get(flight)
+        if shared is not None and shared.future is future:  # cancelled before it was sent
             del self._reads[flight]
         if not future.cancelled() and future.exception() is None:
             self._last_pong = asyncio.get_running_loop().time()  # Redis answers
