@@ -3,7 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test test-fast e2e lint typecheck compose-config bench faults lock clean
+.PHONY: run test test-fast e2e lint typecheck compose-config bench faults lock clean \
+  in-process checks fast-tier postgres-tier
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -120,12 +121,29 @@ e2e: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL) $(NGINX) $(OPENSSL)
 	[ $$rest = 0 ] && [ $$faulted = 0 ]
 
 # Everything: lint, types, both tiers on SQLite, the database's rules on PostgreSQL.
+# The checks and the in-process tiers run at once (`in-process`), then the end-to-end
+# tier.
 test: $(VENV)/.installed-test $(CHROMIUM) $(REDIS_SENTINEL) $(NGINX) $(OPENSSL)
+	$(call timed,checks and in-process tiers,$(MAKE) --no-print-directory in-process)
+	$(call timed,end-to-end tier,$(MAKE) --no-print-directory e2e)
+
+# The checks (lint, types, compose), the fast tier and the database's rules on
+# PostgreSQL, three at once: each is one process that computes and none waits on
+# another (one after another they took two minutes). make prints each one's output
+# whole when it ends; any that fails fails the run.
+IN_PROCESS := checks fast-tier postgres-tier
+in-process: $(VENV)/.installed-test
+	@$(MAKE) --no-print-directory -j3 --output-sync=target $(IN_PROCESS)
+
+checks: $(VENV)/.installed-test
 	$(call timed,lint,$(MAKE) --no-print-directory lint)
 	$(call timed,typecheck,$(MAKE) --no-print-directory typecheck)
 	$(call timed,compose check,$(MAKE) --no-print-directory compose-config)
+
+fast-tier: $(VENV)/.installed-test
 	$(call timed,fast tier,$(BIN)/pytest -m "not slow" --durations=5)
-	$(call timed,end-to-end tier,$(MAKE) --no-print-directory e2e)
+
+postgres-tier: $(VENV)/.installed-test
 	$(call timed,PostgreSQL,KINORA_TEST_DB=postgres $(BIN)/pytest $(DB_TESTS) --durations=5)
 
 # The benchmarks (minutes; each prints one JSON object). Figures in README.
